@@ -1,0 +1,31 @@
+"""grouped: grouped GEMMs for Mixture-of-Experts layers (BF16, MXFP8, NVFP4).
+
+Importing this package is light: it does not import cutlass or cuDNN frontend,
+compile anything or initialise CUDA. Backends load their kernels on first use.
+"""
+
+__version__ = "0.1.0"
+
+from .formats import BF16, FORMATS, MXFP8, NVFP4, Format, get_format
+from .gemm import explain, gemm
+from .offsets import splits_to_offsets
+from .quantize import QuantizedTensor, quantize
+from .scale_layout import from_blocked, to_blocked
+from .tensor import GroupedTensor
+
+__all__ = [
+    "BF16",
+    "FORMATS",
+    "MXFP8",
+    "NVFP4",
+    "Format",
+    "explain",
+    "gemm",
+    "GroupedTensor",
+    "QuantizedTensor",
+    "from_blocked",
+    "get_format",
+    "quantize",
+    "splits_to_offsets",
+    "to_blocked",
+]

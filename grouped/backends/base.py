@@ -1,0 +1,40 @@
+"""What a backend adapter is: a name, the formats it serves, one predicate, a run.
+
+``supports(problem)`` returns None when the backend can serve the problem and
+a reason in words otherwise, so the selector can explain every choice and
+every refusal. Adapters import their kernels lazily, inside ``run``.
+"""
+
+from __future__ import annotations
+
+from ..problem import GemmCall, Problem
+
+
+class Backend:
+    name: str = ""
+    formats: tuple[str, ...] = ()
+    graph_safe: bool = False  # runs with split sizes on the GPU, no host sync
+    writes_in_place: bool = True  # writes straight into the caller's buffer
+
+    def unavailable(self, device_type: str, capability: tuple[int, int] | None) -> str | None:
+        """Why this backend cannot run on such a device at all (None: it can)."""
+        return None
+
+    def refuses(self, problem: Problem) -> str | None:
+        """Why this backend cannot serve this problem on an available device (None: it can)."""
+        return None
+
+    def supports(self, problem: Problem) -> str | None:
+        if problem.fmt not in self.formats:
+            return f"serves {', '.join(self.formats)}, not {problem.fmt}"
+        reason = self.unavailable(problem.device_type, problem.capability)
+        if reason is None and problem.capturing and problem.device_splits and not self.graph_safe:
+            reason = "not graph-safe: it reads the split sizes on the host, which graph capture forbids"
+        return reason or self.refuses(problem)
+
+    def note(self, problem: Problem) -> str | None:
+        """Something explain() should say about how this backend serves the problem."""
+        return None
+
+    def run(self, call: GemmCall):
+        raise NotImplementedError

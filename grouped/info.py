@@ -1,0 +1,48 @@
+"""``python -m grouped info``: what this machine has and what each backend can do here."""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+import torch
+
+from . import __version__, selector
+
+
+def _package_version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def device_of_this_machine() -> tuple[str, tuple[int, int] | None, str]:
+    """(device type, compute capability, description) of the best device here."""
+    if torch.cuda.is_available():
+        cap = torch.cuda.get_device_capability(0)
+        return "cuda", cap, f"{torch.cuda.get_device_name(0)} (sm{cap[0]}{cap[1]})"
+    return "cpu", None, "none (CPU only)"
+
+
+def report() -> str:
+    device_type, cap, gpu = device_of_this_machine()
+    lines = [
+        f"grouped {__version__}",
+        f"torch {torch.__version__}, CUDA {torch.version.cuda or 'none'}, GPU: {gpu}",
+        f"nvidia-cutlass-dsl {_package_version('nvidia-cutlass-dsl')}, "
+        f"nvidia-cudnn-frontend {_package_version('nvidia-cudnn-frontend')}",
+        "quantize, GroupedTensor.quantize_, splits_to_offsets: torch reference path",
+        "",
+        f"backends on this machine ({device_type}):",
+    ]
+    table = selector.availability(device_type, cap)
+    names = list(next(iter(table.values())))
+    width = max(len(n) for n in names) + 2
+    for fmt, row in table.items():
+        lines.append(f"  {fmt}:")
+        for name in names:
+            reason = row[name]
+            lines.append(f"    {name:<{width}}{'available' if reason is None else 'unavailable: ' + reason}")
+    lines.append("")
+    lines.append("note: the cudnn (Blackwell) path has not run on hardware here.")
+    return "\n".join(lines)

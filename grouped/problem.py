@@ -1,0 +1,291 @@
+"""A grouped GEMM call, checked: operands, split sizes, output buffer, problem kind.
+
+The three GEMMs of a grouped linear layer (G experts, rows of the token-major
+operand grouped by expert, sizes m_0..m_{G-1} summing to at most M):
+
+=========  ============  ==================  ==============  ================
+layout     a             b                   output          contraction
+=========  ============  ==================  ==============  ================
+forward    X  (M, K)     W  (G, N, K)        Y  (M, N)       K
+dgrad      dY (M, N)     W  (G, N, K)        dX (M, K)       N
+wgrad      dY (M, N)     X  (M, K)           dW (G, N, K)    tokens (ragged)
+=========  ============  ==================  ==============  ================
+
+Operands are bf16 tensors, or MXFP8/NVFP4 operands quantized along the
+contraction dim: a ``QuantizedTensor`` from ``grouped.quantize`` (forward: a
+rowwise, W axis -1; dgrad: a rowwise, W axis 1; wgrad: both axis 0 with the
+call's split sizes) or a ``GroupedTensor`` with the matching storage (rowwise
+for forward, columnwise for dgrad's W and for wgrad). Everything is checked
+here, before any kernel runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import buffers
+from .formats import BF16, Format
+from .quantize import QuantizedTensor, split_sizes_to_list
+from .tensor import GroupedTensor
+
+LAYOUTS = ("forward", "dgrad", "wgrad")
+OUT_DTYPES = (torch.bfloat16, torch.float32)
+# The storage direction each operand must have, per layout: (a, b); True = columnwise.
+_COLUMNWISE = {"forward": (False, False), "dgrad": (False, True), "wgrad": (True, True)}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The kind of a call: everything backend choice depends on (hashable, cached)."""
+
+    fmt: str
+    layout: str
+    device_type: str
+    capability: tuple[int, int] | None
+    out_dtype: torch.dtype
+    accumulate: bool
+    device_splits: bool  # split sizes (or offsets) given as a CUDA tensor
+    capturing: bool  # inside CUDA graph capture
+    caller_buffer: bool
+    aligned: bool  # every operand and output row 16-byte aligned
+    grouped_operands: bool  # an operand is a GroupedTensor (per-member buffers)
+
+    def describe(self) -> str:
+        arch = f"sm{self.capability[0]}{self.capability[1]}" if self.capability else self.device_type
+        parts = [self.fmt, self.layout, arch, f"out {str(self.out_dtype).removeprefix('torch.')}"]
+        if self.accumulate:
+            parts.append("accumulate")
+        parts.append("GPU split sizes" if self.device_splits else "host split sizes")
+        if self.capturing:
+            parts.append("graph capture")
+        if self.caller_buffer:
+            parts.append("caller buffer")
+        return ", ".join(parts)
+
+
+@dataclass
+class GemmCall:
+    """A checked call; backends read their inputs from here."""
+
+    problem: Problem
+    fmt: Format
+    a: Any
+    b: Any
+    m_total: int
+    num_groups: int
+    out_shape: tuple[int, ...]
+    device: torch.device
+    out: torch.Tensor | None
+    split_sizes: tuple[int, ...] | None  # host split sizes, when given on the host
+    device_counts: torch.Tensor | None = None  # split sizes given as a CUDA tensor
+    device_offsets: torch.Tensor | None = None  # end offsets given as a CUDA tensor
+
+    @property
+    def layout(self) -> str:
+        return self.problem.layout
+
+    def host_sizes(self) -> tuple[int, ...]:
+        """Split sizes on the host (one device sync when they were given on the GPU)."""
+        if self.split_sizes is None:
+            if self.device_counts is not None:
+                sizes = self.device_counts.tolist()
+            else:
+                ends = [0, *self.device_offsets.tolist()]
+                sizes = [e - s for s, e in zip(ends, ends[1:])]
+            self.split_sizes = _check_sizes(sizes, self.m_total, self.num_groups)
+        return self.split_sizes
+
+    def end_offsets(self, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+        """Inclusive prefix sums of the split sizes (G,), on the device, no host sync."""
+        if self.device_offsets is not None:
+            return self.device_offsets.to(dtype)
+        if self.device_counts is not None:
+            return torch.cumsum(self.device_counts, 0, dtype=dtype)
+        ends, total = [], 0
+        for m in self.split_sizes:
+            total += m
+            ends.append(total)
+        return torch.tensor(ends, dtype=dtype).to(self.device, non_blocking=True)
+
+    def output(self) -> torch.Tensor:
+        """The caller's buffer, or a new one (rows past the split total left unspecified)."""
+        if self.out is not None:
+            return self.out
+        return torch.empty(self.out_shape, dtype=self.problem.out_dtype, device=self.device)
+
+
+def _check_sizes(sizes, m_total: int, num_groups: int) -> tuple[int, ...]:
+    sizes = split_sizes_to_list(sizes, rows=m_total)
+    if len(sizes) != num_groups:
+        raise ValueError(f"split_sizes has {len(sizes)} entries, expected one per expert ({num_groups})")
+    return sizes
+
+
+def _operand(op, name: str, role_columnwise: bool, layout: str):
+    """(format, logical shape, device, tensors it owns) of an operand, checked for its role."""
+    if isinstance(op, torch.Tensor):
+        if op.dtype != torch.bfloat16:
+            raise ValueError(
+                f"{name} must be a bf16 tensor or a quantized operand (grouped.quantize / GroupedTensor), "
+                f"got a {op.dtype} tensor"
+            )
+        return BF16, tuple(op.shape), op.device, [op]
+    if isinstance(op, QuantizedTensor):
+        want = "axis 0 (columnwise) with split_sizes" if role_columnwise else "rowwise (axis -1)"
+        if name == "b" and layout == "dgrad":
+            want = "axis 1 (blocks along N)"
+        if op.columnwise != role_columnwise:
+            raise ValueError(
+                f"{name} must be quantized along the {layout} contraction dim: {want}; got axis {op.axis}"
+            )
+        return op.fmt, tuple(op.shape), op.device, [op.data, op.scale, op.global_scale]
+    if isinstance(op, GroupedTensor):
+        if not op.fmt.quantized:
+            raise ValueError(f"{name}: a bf16 operand must be a plain tensor, not a GroupedTensor")
+        if not (op.columnwise if role_columnwise else op.rowwise):
+            direction = "columnwise" if role_columnwise else "rowwise"
+            raise ValueError(f"{name} must have {direction} storage for {layout} (the contraction dim)")
+        rows = {s[0] for s in op.shapes}
+        k = op.shapes[0][1]
+        if name == "b" and layout != "wgrad":
+            if len(rows) != 1:
+                raise ValueError(f"b: every expert's weight must have the same shape, got {op.shapes}")
+            shape = (op.num_members, rows.pop(), k)
+        else:
+            shape = (sum(s[0] for s in op.shapes), k)
+        bufs = [op.data, op.scale, op.columnwise_data, op.columnwise_scale, op.global_scale]
+        return op.fmt, shape, op.device, bufs
+    raise ValueError(
+        f"{name} must be a bf16 torch.Tensor, a QuantizedTensor or a GroupedTensor, got {type(op).__name__}"
+    )
+
+
+def _splits(split_sizes, offsets, m_total: int, num_groups: int | None, device):
+    """-> (host sizes or None, device counts or None, device offsets or None, G)."""
+    if (split_sizes is None) == (offsets is None):
+        raise ValueError("give exactly one of split_sizes and offsets")
+    given, name = (split_sizes, "split_sizes") if offsets is None else (offsets, "offsets")
+    if isinstance(given, torch.Tensor) and given.device.type == "cuda":
+        if given.dim() != 1 or given.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} must be a 1-D int32/int64 tensor, got {given.dtype} of shape {tuple(given.shape)}")
+        if given.device != device:
+            raise ValueError(f"{name} is on {given.device}, the operands on {device}")
+        g = given.shape[0]
+        if num_groups is not None and g != num_groups:
+            raise ValueError(f"{name} has {g} entries, expected one per expert ({num_groups})")
+        return (None, given, None, g) if offsets is None else (None, None, given, g)
+    if offsets is not None:
+        ends = split_sizes_to_list(offsets, rows=2**62, argument="offsets")
+        if any(b < a for a, b in zip(ends, ends[1:])):
+            raise ValueError(f"offsets must be non-decreasing end offsets, got {list(ends)}")
+        given = [e - s for s, e in zip((0, *ends), ends)]
+    g = len(given) if num_groups is None else num_groups
+    return _check_sizes(given, m_total, g), None, None, g
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+
+def prepare(a, b, split_sizes, *, offsets, layout, out, accumulate, out_dtype) -> GemmCall:
+    """Check a grouped GEMM call (see the module doc); raise ValueError on bad input."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    col_a, col_b = _COLUMNWISE[layout]
+    fmt_a, shape_a, dev_a, owned_a = _operand(a, "a", col_a, layout)
+    fmt_b, shape_b, dev_b, owned_b = _operand(b, "b", col_b, layout)
+    if fmt_a != fmt_b:
+        raise ValueError(f"a and b must have the same format, got {fmt_a.name} and {fmt_b.name}")
+    if dev_a != dev_b:
+        raise ValueError(f"a and b must be on the same device, got {dev_a} and {dev_b}")
+    device = dev_a
+
+    if len(shape_a) != 2:
+        raise ValueError(f"a must be 2-D (tokens, features), got shape {shape_a}")
+    m_total = shape_a[0]
+    if layout == "wgrad":
+        if len(shape_b) != 2 or shape_b[0] != m_total:
+            raise ValueError(f"wgrad: b must be 2-D ({m_total}, K) like a's rows, got shape {shape_b}")
+        n, k = shape_a[1], shape_b[1]
+        num_groups = out.shape[0] if isinstance(out, torch.Tensor) and out.dim() == 3 else None
+    else:
+        if len(shape_b) != 3:
+            raise ValueError(f"b must be the 3-D expert weight (G, N, K), got shape {shape_b}")
+        num_groups, n, k = shape_b
+        contraction = n if layout == "dgrad" else k
+        if shape_a[1] != contraction:
+            dim = "N" if layout == "dgrad" else "K"
+            raise ValueError(f"{layout}: a has {shape_a[1]} columns, b's {dim} is {contraction}; they must match")
+    sizes, counts, ends, num_groups = _splits(split_sizes, offsets, m_total, num_groups, device)
+    if num_groups == 0:
+        raise ValueError("there must be at least one expert (got zero groups)")
+    for name, op in (("a", a), ("b", b)):
+        _check_grouping(name, op, layout, sizes)
+
+    out_shape = {"forward": (m_total, n), "dgrad": (m_total, k), "wgrad": (num_groups, n, k)}[layout]
+    if accumulate and layout != "wgrad":
+        raise ValueError(f"accumulate=True is for wgrad (adding into main_grad), not {layout}")
+    if accumulate and out is None:
+        raise ValueError("accumulate=True needs out: the fp32 buffer to add into")
+    if out_dtype is not None and out_dtype not in OUT_DTYPES:
+        raise ValueError(f"out_dtype must be torch.bfloat16 or torch.float32, got {out_dtype}")
+    if accumulate:
+        if out_dtype not in (None, torch.float32):
+            raise ValueError(f"accumulate=True adds into an fp32 buffer; out_dtype {out_dtype} contradicts it")
+        dtype = torch.float32
+    elif out_dtype is not None:
+        dtype = out_dtype
+    else:
+        dtype = out.dtype if getattr(out, "dtype", None) in OUT_DTYPES else torch.bfloat16
+    if out is not None:
+        owned = [t for t in (*owned_a, *owned_b) if t is not None]
+        buffers.check_buffer(out, name="out", shape=out_shape, dtype=dtype, device=device, inputs=owned)
+
+    row_bytes_aligned = all(fmt_a.data_nbytes(d) % 16 == 0 for d in (n, k))
+    strides_aligned = all(
+        t.stride(0) * t.element_size() % 16 == 0 for t in (a, b) if isinstance(t, torch.Tensor) and t.dim() == 2
+    )
+    problem = Problem(
+        fmt=fmt_a.name,
+        layout=layout,
+        device_type=device.type,
+        capability=_capability(device),
+        out_dtype=dtype,
+        accumulate=accumulate,
+        device_splits=sizes is None,
+        capturing=_capturing(device),
+        caller_buffer=out is not None,
+        aligned=row_bytes_aligned and strides_aligned,
+        grouped_operands=isinstance(a, GroupedTensor) or isinstance(b, GroupedTensor),
+    )
+    return GemmCall(problem, fmt_a, a, b, m_total, num_groups, out_shape, device, out, sizes, counts, ends)
+
+
+def _check_grouping(name: str, op, layout: str, sizes) -> None:
+    """Token-major quantized operands must be grouped like the call's split sizes."""
+    token_major = name == "a" or layout == "wgrad"
+    if not token_major:
+        if isinstance(op, torch.Tensor) and not op.is_contiguous():
+            raise ValueError(f"{name}: the expert weight must be contiguous, got strides {op.stride()}")
+        return
+    if isinstance(op, GroupedTensor):
+        members = tuple(s[0] for s in op.shapes)
+        if sizes is not None and members != sizes:
+            raise ValueError(f"{name}: the GroupedTensor's member sizes {list(members)} differ from split_sizes {list(sizes)}")
+    elif isinstance(op, QuantizedTensor) and op.columnwise:
+        if op.split_sizes is None:
+            raise ValueError(
+                f"{name}: wgrad needs blocks that restart at every expert boundary: quantize it with "
+                "axis=0 and split_sizes"
+            )
+        if sizes is not None and op.split_sizes != sizes:
+            raise ValueError(f"{name} was quantized with split_sizes {list(op.split_sizes)}, the call has {list(sizes)}")
+    elif isinstance(op, torch.Tensor) and op.dim() == 2 and op.stride(-1) != 1:
+        raise ValueError(f"{name} must have unit stride along its last dim, got strides {op.stride()}")

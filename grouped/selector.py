@@ -1,0 +1,131 @@
+"""Backend choice: the preference table, forced backends, explanations, the decision log.
+
+Automatic choice walks ``preference(problem)`` and takes the first backend whose
+``supports(problem)`` is None. The table is the one place the order lives; it
+is filled from scripts/bench.py results (see the README's benchmark section).
+
+A backend can be forced with ``backend=`` or the environment (grouped.env):
+when it cannot serve, the call falls back to the automatic choice and
+explain() says why, or raises with the reason when ``GROUPED_STRICT=1``.
+Quantized formats never fall back to BF16: only backends that serve the
+operands' format are ever considered.
+
+Decisions are cached per (problem kind, forced backend, strict), so the cost
+of a call is a dict lookup after the first.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from . import env
+from .backends import BACKENDS, Backend
+from .formats import FORMATS
+from .problem import Problem
+
+# Order of preference per (format, arch). "sm90" = Hopper, "sm100" = Blackwell,
+# "cuda" = any other GPU, "cpu". BF16 on Hopper: torch._grouped_mm before the
+# cuBLAS loop (one launch, graph-safe, faster on the benchmark shapes).
+_PREFERENCE: dict[tuple[str, str], tuple[str, ...]] = {
+    ("bf16", "sm90"): ("cute", "torch", "cublas", "reference"),
+    ("bf16", "sm100"): ("torch", "cublas", "reference"),
+    ("bf16", "cuda"): ("torch", "cublas", "reference"),
+    ("mxfp8", "sm90"): ("cute", "reference"),
+    ("nvfp4", "sm90"): ("cute", "reference"),
+    ("mxfp8", "sm100"): ("cudnn", "reference"),
+    ("nvfp4", "sm100"): ("cudnn", "reference"),
+}
+
+
+def _arch(problem: Problem) -> str:
+    if problem.capability is None:
+        return problem.device_type
+    return {9: "sm90", 10: "sm100"}.get(problem.capability[0], "cuda")
+
+
+def preference(problem: Problem) -> tuple[str, ...]:
+    return _PREFERENCE.get((problem.fmt, _arch(problem)), ("reference",))
+
+
+@dataclass
+class Decision:
+    """What explain() returns: the backend that runs, and every backend's verdict."""
+
+    backend: str
+    reasons: dict[str, str | None]  # name -> None if it could serve, else why not
+    why: str
+    problem: Problem = field(repr=False)
+    note: str | None = None
+
+    def __str__(self) -> str:
+        lines = [f"grouped GEMM ({self.problem.describe()}) -> {self.backend}: {self.why}"]
+        if self.note:
+            lines.append(f"  note: {self.note}")
+        for name, reason in self.reasons.items():
+            mark = "*" if name == self.backend else " "
+            lines.append(f" {mark} {name:<10} {'can serve' if reason is None else 'no: ' + reason}")
+        return "\n".join(lines)
+
+
+_decisions: dict[tuple, Decision] = {}
+_logged: set[tuple] = set()
+
+
+def decide(problem: Problem, backend: str | None = None) -> Decision:
+    """The backend for a problem (``backend`` or the environment may force one)."""
+    forced, source = backend, "backend= argument"
+    if forced is None:
+        forced, source = env.forced_backend(problem.fmt), "GROUPED_BACKEND* environment"
+    if forced is not None and forced not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {forced!r}")
+    strict = env.flag("GROUPED_STRICT")
+    key = (problem, forced, source, strict)
+    decision = _decisions.get(key)
+    if decision is None:
+        decision = _decisions[key] = _decide(problem, forced, source, strict)
+    if env.flag("GROUPED_LOG") and key not in _logged:
+        _logged.add(key)
+        print(f"[grouped] {problem.describe()} -> {decision.backend}: {decision.why}", file=sys.stderr)
+    return decision
+
+
+def _decide(problem: Problem, forced: str | None, source: str, strict: bool) -> Decision:
+    reasons = {name: b.supports(problem) for name, b in BACKENDS.items()}
+    if forced is not None and reasons[forced] is None:
+        return _decision(forced, reasons, f"forced by the {source}", problem)
+    if forced is not None and strict:
+        raise ValueError(f"backend {forced!r} cannot serve this call ({problem.describe()}): {reasons[forced]}")
+    for name in preference(problem):
+        if reasons[name] is None:
+            why = "first in the preference order for this problem kind that can serve"
+            if forced is not None:
+                why = f"forced backend {forced!r} cannot serve ({reasons[forced]}); {why}"
+            return _decision(name, reasons, why, problem)
+    detail = "; ".join(f"{n}: {r}" for n, r in reasons.items() if r)
+    raise ValueError(f"no backend can serve this call ({problem.describe()}): {detail}")
+
+
+def _decision(name: str, reasons, why: str, problem: Problem) -> Decision:
+    backend: Backend = BACKENDS[name]
+    return Decision(name, reasons, why, problem, backend.note(problem))
+
+
+def clear_cache() -> None:
+    """Forget cached decisions (and which ones were logged)."""
+    _decisions.clear()
+    _logged.clear()
+
+
+def availability(device_type: str, capability: tuple[int, int] | None) -> dict[str, dict[str, str | None]]:
+    """format -> backend -> None (available) or why not, for a device."""
+    table = {}
+    for fmt in FORMATS:
+        row = {}
+        for name, b in BACKENDS.items():
+            if fmt not in b.formats:
+                row[name] = f"does not serve {fmt}"
+            else:
+                row[name] = b.unavailable(device_type, capability)
+        table[fmt] = row
+    return table

@@ -1,0 +1,41 @@
+"""Shared pytest setup.
+
+The `gpu` marker is registered in pyproject.toml. Here:
+- tests marked `gpu` are skipped when CUDA is not available;
+- `seed` gives each test its own deterministic seed (derived from its node id), and
+  `gen` a CPU torch.Generator seeded with it, so every test draws fresh, varied
+  random data that is still reproducible run to run.
+"""
+
+import zlib
+
+import pytest
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in gpu_items:
+        item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """A per-test seed: CRC32 of the test's node id (stable across runs and machines)."""
+    return zlib.crc32(request.node.nodeid.encode("utf-8"))
+
+
+@pytest.fixture
+def gen(seed):
+    """A CPU torch.Generator seeded with this test's `seed`."""
+    import torch
+
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
