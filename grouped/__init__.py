@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 from .formats import BF16, FORMATS, MXFP8, NVFP4, Format, get_format
 from .gemm import explain, gemm
 from .offsets import splits_to_offsets
+from .ops import GroupedLinear, GroupedMLP
 from .quantize import QuantizedTensor, quantize
 from .scale_layout import from_blocked, to_blocked
 from .tensor import GroupedTensor
@@ -21,6 +22,8 @@ __all__ = [
     "Format",
     "explain",
     "gemm",
+    "GroupedLinear",
+    "GroupedMLP",
     "GroupedTensor",
     "QuantizedTensor",
     "from_blocked",
