@@ -44,7 +44,7 @@ def check_buffer(
     if buf.device != device:
         raise ValueError(f"{name} must be on {device}, got {buf.device}")
     if buf.dtype != dtype:
-        raise ValueError(f"{name} must have dtype {dtype}, got {buf.dtype}")
+        raise ValueError(f"{name} must have dtype {dtype} (the call's output dtype), got {buf.dtype}")
     if tuple(buf.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(buf.shape)}")
     if buf.requires_grad:
@@ -54,9 +54,10 @@ def check_buffer(
     row_len = shape[-1]
     if buf.stride(-1) != 1:
         raise ValueError(f"{name} must have unit stride along its last dim, got strides {buf.stride()}")
-    for dim in range(buf.dim() - 1):
-        if buf.shape[dim] > 1 and buf.stride(dim) < row_len:
-            raise ValueError(f"{name} stride {buf.stride()} overlaps its own rows (row length {row_len})")
+    for dim in range(buf.dim() - 1):  # each outer dim must step past everything inside it
+        inner = (buf.shape[dim + 1] - 1) * buf.stride(dim + 1) + 1 if dim + 1 < buf.dim() - 1 else row_len
+        if buf.shape[dim] > 1 and buf.stride(dim) < inner:
+            raise ValueError(f"{name} strides {buf.stride()} make its own elements overlap (shape {tuple(buf.shape)})")
     row_bytes = [buf.stride(d) * buf.element_size() for d in range(buf.dim() - 1) if buf.shape[d] > 1]
     if buf.data_ptr() % ALIGN_BYTES or any(b % ALIGN_BYTES for b in row_bytes):
         raise ValueError(

@@ -6,7 +6,7 @@ from importlib import metadata
 
 import torch
 
-from . import __version__, selector
+from . import __version__, kernels, selector
 
 
 def _package_version(name: str) -> str:
@@ -24,6 +24,11 @@ def device_of_this_machine() -> tuple[str, tuple[int, int] | None, str]:
     return "cpu", None, "none (CPU only)"
 
 
+def _kernel_path(device_type: str, cap) -> str:
+    reason = kernels.unavailable(device_type, cap)
+    return "CuTe DSL kernel (one launch)" if reason is None else f"torch reference path ({reason})"
+
+
 def report() -> str:
     device_type, cap, gpu = device_of_this_machine()
     lines = [
@@ -31,7 +36,8 @@ def report() -> str:
         f"torch {torch.__version__}, CUDA {torch.version.cuda or 'none'}, GPU: {gpu}",
         f"nvidia-cutlass-dsl {_package_version('nvidia-cutlass-dsl')}, "
         f"nvidia-cudnn-frontend {_package_version('nvidia-cudnn-frontend')}",
-        "quantize, GroupedTensor.quantize_, splits_to_offsets: torch reference path",
+        f"splits_to_offsets: {_kernel_path(device_type, cap)}",
+        "quantize, GroupedTensor.quantize_: torch reference path",
         "",
         f"backends on this machine ({device_type}):",
     ]

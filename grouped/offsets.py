@@ -14,9 +14,9 @@ several forms at once:
 
 :func:`splits_to_offsets` makes all of them from one split-size tensor, on the
 device that tensor lives on, without a host sync, so it can be captured in a
-CUDA graph.  This version is plain torch (a cumsum, a multiply and a cast per
-output); a later CuTe DSL kernel will do it in one launch on CUDA with the
-same API.
+CUDA graph.  On a Hopper GPU with the CuTe DSL toolchain it is one kernel
+launch (cute_backend/offsets.py, up to 8 outputs a launch); elsewhere plain
+torch (a cumsum, a multiply and a cast per output), with the same results.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+
+from . import kernels
 
 __all__ = ["splits_to_offsets"]
 
@@ -153,6 +155,14 @@ def splits_to_offsets(
     lengths = [n + int(z) for z in include_leading_zero]
     outs = _empty_outputs(lengths, dtypes, split_sizes.device, bulk_allocate)
 
+    if kernels.usable(split_sizes) and n > 0:
+        from cute_backend import offsets as offsets_kernel
+
+        step = offsets_kernel.MAX_OUTPUTS
+        for i in range(0, len(outs), step):  # one launch per 8 outputs
+            offsets_kernel.launch(split_sizes, outs[i : i + step], strides[i : i + step],
+                                  include_leading_zero[i : i + step])
+        return outs
     csum = torch.cumsum(split_sizes, 0, dtype=torch.int64)
     for out, s, z in zip(outs, strides, include_leading_zero):
         body = out

@@ -111,16 +111,28 @@ class GemmCall:
         return torch.tensor(ends, dtype=dtype).to(self.device, non_blocking=True)
 
     def output(self) -> torch.Tensor:
-        """The caller's buffer, or a new one (rows past the split total left unspecified)."""
+        """The caller's buffer, or a new one whose rows past the split total are zero."""
         if self.out is not None:
             return self.out
-        return torch.empty(self.out_shape, dtype=self.problem.out_dtype, device=self.device)
+        out = torch.empty(self.out_shape, dtype=self.problem.out_dtype, device=self.device)
+        if self.layout != "wgrad":  # wgrad writes every expert's dW
+            self.zero_rows_past_total(out)
+        return out
+
+    def zero_rows_past_total(self, t: torch.Tensor) -> torch.Tensor:
+        """Zero the rows of a (M, .) tensor past the split total (no host sync)."""
+        if self.split_sizes is not None:
+            t[sum(self.split_sizes) :].zero_()
+        else:
+            past = torch.arange(self.m_total, device=self.device) >= self.end_offsets(torch.int64)[-1]
+            t.masked_fill_(past.unsqueeze(1), 0)
+        return t
 
 
-def _check_sizes(sizes, m_total: int, num_groups: int) -> tuple[int, ...]:
-    sizes = split_sizes_to_list(sizes, rows=m_total)
+def _check_sizes(sizes, m_total: int, num_groups: int, argument: str = "split_sizes") -> tuple[int, ...]:
+    sizes = split_sizes_to_list(sizes, rows=m_total, argument=argument)
     if len(sizes) != num_groups:
-        raise ValueError(f"split_sizes has {len(sizes)} entries, expected one per expert ({num_groups})")
+        raise ValueError(f"{argument} has {len(sizes)} entries, expected one per expert ({num_groups})")
     return sizes
 
 
@@ -183,7 +195,8 @@ def _splits(split_sizes, offsets, m_total: int, num_groups: int | None, device):
             raise ValueError(f"offsets must be non-decreasing end offsets, got {list(ends)}")
         given = [e - s for s, e in zip((0, *ends), ends)]
     g = len(given) if num_groups is None else num_groups
-    return _check_sizes(given, m_total, g), None, None, g
+    label = name if offsets is None else "offsets (as split sizes)"
+    return _check_sizes(given, m_total, g, label), None, None, g
 
 
 def _capturing(device: torch.device) -> bool:

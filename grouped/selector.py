@@ -74,7 +74,7 @@ _logged: set[tuple] = set()
 
 def decide(problem: Problem, backend: str | None = None) -> Decision:
     """The backend for a problem (``backend`` or the environment may force one)."""
-    forced, source = backend, "backend= argument"
+    forced, source = (None if backend == "auto" else backend), "backend= argument"
     if forced is None:
         forced, source = env.forced_backend(problem.fmt), "GROUPED_BACKEND* environment"
     if forced is not None and forced not in BACKENDS:

@@ -13,7 +13,7 @@ from ..problem import GemmCall, Problem
 class Backend:
     name: str = ""
     formats: tuple[str, ...] = ()
-    graph_safe: bool = False  # runs with split sizes on the GPU, no host sync
+    graph_safe: bool = False  # runs under CUDA graph capture with split sizes on the GPU
     writes_in_place: bool = True  # writes straight into the caller's buffer
 
     def unavailable(self, device_type: str, capability: tuple[int, int] | None) -> str | None:
@@ -27,10 +27,7 @@ class Backend:
     def supports(self, problem: Problem) -> str | None:
         if problem.fmt not in self.formats:
             return f"serves {', '.join(self.formats)}, not {problem.fmt}"
-        reason = self.unavailable(problem.device_type, problem.capability)
-        if reason is None and problem.capturing and problem.device_splits and not self.graph_safe:
-            reason = "not graph-safe: it reads the split sizes on the host, which graph capture forbids"
-        return reason or self.refuses(problem)
+        return self.unavailable(problem.device_type, problem.capability) or self.refuses(problem)
 
     def note(self, problem: Problem) -> str | None:
         """Something explain() should say about how this backend serves the problem."""

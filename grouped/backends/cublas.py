@@ -3,7 +3,8 @@
 Each expert's product is written straight into its rows of the caller's
 buffer (cuBLAS takes the buffer's row stride as its leading dimension), so
 there is no copy. It needs the split sizes on the host: given on the GPU they
-cost one sync, and under CUDA graph capture it cannot serve.
+cost one sync, and under CUDA graph capture it cannot serve them; host split
+sizes are baked into a captured graph.
 
 Many small experts leave the GPU idle between launches; ``SIDE_STREAMS`` > 0
 spreads the per-expert GEMMs round-robin over that many side streams
@@ -34,6 +35,11 @@ class CublasBackend(Backend):
 
     def unavailable(self, device_type, capability):
         return None if device_type == "cuda" else "needs a CUDA device"
+
+    def refuses(self, problem):
+        if problem.capturing and problem.device_splits:
+            return "not graph-safe with split sizes on the GPU: it reads them on the host (graph capture forbids the sync)"
+        return None
 
     def note(self, problem):
         if problem.device_splits:

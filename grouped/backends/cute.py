@@ -7,8 +7,7 @@ GEMM kernel in CuTe DSL (BF16)" and its MXFP8/NVFP4 successors.
 
 from __future__ import annotations
 
-import importlib.util
-
+from .. import kernels
 from .base import Backend
 
 
@@ -18,8 +17,4 @@ class CuteBackend(Backend):
     graph_safe = True
 
     def unavailable(self, device_type, capability):
-        if device_type != "cuda" or capability is None or capability[0] != 9:
-            return "needs a Hopper GPU (sm90)"
-        if importlib.util.find_spec("cutlass") is None:
-            return "nvidia-cutlass-dsl is not installed"
-        return "the sm90 CuTe DSL grouped GEMM kernels have not landed yet"
+        return kernels.unavailable(device_type, capability) or "the sm90 CuTe DSL grouped GEMM kernels have not landed yet"

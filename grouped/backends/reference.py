@@ -29,6 +29,11 @@ class ReferenceBackend(Backend):
     name = "reference"
     formats = ("bf16", "mxfp8", "nvfp4")
 
+    def refuses(self, problem):
+        if problem.capturing:
+            return "not graph-safe: it reads split sizes and builds index tensors on the host"
+        return None
+
     def run(self, call: GemmCall) -> torch.Tensor:
         sizes = call.host_sizes()
         layout = call.layout

@@ -5,7 +5,8 @@ capture. It cannot write into a caller's buffer: the result is computed into a
 temporary and copied in (explain() says so). With split sizes on the host only
 the grouped rows are copied; with split sizes on the GPU the copy is a masked
 rewrite of all rows, which leaves rows past the split total with the values
-they had. wgrad with accumulate adds the temporary into the buffer.
+they had (rewritten with their own bytes). bf16 output only: fp32 output and
+wgrad accumulation go to a backend that has them.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class TorchBackend(Backend):
     writes_in_place = False
 
     def unavailable(self, device_type, capability):
-        if device_type != "cuda":
+        if device_type != "cuda" or capability is None:
             return "needs a CUDA device"
         if capability < (9, 0):
             return f"torch._grouped_mm needs sm90 or newer, this GPU is sm{capability[0]}{capability[1]}"
@@ -34,6 +35,10 @@ class TorchBackend(Backend):
     def refuses(self, problem):
         if not problem.aligned:
             return "torch._grouped_mm needs 16-byte aligned rows (N and K multiples of 8)"
+        if problem.out_dtype != torch.bfloat16 or problem.accumulate:
+            return "torch._grouped_mm writes bf16 for bf16 inputs (no fp32 output, no accumulate)"
+        if problem.capturing and not problem.device_splits:
+            return "under graph capture it needs the split sizes as a CUDA tensor (host sizes would need a copy)"
         return None
 
     def note(self, problem):
@@ -44,24 +49,20 @@ class TorchBackend(Backend):
     def run(self, call: GemmCall) -> torch.Tensor:
         a, b, layout = call.a, call.b, call.layout
         offsets = call.end_offsets(torch.int32)
-        out_dtype = call.problem.out_dtype
         if layout == "forward":
-            result = torch._grouped_mm(a, b.transpose(1, 2), offs=offsets, out_dtype=out_dtype)
+            result = torch._grouped_mm(a, b.transpose(1, 2), offs=offsets)
         elif layout == "dgrad":
-            result = torch._grouped_mm(a, b, offs=offsets, out_dtype=out_dtype)
+            result = torch._grouped_mm(a, b, offs=offsets)
         else:
-            result = torch._grouped_mm(a.T, b, offs=offsets, out_dtype=out_dtype)
+            result = torch._grouped_mm(a.T, b, offs=offsets)
             # An expert with no tokens gets dW = 0, whatever the kernel left there.
             sizes = torch.diff(offsets, prepend=offsets.new_zeros(1))
             result = result.masked_fill((sizes == 0).view(-1, 1, 1), 0)
         if call.out is None:
-            return result
+            return result if layout == "wgrad" else call.zero_rows_past_total(result)
         out = call.out
         if layout == "wgrad":
-            if call.problem.accumulate:
-                out.add_(result)
-            else:
-                out.copy_(result)
+            out.copy_(result)
         elif call.split_sizes is not None:
             total = sum(call.split_sizes)
             out[:total].copy_(result[:total])

@@ -38,24 +38,17 @@ def row_groups(split_sizes, rows: int, device: torch.device) -> torch.Tensor:
     return torch.searchsorted(ends.to(device), torch.arange(rows, device=device), right=True)
 
 
-def zero_rows_past_total(t: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.Tensor:
-    return t.masked_fill_((groups == num_groups).unsqueeze(1), 0)
-
-
 class _GroupedLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, out, grad_input, bias, layer, split_sizes, *weights):
         groups = row_groups(split_sizes, x.shape[0], x.device)
         w_operand = layer._forward_weight(weights)
         x_operand = x if layer.fmt.name == "bf16" else quantize(x, layer.fmt, split_sizes=split_sizes)
-        y = out if out is not None else torch.empty(x.shape[0], layer.out_features, dtype=x.dtype, device=x.device)
-        gemm(x_operand, w_operand, split_sizes, out=y)
+        y = gemm(x_operand, w_operand, split_sizes, out=out, out_dtype=x.dtype)
         if bias is not None:
             with_bias = y + torch.cat((bias, bias.new_zeros(1, bias.shape[1])))[groups]
             y.copy_(torch.where((groups < layer.num_experts).unsqueeze(1), with_bias, y))
-        if out is None:
-            zero_rows_past_total(y, groups, layer.num_experts)
-        else:
+        if out is not None:
             ctx.mark_dirty(out)
 
         # wgrad contracts over tokens: keep X quantized along them (columnwise, per expert).
@@ -77,12 +70,7 @@ class _GroupedLinearFunction(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             dy = grad_y if layer.fmt.name == "bf16" else quantize(grad_y, layer.fmt, split_sizes=sizes)
-            grad_x = ctx.grad_input
-            if grad_x is None:
-                grad_x = torch.empty(grad_y.shape[0], layer.in_features, dtype=grad_y.dtype, device=grad_y.device)
-            gemm(dy, ctx.w_operand, sizes, layout="dgrad", out=grad_x)
-            if ctx.grad_input is None:
-                zero_rows_past_total(grad_x, ctx.groups, layer.num_experts)
+            grad_x = gemm(dy, ctx.w_operand, sizes, layout="dgrad", out=ctx.grad_input, out_dtype=grad_y.dtype)
 
         if not any(ctx.needs_input_grad[3:]):
             return (grad_x, *[None] * (5 + len(weights)))
@@ -236,8 +224,9 @@ class GroupedLinear(nn.Module):
     def backward_dw(self) -> None:
         """Run the wgrad (and bias grad) that backward deferred (delay_wgrad=True), in order."""
         pending, self._pending_wgrad = self._pending_wgrad, []
-        for wgrad in pending:
-            wgrad.compute(for_autograd=False)
+        with torch.no_grad():  # gradients are leaves, not part of a graph
+            for wgrad in pending:
+                wgrad.compute(for_autograd=False)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, in_features={self.in_features}, "

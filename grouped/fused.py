@@ -1,0 +1,174 @@
+"""gemm_swiglu: FC1 of an expert MLP followed by SwiGLU (x routing probabilities), fused where a backend can.
+
+    h   = grouped.gemm(a, b, split_sizes)           (M, N), N = 2F: h[:, :F] gate, h[:, F:] up
+    act = silu(gate) * up * probs[:, None]          computed in fp32, returned in bf16 (or out's dtype)
+
+Fused: when the FC1 GEMM goes to the ``cudnn`` backend (MXFP8 / NVFP4 on
+Blackwell) and cuDNN frontend's ``grouped_gemm_glu_wrapper_sm100`` accepts the
+call (N a multiple of 64, every expert's token count a multiple of 256, bf16
+result, ...), one kernel computes the activation in the GEMM epilogue and h is
+never written. The fused epilogue works on the fp32 accumulator, so it skips
+the unfused path's rounding of h to bf16.
+
+Unfused otherwise: ``grouped.gemm`` (the public entry, with its usual backend
+choice) writes h in bf16, then SwiGLU runs in torch. ``explain_swiglu`` says
+which path a call takes and why. Rows past sum(split_sizes) are zero in a result
+this function allocates and untouched in ``out``.
+
+Forward only: no autograd (GroupedMLP keeps its unfused FC1 while gradients are
+needed, because backward needs h). The cudnn path has not run on Blackwell
+hardware here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import buffers, selector
+from .backends import BACKENDS
+from .backends import cudnn as cudnn_backend
+from .gemm import gemm
+from .offsets import splits_to_offsets
+from .problem import GemmCall, prepare
+
+OUT_DTYPES = (torch.bfloat16, torch.float32)
+
+
+@dataclass
+class SwigluExplanation:
+    """Which path gemm_swiglu takes: fused in one cuDNN kernel, or grouped.gemm + torch SwiGLU."""
+
+    fused: bool
+    why: str
+    gemm: selector.Decision  # the FC1 GEMM's decision (what grouped.explain says)
+
+    def __str__(self) -> str:
+        path = "fused (cudnn grouped_gemm_glu_wrapper_sm100)" if self.fused else "unfused (grouped.gemm + torch SwiGLU)"
+        return f"gemm_swiglu -> {path}: {self.why}\n{self.gemm}"
+
+
+def _tensors_of(op) -> list[torch.Tensor]:
+    if isinstance(op, torch.Tensor):
+        return [op]
+    names = ("data", "scale", "global_scale", "columnwise_data", "columnwise_scale")
+    return [t for t in (getattr(op, n, None) for n in names) if isinstance(t, torch.Tensor)]
+
+
+def _check(call: GemmCall, a, b, probs, out) -> torch.dtype:
+    """Check what gemm_swiglu adds to grouped.gemm's checks; return the result dtype."""
+    if call.layout != "forward":  # prepare was asked for forward; kept as a guard
+        raise ValueError("gemm_swiglu computes FC1 (forward)")
+    m, n = call.out_shape
+    if n % 2:
+        raise ValueError(f"gemm_swiglu: b's N ({n}) must be even: first half gate, second half up")
+    if probs is not None:
+        if not isinstance(probs, torch.Tensor) or probs.dim() != 1 or probs.shape[0] != m:
+            got = tuple(probs.shape) if isinstance(probs, torch.Tensor) else type(probs).__name__
+            raise ValueError(f"probs must be a 1-D tensor with one entry per row of a ({m}), got {got}")
+        if not probs.is_floating_point():
+            raise ValueError(f"probs must be a floating-point tensor, got {probs.dtype}")
+        if probs.device != call.device:
+            raise ValueError(f"probs is on {probs.device}, the operands on {call.device}")
+    if out is None:
+        return torch.bfloat16
+    dtype = getattr(out, "dtype", None)
+    if dtype not in OUT_DTYPES:
+        raise ValueError(f"out must be a bf16 or fp32 tensor, got {dtype if dtype is not None else type(out).__name__}")
+    inputs = [*_tensors_of(a), *_tensors_of(b), *([probs] if probs is not None else [])]
+    buffers.check_buffer(out, name="out", shape=(m, n // 2), dtype=dtype, device=call.device, inputs=inputs)
+    return dtype
+
+
+def _plan(call: GemmCall, probs, out_dtype, backend) -> SwigluExplanation:
+    decision = selector.decide(call.problem, backend)
+    if decision.backend != "cudnn":
+        why = (
+            f"the FC1 GEMM runs on {decision.backend}, which has no fused GEMM + SwiGLU; "
+            "computed as grouped.gemm (bf16 h), then SwiGLU in torch (fp32)"
+        )
+        return SwigluExplanation(False, why, decision)
+    reason = cudnn_backend.glu_refusal(call, probs, torch.bfloat16)
+    if reason is None and out_dtype != torch.bfloat16:
+        reason = f"the fused result is bf16 and out is {out_dtype}"
+    if reason is not None:
+        why = f"cudnn serves the FC1 GEMM but its GLU wrapper cannot fuse this call: {reason}; computed unfused"
+        return SwigluExplanation(False, why, decision)
+    why = (
+        "cudnn's grouped_gemm_glu_wrapper_sm100 computes FC1 + SwiGLU"
+        + (" + probs" if probs is not None else "")
+        + " in the GEMM epilogue (h never written; weight rows re-interleaved into 32-row gate/up blocks per call); "
+        "the wrapper allocates its own output, so the result is copied into out when out is given or rows past "
+        f"the split total exist; {cudnn_backend.NOT_RUN_NOTE}"
+    )
+    return SwigluExplanation(True, why, decision)
+
+
+def _prepare(a, b, split_sizes, probs, out) -> tuple[GemmCall, torch.dtype]:
+    call = prepare(a, b, split_sizes, offsets=None, layout="forward", out=None, accumulate=False, out_dtype=None)
+    return call, _check(call, a, b, probs, out)
+
+
+def explain_swiglu(a, b, split_sizes, probs=None, *, out=None, backend=None) -> SwigluExplanation:
+    """Whether gemm_swiglu would fuse (cudnn's GLU wrapper) for these arguments, and why (not)."""
+    call, out_dtype = _prepare(a, b, split_sizes, probs, out)
+    return _plan(call, probs, out_dtype, backend)
+
+
+def _total_rows(split_sizes, call: GemmCall):
+    """sum(split_sizes): a Python int for host sizes, a 0-d device tensor for GPU sizes (no sync)."""
+    if call.split_sizes is not None:
+        return sum(call.split_sizes)
+    ends = splits_to_offsets(split_sizes, strides=[1], include_leading_zero=[False], dtypes=[torch.int64])[0]
+    return ends[-1]
+
+
+def _write(result_rows: torch.Tensor, total, m: int, out, dtype, device) -> torch.Tensor:
+    """Place the first rows of the activation into out / a new (m, F) tensor (rows past total: 0 / untouched)."""
+    f = result_rows.shape[1]
+    if isinstance(total, int):
+        target = out if out is not None else torch.empty(m, f, dtype=dtype, device=device)
+        target[:total].copy_(result_rows[:total])
+        if out is None:
+            target[total:].zero_()
+        return target
+    rows = (torch.arange(m, device=device) < total).unsqueeze(1)
+    keep = out if out is not None else torch.zeros(m, f, dtype=dtype, device=device)
+    merged = torch.where(rows, result_rows[:m].to(dtype), keep)
+    if out is None:
+        return merged
+    out.copy_(merged)
+    return out
+
+
+def _swiglu_torch(h: torch.Tensor, probs) -> torch.Tensor:
+    gate, up = h.float().chunk(2, dim=1)
+    act = F.silu(gate) * up
+    if probs is not None:
+        act = act * probs.float().unsqueeze(1)
+    return act
+
+
+def gemm_swiglu(a, b, split_sizes, probs=None, *, out=None, backend=None) -> torch.Tensor:
+    """SwiGLU(+probs) of the grouped FC1 GEMM a @ b[g]^T, fused where cuDNN frontend can (see explain_swiglu).
+
+    a: tokens (M, K), bf16 or quantized rowwise; b: W1 (G, 2F, K), first F rows
+    of each expert the gate projection, the last F the up projection; split_sizes:
+    rows per expert; probs: optional (M,) routing probabilities. out: optional
+    (M, F) bf16/fp32 buffer. backend: force the FC1 GEMM's backend (as in
+    grouped.gemm). Returns the (M, F) activation (``out`` itself when given).
+    """
+    call, out_dtype = _prepare(a, b, split_sizes, probs, out)
+    plan = _plan(call, probs, out_dtype, backend)
+    m = call.m_total
+    if plan.fused:
+        d = BACKENDS["cudnn"].run_swiglu(call, probs)  # (valid_m, F): the split total, or all rows
+        total = _total_rows(split_sizes, call)
+        if out is None and isinstance(total, int) and total == m:
+            return d  # exactly the result: no copy
+        return _write(d, total, m, out, out_dtype, call.device)
+    h = gemm(a, b, split_sizes, backend=backend)
+    act = _swiglu_torch(h, probs)
+    return _write(act, _total_rows(split_sizes, call), m, out, out_dtype, call.device)

@@ -1,0 +1,144 @@
+"""CuTe DSL kernels compile for sm_90a on a machine with no GPU, and the disk cache holds.
+
+Every kernel config the library can pick is compiled (CUTE_DSL_ARCH set before
+cutlass is imported); then a second process must load from disk without
+compiling or importing cutlass, a tampered library must be rebuilt, racing
+threads and processes must compile an entry once, and a cache directory that
+others can write is refused.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl not installed")
+pytest.importorskip("tvm_ffi", reason="apache-tvm-ffi not installed")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Runs in a fresh process: fetch every kernel, report what the cache did.
+_PROBE = """
+import json, sys
+import cute_backend
+from cute_backend.cache import CACHE
+for spec, build in cute_backend.kernel_configs():
+    CACHE.get(spec, build)
+print(json.dumps({"compiles": CACHE.compiles, "disk_loads": CACHE.disk_loads,
+                  "cutlass_imported": "cutlass" in sys.modules}))
+"""
+
+
+def _probe(cache_dir: Path, **popen) -> subprocess.Popen:
+    env = {**os.environ, "GROUPED_CACHE_DIR": str(cache_dir), "CUTE_DSL_ARCH": "sm_90a", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-c", _PROBE], env=env, stdout=subprocess.PIPE, text=True, **popen)
+
+
+def _run_probe(cache_dir: Path) -> dict:
+    proc = _probe(cache_dir)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def warm_dir(tmp_path_factory) -> Path:
+    """A cache directory every kernel config has been compiled into, in a first process."""
+    directory = tmp_path_factory.mktemp("cute-cache")
+    first = _run_probe(directory)
+    n_configs = len(__import__("cute_backend").kernel_configs())
+    assert first["compiles"] == n_configs and first["disk_loads"] == 0
+    return directory
+
+
+def test_every_config_compiles_for_sm90a(warm_dir):
+    libraries = sorted(warm_dir.glob("*.so"))
+    import cute_backend
+
+    assert len(libraries) == len(cute_backend.kernel_configs())
+    for library in libraries:
+        assert library.with_suffix(".sha256").read_text().strip()
+
+
+def test_second_process_loads_without_compiling(warm_dir):
+    import cute_backend
+
+    second = _run_probe(warm_dir)
+    assert second["compiles"] == 0 and second["disk_loads"] == len(cute_backend.kernel_configs())
+    assert not second["cutlass_imported"], "a warm cache must not import the DSL"
+
+
+def test_tampered_library_is_rebuilt(warm_dir, tmp_path):
+    import shutil
+
+    directory = tmp_path / "cache"
+    shutil.copytree(warm_dir, directory)
+    victim = sorted(directory.glob("*.so"))[0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    report = _run_probe(directory)
+    assert report["compiles"] == 1, "exactly the tampered entry is rebuilt"
+    import hashlib
+
+    assert hashlib.sha256(victim.read_bytes()).hexdigest() == victim.with_suffix(".sha256").read_text().strip()
+
+
+def test_racing_processes_compile_an_entry_once(tmp_path):
+    procs = [_probe(tmp_path) for _ in range(3)]
+    reports = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    import cute_backend
+
+    assert sum(r["compiles"] for r in reports) == len(cute_backend.kernel_configs())
+
+
+def test_threads_compile_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("GROUPED_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CUTE_DSL_ARCH", "sm_90a")
+    import cute_backend
+    from cute_backend.cache import KernelCache
+
+    cache = KernelCache()
+    spec, build = cute_backend.kernel_configs()[0]
+    builds = []
+
+    def counted():
+        builds.append(1)
+        return build()
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(cache.get(spec, counted))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1 and cache.compiles == 1
+    assert len(results) == 4 and all(r is results[0] for r in results)
+
+
+def test_cache_dir_writable_by_others_is_refused(tmp_path, monkeypatch):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setenv("GROUPED_CACHE_DIR", str(shared))
+    from cute_backend.cache import cache_dir
+
+    with pytest.raises(PermissionError, match="writable by other users"):
+        cache_dir()
+
+
+def test_cache_dir_is_created_private(tmp_path, monkeypatch):
+    target = tmp_path / "new" / "cache"
+    monkeypatch.setenv("GROUPED_CACHE_DIR", str(target))
+    from cute_backend.cache import cache_dir
+
+    assert cache_dir() == target
+    assert target.stat().st_mode & 0o777 == 0o700
