@@ -7,6 +7,7 @@ compile anything or initialise CUDA. Backends load their kernels on first use.
 __version__ = "0.1.0"
 
 from .formats import BF16, FORMATS, MXFP8, NVFP4, Format, get_format
+from .fused import explain_swiglu, gemm_swiglu
 from .gemm import explain, gemm
 from .offsets import splits_to_offsets
 from .ops import GroupedLinear, GroupedMLP
@@ -21,7 +22,9 @@ __all__ = [
     "NVFP4",
     "Format",
     "explain",
+    "explain_swiglu",
     "gemm",
+    "gemm_swiglu",
     "GroupedLinear",
     "GroupedMLP",
     "GroupedTensor",

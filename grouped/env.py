@@ -55,5 +55,28 @@ def forced_backend(fmt_name: str) -> str | None:
     return None if value == "auto" else value
 
 
+_SELECTION_VARS = ("GROUPED_BACKEND", "GROUPED_BACKEND_BF16", "GROUPED_BACKEND_MXFP8",
+                   "GROUPED_BACKEND_NVFP4", "GROUPED_STRICT", "GROUPED_LOG")
+_parsed: dict[tuple, dict] = {}
+
+
+def selection_settings() -> dict:
+    """{"forced": {fmt: backend or None}, "strict": bool, "log": bool} from the environment.
+
+    Read on every call (a few dict lookups); parsed and checked once per distinct
+    set of raw values, which keeps the GEMM's host overhead low.
+    """
+    raw = tuple(os.environ.get(name) for name in _SELECTION_VARS)
+    settings = _parsed.get(raw)
+    if settings is None:
+        settings = {
+            "forced": {fmt: forced_backend(fmt) for fmt in ("bf16", "mxfp8", "nvfp4")},
+            "strict": flag("GROUPED_STRICT"),
+            "log": flag("GROUPED_LOG"),
+        }
+        _parsed[raw] = settings
+    return settings
+
+
 def flag(name: str) -> bool:
     return read(name) == "1"

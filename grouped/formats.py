@@ -62,7 +62,7 @@ class Format:
         return n // self.elements_per_byte
 
     def data_nbytes(self, numel: int) -> int:
-        return numel * torch.empty((), dtype=self.data_dtype).element_size() // self.elements_per_byte
+        return numel * self.data_dtype.itemsize // self.elements_per_byte
 
     def global_scale(self, amax: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{self.name} has no per-tensor scale")

@@ -3,12 +3,14 @@
     h   = grouped.gemm(a, b, split_sizes)           (M, N), N = 2F: h[:, :F] gate, h[:, F:] up
     act = silu(gate) * up * probs[:, None]          computed in fp32, returned in bf16 (or out's dtype)
 
-Fused: when the FC1 GEMM goes to the ``cudnn`` backend (MXFP8 / NVFP4 on
-Blackwell) and cuDNN frontend's ``grouped_gemm_glu_wrapper_sm100`` accepts the
+Fused: when the FC1 GEMM goes to the ``cudnn`` backend (Blackwell) with NVFP4
+operands and cuDNN frontend's ``grouped_gemm_glu_wrapper_sm100`` accepts the
 call (N a multiple of 64, every expert's token count a multiple of 256, bf16
 result, ...), one kernel computes the activation in the GEMM epilogue and h is
 never written. The fused epilogue works on the fp32 accumulator, so it skips
-the unfused path's rounding of h to bf16.
+the unfused path's rounding of h to bf16. MXFP8 is not fused: for FP8 inputs
+that wrapper always emits a block-scaled D (SFD scales, norm_const), not the
+plain activation returned here.
 
 Unfused otherwise: ``grouped.gemm`` (the public entry, with its usual backend
 choice) writes h in bf16, then SwiGLU runs in torch. ``explain_swiglu`` says

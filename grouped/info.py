@@ -50,5 +50,6 @@ def report() -> str:
             reason = row[name]
             lines.append(f"    {name:<{width}}{'available' if reason is None else 'unavailable: ' + reason}")
     lines.append("")
-    lines.append("note: the cudnn (Blackwell) path has not run on hardware here.")
+    lines.append("note: the cudnn (Blackwell) path has not run on hardware here; it refuses experts whose")
+    lines.append("      token counts are not multiples of 256 (forward/dgrad) or 128 (wgrad).")
     return "\n".join(lines)

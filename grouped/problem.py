@@ -21,6 +21,7 @@ here, before any kernel runs.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ from .tensor import GroupedTensor
 
 LAYOUTS = ("forward", "dgrad", "wgrad")
 OUT_DTYPES = (torch.bfloat16, torch.float32)
+MANY_GROUPS = 16
 # The storage direction each operand must have, per layout: (a, b); True = columnwise.
 _COLUMNWISE = {"forward": (False, False), "dgrad": (False, True), "wgrad": (True, True)}
 
@@ -52,6 +54,7 @@ class Problem:
     caller_buffer: bool
     aligned: bool  # every operand and output row 16-byte aligned
     grouped_operands: bool  # an operand is a GroupedTensor (per-member buffers)
+    many_groups: bool = False  # more than MANY_GROUPS experts: per-expert launches stop paying
 
     def describe(self) -> str:
         arch = f"sm{self.capability[0]}{self.capability[1]}" if self.capability else self.device_type
@@ -59,6 +62,7 @@ class Problem:
         if self.accumulate:
             parts.append("accumulate")
         parts.append("GPU split sizes" if self.device_splits else "host split sizes")
+        parts.append(f"{'more' if self.many_groups else 'at most'} {MANY_GROUPS} experts")
         if self.capturing:
             parts.append("graph capture")
         if self.caller_buffer:
@@ -111,21 +115,17 @@ class GemmCall:
         return torch.tensor(ends, dtype=dtype).to(self.device, non_blocking=True)
 
     def output(self) -> torch.Tensor:
-        """The caller's buffer, or a new one whose rows past the split total are zero."""
+        """The caller's buffer, or a new one (see ``finish_new_output`` for rows past the total)."""
         if self.out is not None:
             return self.out
-        out = torch.empty(self.out_shape, dtype=self.problem.out_dtype, device=self.device)
-        if self.layout != "wgrad":  # wgrad writes every expert's dW
-            self.zero_rows_past_total(out)
-        return out
+        return self.finish_new_output(torch.empty(self.out_shape, dtype=self.problem.out_dtype, device=self.device))
 
-    def zero_rows_past_total(self, t: torch.Tensor) -> torch.Tensor:
-        """Zero the rows of a (M, .) tensor past the split total (no host sync)."""
-        if self.split_sizes is not None:
+    def finish_new_output(self, t: torch.Tensor) -> torch.Tensor:
+        """Rows past the split total of a library-allocated (M, .) output: zeroed when the
+        split sizes are on the host (a slice); left unspecified when they are on the GPU,
+        where finding them would cost a pass over the output (pass ``out=`` to control them)."""
+        if self.layout != "wgrad" and self.split_sizes is not None:
             t[sum(self.split_sizes) :].zero_()
-        else:
-            past = torch.arange(self.m_total, device=self.device) >= self.end_offsets(torch.int64)[-1]
-            t.masked_fill_(past.unsqueeze(1), 0)
         return t
 
 
@@ -203,6 +203,7 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+@functools.lru_cache(maxsize=None)
 def _capability(device: torch.device) -> tuple[int, int] | None:
     return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
 
@@ -277,6 +278,7 @@ def prepare(a, b, split_sizes, *, offsets, layout, out, accumulate, out_dtype) -
         caller_buffer=out is not None,
         aligned=row_bytes_aligned and strides_aligned,
         grouped_operands=isinstance(a, GroupedTensor) or isinstance(b, GroupedTensor),
+        many_groups=num_groups > MANY_GROUPS,
     )
     return GemmCall(problem, fmt_a, a, b, m_total, num_groups, out_shape, device, out, sizes, counts, ends)
 

@@ -216,13 +216,11 @@ def split_sizes_to_list(split_sizes, *, rows: int, argument: str = "split_sizes"
                 f"of shape {tuple(split_sizes.shape)} and dtype {split_sizes.dtype}"
             )
         sizes = tuple(split_sizes.tolist())
-    elif isinstance(split_sizes, Sequence) and all(
-        isinstance(m, int) and not isinstance(m, bool) for m in split_sizes
-    ):
+    elif isinstance(split_sizes, (list, tuple)) and all(type(m) is int for m in split_sizes):
         sizes = tuple(split_sizes)
     else:
         raise ValueError(f"{argument} must be a list of ints or a 1-D int tensor, got {split_sizes!r}")
-    if any(m < 0 for m in sizes):
+    if sizes and min(sizes) < 0:
         raise ValueError(f"{argument} must be non-negative, got {list(sizes)}")
     if sum(sizes) > rows:
         raise ValueError(f"{argument} sum to {sum(sizes)}, past the {rows} rows of the tensor")

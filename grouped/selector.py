@@ -24,17 +24,22 @@ from .backends import BACKENDS, Backend
 from .formats import FORMATS
 from .problem import Problem
 
-# Order of preference per (format, arch). "sm90" = Hopper, "sm100" = Blackwell,
-# "cuda" = any other GPU, "cpu". BF16 on Hopper: torch._grouped_mm before the
-# cuBLAS loop (one launch, graph-safe, faster on the benchmark shapes).
-_PREFERENCE: dict[tuple[str, str], tuple[str, ...]] = {
-    ("bf16", "sm90"): ("cute", "torch", "cublas", "reference"),
-    ("bf16", "sm100"): ("torch", "cublas", "reference"),
-    ("bf16", "cuda"): ("torch", "cublas", "reference"),
-    ("mxfp8", "sm90"): ("cute", "reference"),
-    ("nvfp4", "sm90"): ("cute", "reference"),
-    ("mxfp8", "sm100"): ("cudnn", "reference"),
-    ("nvfp4", "sm100"): ("cudnn", "reference"),
+# Order of preference per (format, arch, problem class); "sm90" = Hopper,
+# "sm100" = Blackwell, "cuda" = any other GPU, "cpu". The BF16 classes come from
+# scripts/bench.py on an H200 (README, "Benchmark"): with few experts and split
+# sizes on the host, the per-expert cuBLAS loop matched or beat torch._grouped_mm
+# and quack (DeepSeek-V3-, Mixtral-like); with many experts, or split sizes on
+# the GPU (no sync allowed), torch._grouped_mm wins (Qwen3-, decode-like).
+_FEW_HOST, _OTHER = "few experts, host split sizes", "many experts or GPU split sizes"
+_PREFERENCE: dict[tuple[str, str, str], tuple[str, ...]] = {
+    ("bf16", "sm90", _FEW_HOST): ("cute", "cublas", "torch", "reference"),
+    ("bf16", "sm90", _OTHER): ("cute", "torch", "cublas", "reference"),
+    ("bf16", "sm100", _FEW_HOST): ("cublas", "torch", "reference"),
+    ("bf16", "sm100", _OTHER): ("torch", "cublas", "reference"),
+    ("bf16", "cuda", _FEW_HOST): ("cublas", "torch", "reference"),
+    ("bf16", "cuda", _OTHER): ("torch", "cublas", "reference"),
+    **{(f, "sm90", c): ("cute", "reference") for f in ("mxfp8", "nvfp4") for c in (_FEW_HOST, _OTHER)},
+    **{(f, "sm100", c): ("cudnn", "reference") for f in ("mxfp8", "nvfp4") for c in (_FEW_HOST, _OTHER)},
 }
 
 
@@ -44,8 +49,12 @@ def _arch(problem: Problem) -> str:
     return {9: "sm90", 10: "sm100"}.get(problem.capability[0], "cuda")
 
 
+def _problem_class(problem: Problem) -> str:
+    return _OTHER if problem.many_groups or problem.device_splits else _FEW_HOST
+
+
 def preference(problem: Problem) -> tuple[str, ...]:
-    return _PREFERENCE.get((problem.fmt, _arch(problem)), ("reference",))
+    return _PREFERENCE.get((problem.fmt, _arch(problem), _problem_class(problem)), ("reference",))
 
 
 @dataclass
@@ -74,17 +83,18 @@ _logged: set[tuple] = set()
 
 def decide(problem: Problem, backend: str | None = None) -> Decision:
     """The backend for a problem (``backend`` or the environment may force one)."""
+    settings = env.selection_settings()
     forced, source = (None if backend == "auto" else backend), "backend= argument"
     if forced is None:
-        forced, source = env.forced_backend(problem.fmt), "GROUPED_BACKEND* environment"
+        forced, source = settings["forced"][problem.fmt], "GROUPED_BACKEND* environment"
     if forced is not None and forced not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {forced!r}")
-    strict = env.flag("GROUPED_STRICT")
+    strict = settings["strict"]
     key = (problem, forced, source, strict)
     decision = _decisions.get(key)
     if decision is None:
         decision = _decisions[key] = _decide(problem, forced, source, strict)
-    if env.flag("GROUPED_LOG") and key not in _logged:
+    if settings["log"] and key not in _logged:
         _logged.add(key)
         print(f"[grouped] {problem.describe()} -> {decision.backend}: {decision.why}", file=sys.stderr)
     return decision
@@ -98,7 +108,7 @@ def _decide(problem: Problem, forced: str | None, source: str, strict: bool) -> 
         raise ValueError(f"backend {forced!r} cannot serve this call ({problem.describe()}): {reasons[forced]}")
     for name in preference(problem):
         if reasons[name] is None:
-            why = "first in the preference order for this problem kind that can serve"
+            why = f"first that can serve in the preference order for {_problem_class(problem)} on {_arch(problem)}"
             if forced is not None:
                 why = f"forced backend {forced!r} cannot serve ({reasons[forced]}); {why}"
             return _decision(name, reasons, why, problem)

@@ -53,7 +53,7 @@ class _Region:
         numel = 1
         for s in self.shape:
             numel *= s
-        return numel * torch.empty((), dtype=self.dtype).element_size()
+        return numel * self.dtype.itemsize
 
     def view(self, buffer: torch.Tensor) -> torch.Tensor:
         return buffer[self.offset : self.offset + self.nbytes].view(self.dtype).view(self.shape)

@@ -4,6 +4,8 @@ decision log, simulated GPUs (Problem objects built by hand), caching."""
 import dataclasses
 import re
 
+import sys
+
 import pytest
 import torch
 
@@ -18,6 +20,8 @@ BACKEND_NAMES = ("reference", "cublas", "torch", "cute", "cudnn")
 def _clean(monkeypatch):
     for name in grouped.env.ENV_VARS:
         monkeypatch.delenv(name, raising=False)
+    # These tests assume cuDNN frontend is absent (tests/test_cudnn.py covers it present).
+    monkeypatch.setitem(sys.modules, "cudnn", None)
     selector.clear_cache()
     yield
     selector.clear_cache()
@@ -56,6 +60,7 @@ def _problem(**kw) -> Problem:
         caller_buffer=False,
         aligned=True,
         grouped_operands=False,
+        many_groups=True,
     )
     base.update(kw)
     return Problem(**base)
@@ -343,8 +348,10 @@ def _first_servable(problem):
 
 @pytest.mark.parametrize("layout", ["forward", "dgrad", "wgrad"])
 @pytest.mark.parametrize("cap", [(9, 0), (10, 0)])
-def test_bf16_host_splits_follows_preference(layout, cap):
-    p = _problem(layout=layout, capability=cap)
+@pytest.mark.parametrize("many_groups, expected", [(True, "torch"), (False, "cublas")])
+def test_bf16_host_splits_follows_preference(layout, cap, many_groups, expected):
+    """Few experts with host split sizes: the cuBLAS loop; many experts: torch._grouped_mm."""
+    p = _problem(layout=layout, capability=cap, many_groups=many_groups)
     d = selector.decide(p)
     assert tuple(d.reasons) == BACKEND_NAMES
     assert d.backend == _first_servable(p)
@@ -353,7 +360,7 @@ def test_bf16_host_splits_follows_preference(layout, cap):
     for name in order[: order.index(d.backend)]:
         assert d.reasons[name] is not None  # everything preferred over it said why not
     assert d.reasons[d.backend] is None
-    assert d.backend == "torch"  # cute's kernels have not landed
+    assert d.backend == expected  # cute's kernels have not landed
     assert d.reasons["cublas"] is None and d.reasons["reference"] is None
     assert "preference" in d.why
 

@@ -15,7 +15,12 @@ from the top-level ``cudnn`` package)
 ``grouped_gemm_quant_wrapper_sm100`` (quant/api.py; class GroupedGemmQuantSm100)
     D[rows_g] = alpha[g] * (A[rows_g] * SFA) @ (B[g] * SFB)^T, per expert g.
     - ``a_tensor``: canonical 2-D (valid_m, k) row-major (k-major), FP8 E4M3, or
-      packed FP4 as uint8 (two codes a byte, the innermost dim is doubled).
+      packed FP4 (two codes a byte, the innermost dim is doubled). FP4 must come as
+      torch.float4_e2m1fn_x2: GroupedGemmQuantSm100 and GroupedGemmGluBlockScaledAPI
+      build their tensor descriptors before they set ``_interpret_uint8_as_fp4x2``,
+      so a uint8 operand is measured in bytes there and its SFA size check fails
+      (found by running the real wrappers on an H200, where they check every
+      argument and then refuse the GPU).
       The kernel is compiled with valid_m symbolic and divisible by 256.
     - ``b_tensor``: dense weights, canonical (l, n, k) row-major (k-major); FP4
       must be k-major, FP8 may also be n-major. ``b_major="k"``.
@@ -46,8 +51,8 @@ from the top-level ``cudnn`` package)
 ``grouped_gemm_wgrad_wrapper_sm100`` (wgrad/api.py, wgrad/_blockscaled_api.py)
     wgrad[e] = gs_a[e] * gs_b[e] * A[:, tokens_e] @ B[tokens_e, :].
     - ``a_tensor`` (hidden, tokens) and ``b_tensor`` (tokens, intermediate), both
-      token-innermost (k-major) for FP4 ("Four-bit ... requires K-major"); uint8 =
-      packed FP4 along the stride-1 dim. ``wgrad_tensor`` (experts, hidden,
+      token-innermost (k-major) for FP4 ("Four-bit ... requires K-major"); packed
+      FP4 (float4_e2m1fn_x2, or uint8 here) doubles the stride-1 dim. ``wgrad_tensor`` (experts, hidden,
       intermediate): any strides (its descriptor keeps them), so a strided caller
       buffer is fine; ``accumulate_on_output`` TMA-reduces into it; experts with
       no tokens get zeros (``k_tile_cnt == 0`` path).
@@ -72,7 +77,12 @@ from the top-level ``cudnn`` package)
     D[:, 32j:32j+32] = up_j * silu(gate_j) * prob. ``prob_tensor`` (valid_m,)
     contiguous. No ``d_tensor`` parameter: it allocates C (valid_m, n), D
     (valid_m, n/2) and D_col itself. FP4 inputs: c_dtype fp16/bf16, and fp32 D is
-    "not supported" without bias; FP8 inputs: D not fp32.
+    "not supported" without bias. FP8 inputs: the wrapper ALWAYS allocates SFD
+    row/col outputs (``glu_block_scaled_outputs``), so it requires
+    ``norm_const_tensor`` ("sfd_row_desc, sfd_col_desc, and norm_const_desc must
+    be all None or all not None", seen raised by the real wrapper) and the epilogue
+    (``quant_sfd_row``) writes D divided by per-block E8M0 scales: a block-scaled
+    output meant to feed the next GEMM, not the plain activation.
 
 Decisions made here
 -------------------
@@ -103,13 +113,16 @@ Decisions made here
   A; one per expert for B; one per expert's token range for wgrad). A
   QuantizedTensor that already holds blocked scales is passed as is (no copy).
   E8M0 bytes are viewed as torch.float8_e8m0fnu (no copy).
+- NVFP4 data goes in as torch.float4_e2m1fn_x2 views of our uint8 bytes (no copy).
 - ``generate_amax=False`` (nothing here reads it). Tile shapes, clusters and
   streams are cuDNN's defaults (the current torch stream).
 - wgrad needs the token-major operands as QuantizedTensors (one (rows, tokens)
   matrix, cuDNN's Tensor2D input order); GroupedTensor operands are refused.
 - Fused FC1 + SwiGLU (+ probs): ``glu_arguments`` / ``CudnnBackend.run_swiglu``,
-  used by grouped.fused.gemm_swiglu. The weight rows are re-interleaved into
-  32-row gate/up blocks per call (a copy of the weight and its scales).
+  used by grouped.fused.gemm_swiglu, for NVFP4 only (plain bf16 D). MXFP8 is not
+  fused: its GLU output is block-scaled (see above) and gemm_swiglu returns plain
+  activations. The weight rows are re-interleaved into 32-row gate/up blocks per
+  call (a copy of the weight and its scales).
 """
 
 from __future__ import annotations
@@ -141,6 +154,7 @@ WRAPPERS = {
 # sf_vec_size and the scale dtype cuDNN wants for each format.
 SF_VEC_SIZE = {"mxfp8": 32, "nvfp4": 16}
 SCALE_DTYPE = {"mxfp8": torch.float8_e8m0fnu, "nvfp4": torch.float8_e4m3fn}
+DATA_DTYPE = {"mxfp8": torch.float8_e4m3fn, "nvfp4": torch.float4_e2m1fn_x2}
 NOT_RUN_NOTE = "the cudnn path has not run on Blackwell hardware here"
 
 
@@ -180,6 +194,11 @@ def token_rule_violation(layout: str, sizes) -> str | None:
 def _scale_bytes_view(t: torch.Tensor, fmt_name: str) -> torch.Tensor:
     """Blocked scale bytes in the dtype cuDNN wants (a view: same bytes)."""
     return t.view(torch.uint8).view(SCALE_DTYPE[fmt_name])
+
+
+def _data_view(t: torch.Tensor, fmt_name: str) -> torch.Tensor:
+    """Operand data in the dtype cuDNN wants: packed NVFP4 as float4_e2m1fn_x2 (a view: same bytes)."""
+    return t.view(DATA_DTYPE[fmt_name])
 
 
 # ---- operands ------------------------------------------------------------------------------
@@ -242,7 +261,9 @@ def _weight_operand(op, *, columnwise: bool, interleave: torch.Tensor | None = N
         data = data.index_select(1, interleave)
         compact = compact.index_select(1, interleave)
     if not data.is_contiguous():
-        raise ValueError(f"cudnn backend: the weight data must be contiguous (canonical (l, n, k)), got strides {data.stride()}")
+        raise ValueError(
+            f"cudnn backend: the weight data must be contiguous (canonical (l, n, k)), got strides {data.stride()}"
+        )
     return data, to_blocked(compact), s
 
 
@@ -304,10 +325,16 @@ def call_refusal(call: GemmCall) -> str | None:
     """Why this backend refuses this particular call (data-dependent rules the Problem cannot see)."""
     layout = call.layout
     if call.num_groups > MAX_EXPERTS:
-        return f"cuDNN frontend's grouped GEMMs take at most {MAX_EXPERTS} experts (expert_cnt <= 1024), got {call.num_groups}"
+        return (
+            f"cuDNN frontend's grouped GEMMs take at most {MAX_EXPERTS} experts (expert_cnt <= 1024), "
+            f"got {call.num_groups}"
+        )
     if layout == "wgrad":
         if isinstance(call.a, GroupedTensor) or isinstance(call.b, GroupedTensor):
-            return "wgrad needs dY and X as QuantizedTensors (grouped.quantize(..., axis=0, split_sizes=...)), not GroupedTensors"
+            return (
+                "wgrad needs dY and X as QuantizedTensors (grouped.quantize(..., axis=0, split_sizes=...)), "
+                "not GroupedTensors"
+            )
         sizes = call.split_sizes if call.split_sizes is not None else call.a.split_sizes
         return token_rule_violation(layout, sizes)
     if call.split_sizes is not None:
@@ -374,11 +401,11 @@ def forward_arguments(call: GemmCall, out: torch.Tensor | None = None) -> dict |
     a_data, sfa, s_a = _token_operand(call.a, rows)
     b_data, sfb, s_b = _weight_operand(call.b, columnwise=call.layout == "dgrad")
     return {
-        "a_tensor": a_data,
+        "a_tensor": _data_view(a_data, fmt),
         "sfa_tensor": _scale_bytes_view(sfa, fmt),
         "padded_offsets": padded_offsets(call, counts),
         "alpha_tensor": _alpha(fmt, s_a, s_b, call.num_groups, call.device),
-        "b_tensor": b_data,
+        "b_tensor": _data_view(b_data, fmt),
         "sfb_tensor": _scale_bytes_view(sfb, fmt),
         "b_major": "k",
         "d_dtype": out.dtype,
@@ -427,8 +454,8 @@ def wgrad_arguments(call: GemmCall, out: torch.Tensor | None = None) -> dict | N
         gs_a = torch.reciprocal(_per_group_scale(dy.global_scale, call.num_groups, call.device)).contiguous()
         gs_b = torch.reciprocal(_per_group_scale(x.global_scale, call.num_groups, call.device)).contiguous()
     return {
-        "a_tensor": dy.data,
-        "b_tensor": x.data.t(),
+        "a_tensor": _data_view(dy.data, fmt),
+        "b_tensor": _data_view(x.data, fmt).t(),
         "sfa_tensor": _scale_bytes_view(sfa, fmt),
         "sfb_tensor": _scale_bytes_view(sfb, fmt),
         "offsets_tensor": padded_offsets(call, counts),
@@ -453,11 +480,22 @@ def glu_refusal(call: GemmCall, probs: torch.Tensor | None, out_dtype: torch.dty
     """Why ``grouped_gemm_glu_wrapper_sm100`` cannot serve FC1 + SwiGLU for this call (None: it can)."""
     if call.layout != "forward":
         return "the GLU wrapper fuses a forward GEMM only"
+    if call.fmt.name == "mxfp8":
+        return (
+            "for FP8 inputs cuDNN frontend's GLU wrapper always emits a block-scaled D (SFD row/col outputs, "
+            "norm_const required), not the plain activation gemm_swiglu returns"
+        )
     n = call.out_shape[1]
     if n % GLU_N_MULTIPLE:
-        return f"the GLU wrapper needs N = 2 x ffn_hidden to be a multiple of {GLU_N_MULTIPLE} (gate/up 32-column block pairs), got N = {n}"
+        return (
+            f"the GLU wrapper needs N = 2 x ffn_hidden to be a multiple of {GLU_N_MULTIPLE} "
+            f"(gate/up 32-column block pairs), got N = {n}"
+        )
     if out_dtype != torch.bfloat16:
-        return f"the GLU wrapper's fused output is used in bf16 here (no fp32 D for FP8 inputs, nor for FP4 without bias), got {out_dtype}"
+        return (
+            "the GLU wrapper's fused output is used in bf16 here (no fp32 D for FP8 inputs, "
+            f"nor for FP4 without bias), got {out_dtype}"
+        )
     if not call.problem.aligned:
         return "the GLU wrapper needs 16-byte aligned rows"
     return call_refusal(call)
@@ -485,11 +523,11 @@ def glu_arguments(call: GemmCall, probs: torch.Tensor | None = None) -> dict | N
     b_data, sfb, s_b = _weight_operand(call.b, columnwise=False, interleave=perm)
     prob = None if probs is None else probs[:rows].to(torch.float32).contiguous()
     return {
-        "a_tensor": a_data,
+        "a_tensor": _data_view(a_data, fmt),
         "sfa_tensor": _scale_bytes_view(sfa, fmt),
         "padded_offsets": padded_offsets(call, counts),
         "alpha_tensor": _alpha(fmt, s_a, s_b, call.num_groups, call.device),
-        "b_tensor": b_data,
+        "b_tensor": _data_view(b_data, fmt),
         "sfb_tensor": _scale_bytes_view(sfb, fmt),
         "b_major": "k",
         "prob_tensor": prob,

@@ -38,13 +38,24 @@ def row_groups(split_sizes, rows: int, device: torch.device) -> torch.Tensor:
     return torch.searchsorted(ends.to(device), torch.arange(rows, device=device), right=True)
 
 
+def _zero_rows_past_total(t: torch.Tensor, split_sizes, groups: torch.Tensor, num_groups: int) -> None:
+    """grouped.gemm zeroes them itself for host split sizes; with GPU split sizes it leaves
+    them unspecified, and a layer's outputs and gradients must not carry garbage."""
+    if isinstance(split_sizes, torch.Tensor) and split_sizes.is_cuda:
+        t.masked_fill_((groups == num_groups).unsqueeze(1), 0)
+
+
 class _GroupedLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, out, grad_input, bias, layer, split_sizes, *weights):
+    def forward(ctx, out, x, grad_input, bias, layer, split_sizes, *weights):
+        # ``out`` comes first: when it is a view, autograd's in-place bookkeeping
+        # (CopySlices) treats input 0 as the tensor written in place.
         groups = row_groups(split_sizes, x.shape[0], x.device)
         w_operand = layer._forward_weight(weights)
         x_operand = x if layer.fmt.name == "bf16" else quantize(x, layer.fmt, split_sizes=split_sizes)
         y = gemm(x_operand, w_operand, split_sizes, out=out, out_dtype=x.dtype)
+        if out is None:
+            _zero_rows_past_total(y, split_sizes, groups, layer.num_experts)
         if bias is not None:
             with_bias = y + torch.cat((bias, bias.new_zeros(1, bias.shape[1])))[groups]
             y.copy_(torch.where((groups < layer.num_experts).unsqueeze(1), with_bias, y))
@@ -68,19 +79,21 @@ class _GroupedLinearFunction(torch.autograd.Function):
         weights = ctx.saved_tensors
         grad_y = grad_y.contiguous()
         grad_x = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[1]:
             dy = grad_y if layer.fmt.name == "bf16" else quantize(grad_y, layer.fmt, split_sizes=sizes)
             grad_x = gemm(dy, ctx.w_operand, sizes, layout="dgrad", out=ctx.grad_input, out_dtype=grad_y.dtype)
+            if ctx.grad_input is None:
+                _zero_rows_past_total(grad_x, sizes, ctx.groups, layer.num_experts)
 
         if not any(ctx.needs_input_grad[3:]):
-            return (grad_x, *[None] * (5 + len(weights)))
+            return (None, grad_x, *[None] * (4 + len(weights)))
         wgrad = _WeightGradient(layer, grad_y, ctx.x_for_wgrad, sizes, ctx.groups, weights, ctx.has_bias)
         if layer.delay_wgrad:
             layer._pending_wgrad.append(wgrad)
             weight_grads, bias_grad = [None] * len(weights), None
         else:
             weight_grads, bias_grad = wgrad.compute(for_autograd=True)
-        return (grad_x, None, None, bias_grad, None, None, *weight_grads)
+        return (None, grad_x, None, bias_grad, None, None, *weight_grads)
 
 
 class _WeightGradient:
@@ -219,7 +232,7 @@ class GroupedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, split_sizes, *, out: torch.Tensor | None = None,
                 grad_input: torch.Tensor | None = None) -> torch.Tensor:
-        return _GroupedLinearFunction.apply(x, out, grad_input, self.bias, self, split_sizes, *self.weights())
+        return _GroupedLinearFunction.apply(out, x, grad_input, self.bias, self, split_sizes, *self.weights())
 
     def backward_dw(self) -> None:
         """Run the wgrad (and bias grad) that backward deferred (delay_wgrad=True), in order."""

@@ -7,7 +7,10 @@
 
 ``out`` is FC2's output buffer (what the expert-parallel combine reads) and
 ``grad_input`` FC1's input-gradient buffer (what the dispatch's backward
-reads). Autograd covers the activation and the probabilities' gradient.
+reads). Autograd covers the activation and the probabilities' gradient. When no
+gradient is needed (inference, torch.no_grad), FC1 + SwiGLU + probs go through
+``grouped.gemm_swiglu``, which fuses them where a backend can (cuDNN frontend on
+Blackwell, NVFP4) and otherwise computes exactly what the training path does.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..fused import gemm_swiglu
+from ..quantize import quantize
 from .linear import GroupedLinear
 
 ACTIVATIONS = ("swiglu",)
@@ -35,12 +40,27 @@ class GroupedMLP(nn.Module):
                 out: torch.Tensor | None = None, grad_input: torch.Tensor | None = None) -> torch.Tensor:
         if probs is not None and (probs.dim() != 1 or probs.shape[0] != x.shape[0]):
             raise ValueError(f"probs must be 1-D with one entry per row of x ({x.shape[0]}), got {tuple(probs.shape)}")
+        if self._inference_only(x, probs, grad_input):
+            # FC1 + SwiGLU + probs through the fused entry (one kernel on Blackwell/NVFP4).
+            fc1 = self.fc1
+            a = x if not fc1.fmt.quantized else quantize(x, fc1.fmt, split_sizes=split_sizes)
+            act = gemm_swiglu(a, fc1._forward_weight(fc1.weights()), split_sizes, probs)
+            return self.fc2(act.to(x.dtype), split_sizes, out=out)
         h = self.fc1(x, split_sizes, grad_input=grad_input)
         gate, up = h.float().chunk(2, dim=1)
         a = F.silu(gate) * up
         if probs is not None:
             a = a * probs.float().unsqueeze(1)
         return self.fc2(a.to(x.dtype), split_sizes, out=out)
+
+    def _inference_only(self, x, probs, grad_input) -> bool:
+        """No gradient will be asked for: the fused FC1 entry (forward only) may serve."""
+        if grad_input is not None or self.fc1.bias is not None:
+            return False
+        if not torch.is_grad_enabled():
+            return True
+        tensors = [x, probs, *self.fc1.weights(), *self.fc2.weights()]
+        return not any(t is not None and t.requires_grad for t in tensors)
 
     def backward_dw(self) -> None:
         """Deferred wgrad of both layers (delay_wgrad=True)."""
