@@ -15,8 +15,7 @@ What it does, in order:
    against the per-expert loop (normwise relative error);
 3. contenders: our backends through ``grouped.gemm(..., backend=name)`` (each
    one whose explain() reason is None; ``reference`` only in --quick/--dry-run),
-   our cublas backend again with ``SIDE_STREAMS = 4`` ("ours:cublas-4streams",
-   which decides the streams setting), and the peers ``torch._grouped_mm``,
+   and the peers ``torch._grouped_mm``,
    a per-expert torch.mm loop and quack's varlen GEMM; fp8 rowwise
    ``torch._scaled_grouped_mm`` is a speed reference row (forward only), not a peer;
 4. metrics: TFLOP/s (2 * M_total * N * K), the floor time
@@ -50,7 +49,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import grouped  # noqa: E402
-import grouped.backends.cublas as cublas_backend  # noqa: E402
 from grouped.backends import BACKENDS  # noqa: E402
 
 LAYOUTS = ("forward", "dgrad", "wgrad")
@@ -336,7 +334,7 @@ def build_torch_grouped_mm(case: Case):
     return lambda: torch._grouped_mm(a.t(), b, offs=offs)
 
 
-def build_ours(name: str, side_streams: int | None = None):
+def build_ours(name: str):
     """grouped.gemm forced to one backend (checked: no silent fallback)."""
     backend = BACKENDS[name]
 
@@ -346,17 +344,7 @@ def build_ours(name: str, side_streams: int | None = None):
         if decision.backend != name:
             raise Skip(f"selector ran {decision.backend} instead: {decision.reasons.get(name)}")
         a, b, layout = case.a, case.b, case.layout
-        if side_streams is None:
-            return lambda: grouped.gemm(a, b, layout=layout, backend=name, **kwargs)
-
-        def run():
-            saved = cublas_backend.SIDE_STREAMS
-            cublas_backend.SIDE_STREAMS = side_streams
-            try:
-                return grouped.gemm(a, b, layout=layout, backend=name, **kwargs)
-            finally:
-                cublas_backend.SIDE_STREAMS = saved
-        return run
+        return lambda: grouped.gemm(a, b, layout=layout, backend=name, **kwargs)
     return build
 
 
@@ -474,8 +462,6 @@ def build_contenders(case: Case, include_reference: bool, quack: tuple) -> tuple
             skipped.append("ours:reference: skipped outside --quick/--dry-run (too slow)")
         else:
             ours.append(Contender(f"ours:{name}", "ours", build_ours(name)))
-            if name == "cublas":
-                ours.append(Contender("ours:cublas-4streams", "ours", build_ours(name, 4)))
     peers = [
         Contender("torch._grouped_mm", "peer", build_torch_grouped_mm),
         Contender("per-expert mm loop", "peer", build_loop),
@@ -773,16 +759,15 @@ def write_png(path, rows: list[Row], title: str) -> str:
 
 
 def print_summary(info, ceilings, rows, overhead, quack_log, elapsed_s, out_files) -> None:
-    """The compact last block: one line a case, the streams verdict, overhead, files."""
+    """The compact last block: one line a case, host overhead, files."""
     print("\n=== SUMMARY " + "=" * 60)
     print(f"{info['gpu']} | torch {info['torch']} | mm {ceilings['matmul_tflops']:.0f} TFLOP/s | "
           f"copy {ceilings['copy_gbps']:.0f} GB/s | {elapsed_s:.0f} s")
     print(f"quack: {quack_log[-1]}")
     print(f"fp8 API: {FP8_API_USED[0] or 'none worked (see fp8 rows)'}")
     print(f"{'case':<27} {'lay':<5} {'best ours':<22} {'%fl':>4} {'best peer':<20} {'xpeer':>5} "
-          f"{'4st/0':>5} {'fp8ms':>7}")
+          f"{'fp8ms':>7}")
     cases = list(dict.fromkeys((r.shape, r.k, r.n, r.split, r.layout) for r in rows))
-    stream_ratios = []
     wrong = [f"{r.contender}@{r.shape}K{r.k}N{r.n}/{r.split}/{r.layout}" for r in rows if is_wrong(r)]
     for key in cases:
         group = [r for r in rows if (r.shape, r.k, r.n, r.split, r.layout) == key and r.ms]
@@ -790,11 +775,6 @@ def print_summary(info, ceilings, rows, overhead, quack_log, elapsed_s, out_file
         peers = [r for r in group if r.kind == "peer" and not is_wrong(r)]
         best_ours = min(ours, key=lambda r: r.ms) if ours else None
         best_peer = min(peers, key=lambda r: r.ms) if peers else None
-        one = {r.contender: r.ms for r in group}
-        ratio = None
-        if "ours:cublas" in one and "ours:cublas-4streams" in one:
-            ratio = one["ours:cublas-4streams"] / one["ours:cublas"]
-            stream_ratios.append(ratio)
         fp8 = next((r.ms for r in group if r.kind == "reference"), None)
         shape, k, n, split, layout = key
         ours_txt = f"{best_ours.contender[5:]} {best_ours.ms:.3f}" if best_ours else "-"
@@ -802,15 +782,7 @@ def print_summary(info, ceilings, rows, overhead, quack_log, elapsed_s, out_file
         xpeer = best_peer.ms / best_ours.ms if best_ours and best_peer else None
         print(f"{shape + ' K' + str(k) + ' N' + str(n) + ' ' + split[:4]:<27} {layout[:5]:<5} {ours_txt:<22} "
               f"{fmt(best_ours.pct_floor if best_ours else None, '4.0f'):>4} {peer_txt:<20} "
-              f"{fmt(xpeer, '5.2f'):>5} {fmt(ratio, '5.2f'):>5} {fmt(fp8, '7.3f'):>7}")
-    if stream_ratios:
-        geo = math.exp(sum(math.log(r) for r in stream_ratios) / len(stream_ratios))
-        wins = sum(r < 0.97 for r in stream_ratios)
-        losses = sum(r > 1.03 for r in stream_ratios)
-        verdict = "SIDE_STREAMS=4" if geo < 0.97 and losses <= len(stream_ratios) // 4 else "SIDE_STREAMS=0"
-        print(f"cublas streams: 4-stream/0-stream time geomean {geo:.3f}, faster in {wins}, slower in "
-              f"{losses} of {len(stream_ratios)} cases (+-3%) -> {verdict} "
-              "(rule: 4 if geomean < 0.97 and slower in <= 1/4 of cases)")
+              f"{fmt(xpeer, '5.2f'):>5} {fmt(fp8, '7.3f'):>7}")
     for o in overhead:
         if o["status"] == "ok":
             print(f"host overhead [{o['call']}->{o['backend']}, {o['splits']}]: grouped.gemm "

@@ -6,9 +6,10 @@ there is no copy. It needs the split sizes on the host: given on the GPU they
 cost one sync, and under CUDA graph capture it cannot serve them; host split
 sizes are baked into a captured graph.
 
-Many small experts leave the GPU idle between launches; ``SIDE_STREAMS`` > 0
-spreads the per-expert GEMMs round-robin over that many side streams
-(scripts/bench.py measures both settings; the default is what it favoured).
+Spreading the per-expert GEMMs over 4 side streams was measured
+(scripts/bench.py, H200, 42 cases of the benchmark): 1.19x slower in geometric
+mean and slower in 28-30 of 42 cases, faster in 5-6, so the GEMMs stay on the
+caller's stream.
 """
 
 from __future__ import annotations
@@ -18,15 +19,14 @@ import torch
 from ..problem import GemmCall
 from .base import Backend
 
-SIDE_STREAMS = 0
-_streams: dict[torch.device, list] = {}
 
-
-def _side_streams(device: torch.device, count: int) -> list:
-    pool = _streams.setdefault(device, [])
-    while len(pool) < count:
-        pool.append(torch.cuda.Stream(device=device))
-    return pool[:count]
+def _product(problem):
+    """The cuBLAS call for the output dtype: f(lhs, rhs, dst) writes (or adds) lhs @ rhs into dst."""
+    if problem.accumulate:
+        return lambda lhs, rhs, dst: torch.ops.aten.addmm.dtype_out(dst, lhs, rhs, torch.float32, out=dst)
+    if problem.out_dtype == torch.float32:
+        return lambda lhs, rhs, dst: torch.ops.aten.mm.dtype_out(lhs, rhs, torch.float32, out=dst)
+    return lambda lhs, rhs, dst: torch.mm(lhs, rhs, out=dst)
 
 
 class CublasBackend(Backend):
@@ -49,40 +49,19 @@ class CublasBackend(Backend):
     def run(self, call: GemmCall) -> torch.Tensor:
         sizes = call.host_sizes()
         out = call.output()
-        a, b, layout = call.a, call.b, call.layout
-        fp32 = call.problem.out_dtype == torch.float32
-        streams = _side_streams(call.device, SIDE_STREAMS) if SIDE_STREAMS and len(sizes) > 1 else []
-        main = torch.cuda.current_stream(call.device)
-        for s in streams:
-            s.wait_stream(main)
+        a, b, product = call.a, call.b, _product(call.problem)
         start = 0
+        if call.layout == "wgrad":
+            for g, m in enumerate(sizes):
+                if m:
+                    product(a[start : start + m].T, b[start : start + m], out[g])
+                elif not call.problem.accumulate:  # an expert with no tokens has dW = 0
+                    out[g].zero_()
+                start += m
+            return out
+        weights = b.transpose(1, 2) if call.layout == "forward" else b
         for g, m in enumerate(sizes):
-            rows = slice(start, start + m)
+            if m:
+                product(a[start : start + m], weights[g], out[start : start + m])
             start += m
-            if layout == "wgrad":
-                lhs, rhs, dst = a[rows].T, b[rows], out[g]
-            else:
-                lhs, rhs, dst = a[rows], (b[g].T if layout == "forward" else b[g]), out[rows]
-            if m == 0 and layout != "wgrad":
-                continue
-            with torch.cuda.stream(streams[g % len(streams)]) if streams else _nullcontext():
-                if m == 0:  # an empty expert contributes nothing to dW
-                    if not call.problem.accumulate:
-                        dst.zero_()
-                elif call.problem.accumulate:
-                    torch.ops.aten.addmm.dtype_out(dst, lhs, rhs, torch.float32, out=dst)
-                elif fp32:
-                    torch.ops.aten.mm.dtype_out(lhs, rhs, torch.float32, out=dst)
-                else:
-                    torch.mm(lhs, rhs, out=dst)
-        for s in streams:
-            main.wait_stream(s)
         return out
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
