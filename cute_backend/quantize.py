@@ -1,0 +1,402 @@
+"""BF16 / FP32 -> MXFP8 and NVFP4 quantize kernels, rowwise and group-aware columnwise.
+
+Bit-exact with the torch reference ``grouped.quantize`` (grouped/formats.py,
+grouped/elements.py): the same fp32 operations in the same order, each a
+correctly rounded PTX instruction (``mul.rn.f32``, ``div.rn.f32``, no ftz),
+E4M3 by ``cvt.rn.satfinite.e4m3x2.f32``, the E8M0 exponent and the E2M1
+rounding worked out on bit patterns. Block amaxes are integer maxima of the
+fp32 bit patterns with the sign cleared (finite < Inf < NaN, NaN never
+dropped); a block is non-finite iff that maximum is >= 0x7F800000, and gets
+the NaN scale (E8M0 0xFF / E4M3 0x7F) with E4M3 NaN elements (MXFP8, 0x7F)
+or zero codes (NVFP4).
+
+SIMT kernels, one thread per block of 32 (MXFP8) or 16 (NVFP4) elements.
+
+Rowwise (blocks along the last dim), ``quantize_rowwise``:
+    x (R, K) contiguous bf16/fp32, K a multiple of the block;
+    MXFP8: data (R, K) float8_e4m3fn, scale (R, K/32) uint8 (E8M0);
+    NVFP4: data (R, K/2) uint8 (first element in the low nibble),
+           scale (R, K/16) float8_e4m3fn, row_scale (R,) fp32: the per-tensor
+           S of the member each row belongs to (grouped.formats
+           NVFP4Format.global_scale; the torch reference broadcasts it the
+           same way, grouped.quantize._Geometry.broadcast_global_scale).
+    Adjacent threads take adjacent blocks of a row: 16-byte vector loads
+    and stores, coalesced scale bytes.
+
+Columnwise (blocks down the rows, per group), ``quantize_columnwise``:
+    x (M, K) contiguous; the rows form groups; group g's rows are quantized
+    in blocks that restart at the group's first row, the last one zero-padded;
+    the output is transposed: column k of group g, block j, goes to
+    ``data`` bytes  [DATA_OFFSET_g + k * DATA_STRIDE_g + j * block / epb, ...)
+    (epb = elements per byte: 1 MXFP8, 2 NVFP4) and its scale byte to
+    ``scale`` byte  SCALE_OFFSET_g + k * SCALE_STRIDE_g + j.
+    Threads of a CTA take consecutive columns of one padded block: coalesced
+    loads down the rows; each thread writes its block's bytes (32 B MXFP8,
+    8 B NVFP4) with one or two vector stores.
+
+The group table
+---------------
+``groups`` is a (G, TABLE_COLS) int64 CUDA tensor, one row a group:
+
+    ROW_START     first row of the group in x
+    ROWS          m_g, rows in the group (0 allowed: the group writes nothing)
+    BLOCK_START   padded blocks of the groups before it: sum_{h<g} ceil(m_h / block)
+                  (non-decreasing; it numbers the blocks the grid runs over)
+    DATA_OFFSET   byte offset of the group's (column 0, block 0) in ``data``
+    DATA_STRIDE   bytes from one column k to the next (a row of the stored,
+                  transposed data)
+    SCALE_OFFSET  byte offset of the group's (column 0, block 0) in ``scale``
+    SCALE_STRIDE  bytes from one column to the next in ``scale``
+    (column 7)    reserved, 0
+
+``data`` and ``scale`` are any contiguous 1-byte tensors (a (K, P) matrix or a
+flat byte buffer): the kernel sees their bytes. Offsets and strides must keep
+each block's data 16-byte aligned (MXFP8) / 8-byte aligned (NVFP4) — true for
+both uses below. Entries are read on the device and trusted: a table that
+points past x reads zeros, and writes past ``data`` / ``scale`` are dropped
+(never out-of-bounds memory), but neither is reported.
+
+``group_table`` builds it with torch ops on the device of the split sizes (no
+host sync, so it can be captured in a CUDA graph):
+- grouped.quantize(x, f, axis=0, split_sizes=s): one (K, P) matrix,
+  ``group_table(s, f, data_row_bytes=data.shape[1], scale_row_bytes=scale.shape[1])``:
+  offsets are the padded prefix (BLOCK_START * block / epb bytes of data,
+  BLOCK_START bytes of scale), strides the row lengths;
+- GroupedTensor columnwise regions ((K, pad(m_g)) at their own byte offsets
+  in the flat ``columnwise_data`` / ``columnwise_scale`` buffers): pass
+  ``data_offsets``, ``data_strides`` (= pad(m_g) / epb), ``scale_offsets``,
+  ``scale_strides`` (= pad(m_g) / block) per group.
+
+The grid is sized from host numbers only: ceil(M / block) + G blocks (an upper
+bound on sum_g ceil(m_g / block)) times ceil(K / COL_THREADS); a CTA finds its
+group by binary search on BLOCK_START and returns when its block is past the
+group's end. NVFP4 takes ``col_scale`` (G,) fp32, each group's S.
+
+Host side here (checks, compile entry, launch; no cutlass import — works on a
+machine with no GPU when CUTE_DSL_ARCH is set); device code in
+quantize_kernel.py, imported only to compile.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .cache import CACHE, KernelSpec
+
+ARCH = "sm_90a"
+ROW_THREADS = 128  # threads a CTA, rowwise: one block each
+COL_THREADS = 128  # threads a CTA, columnwise: one column each
+FORMATS = ("mxfp8", "nvfp4")
+INPUT_DTYPES = (torch.bfloat16, torch.float32)
+DIRECTIONS = ("rowwise", "columnwise")
+BLOCK = {"mxfp8": 32, "nvfp4": 16}
+ELEMENTS_PER_BYTE = {"mxfp8": 1, "nvfp4": 2}
+DATA_DTYPE = {"mxfp8": torch.float8_e4m3fn, "nvfp4": torch.uint8}
+SCALE_DTYPE = {"mxfp8": torch.uint8, "nvfp4": torch.float8_e4m3fn}
+DATA_ALIGN = {"mxfp8": 16, "nvfp4": 8}  # bytes: where a columnwise block's data may start
+
+# group table columns
+TABLE_COLS = 8
+ROW_START, ROWS, BLOCK_START, DATA_OFFSET, DATA_STRIDE, SCALE_OFFSET, SCALE_STRIDE = range(7)
+
+_SOURCES = (__file__, str(Path(__file__).with_name("quantize_kernel.py")))
+
+
+def _fmt_name(fmt) -> str | None:
+    name = getattr(fmt, "name", fmt)
+    return name.lower() if isinstance(name, str) and name.lower() in FORMATS else None
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ---- checks -------------------------------------------------------------------------------
+
+
+def _check_x(x, fmt: str, *, rowwise: bool) -> str | None:
+    if not isinstance(x, torch.Tensor):
+        return f"x must be a torch.Tensor, got {type(x).__name__}"
+    if x.device.type != "cuda":
+        return f"x must be on a CUDA device, got {x.device}"
+    if x.dtype not in INPUT_DTYPES:
+        return f"x must be bf16 or fp32, got {x.dtype}"
+    if x.dim() != 2:
+        return f"x must be 2-D, got shape {tuple(x.shape)}"
+    if not x.is_contiguous():
+        return "x must be contiguous"
+    if rowwise:
+        if x.shape[1] % BLOCK[fmt]:
+            return f"x's last dim {x.shape[1]} is not a multiple of the {fmt} block size {BLOCK[fmt]}"
+        if x.data_ptr() % 16:
+            return "x must start 16-byte aligned"
+    return None
+
+
+def _check_bytes(name: str, t, allowed: tuple, device, *, align: int) -> str | None:
+    if not isinstance(t, torch.Tensor):
+        return f"{name} must be a torch.Tensor, got {type(t).__name__}"
+    if t.device != device:
+        return f"{name} is on {t.device}, x on {device}"
+    if t.dtype not in allowed:
+        return f"{name} must have dtype {' or '.join(str(d) for d in allowed)}, got {t.dtype}"
+    if not t.is_contiguous():
+        return f"{name} must be contiguous"
+    if t.data_ptr() % align:
+        return f"{name} must start {align}-byte aligned"
+    return None
+
+
+def _check_global_scale(name: str, s, n: int, device, fmt: str) -> str | None:
+    if fmt == "mxfp8":
+        return None if s is None else f"{name} is for NVFP4 only; MXFP8 has no per-tensor scale"
+    if not isinstance(s, torch.Tensor):
+        return f"NVFP4 needs {name}, a ({n},) fp32 tensor of per-tensor scales S"
+    if s.device != device or s.dtype != torch.float32 or tuple(s.shape) != (n,) or not s.is_contiguous():
+        return (
+            f"{name} must be a contiguous ({n},) fp32 tensor on {device}, "
+            f"got shape {tuple(s.shape)}, {s.dtype} on {s.device}"
+        )
+    return None
+
+
+def can_implement_rowwise(x, fmt_name, data, scale, row_scale=None) -> str | None:
+    """None if quantize_rowwise can run this call, else why not."""
+    fmt = _fmt_name(fmt_name)
+    if fmt is None:
+        return f"fmt must be one of {FORMATS}, got {fmt_name!r}"
+    reason = _check_x(x, fmt, rowwise=True)
+    if reason:
+        return reason
+    rows, k = x.shape
+    block, epb = BLOCK[fmt], ELEMENTS_PER_BYTE[fmt]
+    for name, t, dtype, shape in (
+        ("data", data, DATA_DTYPE[fmt], (rows, k // epb)),
+        ("scale", scale, SCALE_DTYPE[fmt], (rows, k // block)),
+    ):
+        reason = _check_bytes(name, t, (dtype, torch.uint8), x.device, align=16 if name == "data" else 1)
+        if reason:
+            return reason
+        if tuple(t.shape) != shape:
+            return f"{name} must have shape {shape} for x of shape {tuple(x.shape)} ({fmt}), got {tuple(t.shape)}"
+    return _check_global_scale("row_scale", row_scale, rows, x.device, fmt)
+
+
+def can_implement_columnwise(x, fmt_name, data, scale, groups, col_scale=None) -> str | None:
+    """None if quantize_columnwise can run this call, else why not."""
+    fmt = _fmt_name(fmt_name)
+    if fmt is None:
+        return f"fmt must be one of {FORMATS}, got {fmt_name!r}"
+    reason = _check_x(x, fmt, rowwise=False)
+    if reason:
+        return reason
+    if not isinstance(groups, torch.Tensor):
+        return f"groups must be the (G, {TABLE_COLS}) int64 table of group_table(), got {type(groups).__name__}"
+    if (
+        groups.device != x.device or groups.dtype != torch.int64 or groups.dim() != 2
+        or groups.shape[1] != TABLE_COLS or not groups.is_contiguous()
+    ):
+        return (
+            f"groups must be a contiguous (G, {TABLE_COLS}) int64 tensor on {x.device} (see group_table), "
+            f"got shape {tuple(groups.shape)}, {groups.dtype} on {groups.device}"
+        )
+    if groups.data_ptr() % 16:
+        return "groups must start 16-byte aligned"
+    reason = _check_bytes("data", data, (DATA_DTYPE[fmt], torch.uint8), x.device, align=16) or _check_bytes(
+        "scale", scale, (SCALE_DTYPE[fmt], torch.uint8), x.device, align=1
+    )
+    if reason:
+        return reason
+    if data.numel() % 4:
+        return f"data must hold a multiple of 4 bytes, got {data.numel()}"
+    grid_blocks = _ceil_div(x.shape[0], BLOCK[fmt]) + groups.shape[0]
+    if grid_blocks >= 2**31 or _ceil_div(x.shape[1], COL_THREADS) >= 2**16:
+        return f"x of shape {tuple(x.shape)} is too large for one launch"
+    return _check_global_scale("col_scale", col_scale, groups.shape[0], x.device, fmt)
+
+
+# ---- the group table ----------------------------------------------------------------------
+
+
+def _per_group(value, n: int, device, name: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        if value.shape != (n,):
+            raise ValueError(f"group_table: {name} must have {n} entries, got shape {tuple(value.shape)}")
+        return value.to(device=device, dtype=torch.int64)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return torch.full((n,), value, dtype=torch.int64, device=device)
+    if isinstance(value, Sequence) and len(value) == n and all(isinstance(v, int) for v in value):
+        return torch.tensor(list(value), dtype=torch.int64).to(device)
+    raise ValueError(f"group_table: {name} must be an int, a list of {n} ints or a ({n},) tensor, got {value!r:.80}")
+
+
+def group_table(
+    split_sizes,
+    fmt_name,
+    *,
+    data_row_bytes: int | None = None,
+    scale_row_bytes: int | None = None,
+    data_offsets=None,
+    data_strides=None,
+    scale_offsets=None,
+    scale_strides=None,
+    row_starts=None,
+    device=None,
+) -> torch.Tensor:
+    """The (G, TABLE_COLS) int64 group table of quantize_columnwise (see the module doc).
+
+    split_sizes: a 1-D int tensor (kept on its device: no sync) or a list of ints.
+    Defaults: groups are consecutive rows of x (ROW_START the prefix sum),
+    data / scale offsets the padded prefix of one (K, P) matrix; pass
+    ``data_row_bytes`` (= P / epb) and ``scale_row_bytes`` (= P / block) for it.
+    Each of data_offsets, data_strides, scale_offsets, scale_strides,
+    row_starts overrides the default with an int, a list or a (G,) tensor.
+    """
+    fmt = _fmt_name(fmt_name)
+    if fmt is None:
+        raise ValueError(f"group_table: fmt must be one of {FORMATS}, got {fmt_name!r}")
+    block, epb = BLOCK[fmt], ELEMENTS_PER_BYTE[fmt]
+    if isinstance(split_sizes, torch.Tensor):
+        if split_sizes.dim() != 1 or split_sizes.dtype not in (torch.int32, torch.int64):
+            raise ValueError(
+                f"group_table: split_sizes must be a 1-D int32/int64 tensor, got {tuple(split_sizes.shape)} "
+                f"{split_sizes.dtype}"
+            )
+        m = split_sizes.to(device=device or split_sizes.device, dtype=torch.int64)
+    else:
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in split_sizes):
+            raise ValueError(f"group_table: split_sizes must be non-negative ints, got {split_sizes!r:.80}")
+        m = torch.tensor(list(split_sizes), dtype=torch.int64).to(device or "cpu")
+    n = m.shape[0]
+    for name, value in (("data_offsets", data_offsets), ("data_strides", data_strides),
+                        ("data_row_bytes", data_row_bytes)):
+        host = [value] if isinstance(value, int) else value
+        if isinstance(host, Sequence) and any(v % DATA_ALIGN[fmt] for v in host):
+            raise ValueError(f"group_table: {fmt} {name} must be multiples of {DATA_ALIGN[fmt]} bytes, got {value}")
+    if data_strides is None and data_row_bytes is None:
+        raise ValueError("group_table: give data_strides or data_row_bytes")
+    if scale_strides is None and scale_row_bytes is None:
+        raise ValueError("group_table: give scale_strides or scale_row_bytes")
+
+    def given(value, name):
+        return _per_group(value, n, m.device, name)
+
+    n_blocks = torch.div(m + (block - 1), block, rounding_mode="floor")
+    block_start = torch.cumsum(n_blocks, 0) - n_blocks
+    columns = [torch.zeros_like(m)] * TABLE_COLS
+    columns[ROW_START] = torch.cumsum(m, 0) - m if row_starts is None else given(row_starts, "row_starts")
+    columns[ROWS] = m
+    columns[BLOCK_START] = block_start
+    columns[DATA_OFFSET] = block_start * (block // epb) if data_offsets is None else given(data_offsets, "data_offsets")
+    columns[DATA_STRIDE] = given(data_row_bytes if data_strides is None else data_strides, "data_strides")
+    columns[SCALE_OFFSET] = block_start if scale_offsets is None else given(scale_offsets, "scale_offsets")
+    columns[SCALE_STRIDE] = given(scale_row_bytes if scale_strides is None else scale_strides, "scale_strides")
+    return torch.stack(columns, dim=1).contiguous()
+
+
+# ---- compile ------------------------------------------------------------------------------
+
+
+def _spec(fmt: str, input_dtype: torch.dtype, direction: str) -> KernelSpec:
+    threads = ROW_THREADS if direction == "rowwise" else COL_THREADS
+    config = (fmt, str(input_dtype), direction, threads, TABLE_COLS)
+    return KernelSpec(f"quantize_{fmt}_{direction}", config, ARCH, _SOURCES)
+
+
+def compile_config(fmt: str, input_dtype: torch.dtype, direction: str):
+    """Compile one kernel config (a TVM-FFI compiled function); no GPU needed."""
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream
+
+    from . import quantize_kernel as k
+
+    in_type = {torch.bfloat16: cutlass.BFloat16, torch.float32: cutlass.Float32}[input_dtype]
+
+    def flat(dtype, align):
+        return make_fake_compact_tensor(dtype, (cute.sym_int(64),), assumed_align=align)
+
+    x = flat(in_type, 16 if direction == "rowwise" else None)
+    words, scale = flat(cutlass.Int32, 16), flat(cutlass.Uint8, 1)
+    s = flat(cutlass.Float32, 4)
+    options = f"--enable-tvm-ffi --gpu-arch {ARCH}"
+    stream = make_fake_stream()
+    if direction == "rowwise":
+        if fmt == "mxfp8":
+            return cute.compile(k.rowwise_mxfp8_host, x, words, scale, cutlass.Int64(1), stream, options=options)
+        return cute.compile(
+            k.rowwise_nvfp4_host, x, words, scale, s, cutlass.Int64(1), cutlass.Int64(1), stream, options=options
+        )
+    table = flat(cutlass.Int64, 16)
+    # n_groups, steps, K, x numel, data words, scale bytes, grid blocks (64-bit sizes travel as
+    # scalars: the DSL reads tensor extents back as Int32)
+    scalars = (cutlass.Int32(1), cutlass.Int32(0), *[cutlass.Int64(1)] * 4, cutlass.Int32(1))
+    if fmt == "mxfp8":
+        return cute.compile(k.columnwise_mxfp8_host, x, table, words, scale, *scalars, stream, options=options)
+    return cute.compile(k.columnwise_nvfp4_host, x, table, words, scale, s, *scalars, stream, options=options)
+
+
+def configs() -> list:
+    """(spec, build) of every config: format x input dtype x direction."""
+    return [
+        (_spec(f, d, r), (lambda f=f, d=d, r=r: compile_config(f, d, r)))
+        for f in FORMATS
+        for d in INPUT_DTYPES
+        for r in DIRECTIONS
+    ]
+
+
+def kernel(fmt: str, input_dtype: torch.dtype, direction: str):
+    return CACHE.get(_spec(fmt, input_dtype, direction), lambda: compile_config(fmt, input_dtype, direction))
+
+
+# ---- launch -------------------------------------------------------------------------------
+
+
+def _words(data: torch.Tensor) -> torch.Tensor:
+    return data.view(torch.uint8).reshape(-1).view(torch.int32)
+
+
+def _stream(x: torch.Tensor) -> int:
+    return torch.cuda.current_stream(x.device).cuda_stream
+
+
+def quantize_rowwise(x, fmt_name, data, scale, row_scale=None) -> None:
+    """Quantize x (R, K) with blocks along K into ``data`` / ``scale`` (see the module doc)."""
+    reason = can_implement_rowwise(x, fmt_name, data, scale, row_scale)
+    if reason:
+        raise ValueError(f"quantize_rowwise: {reason}")
+    if x.numel() == 0:
+        return
+    fmt = _fmt_name(fmt_name)
+    n_blocks = x.numel() // BLOCK[fmt]
+    args = [x.view(-1), _words(data), scale.view(torch.uint8).reshape(-1)]
+    if fmt == "nvfp4":
+        args += [row_scale, n_blocks, x.shape[1] // BLOCK[fmt]]
+    else:
+        args.append(n_blocks)
+    with torch.cuda.device(x.device):
+        kernel(fmt, x.dtype, "rowwise")(*args, _stream(x))
+
+
+def quantize_columnwise(x, fmt_name, data, scale, groups, col_scale=None) -> None:
+    """Quantize the row groups of x (M, K) with blocks down the rows, transposed (see the module doc)."""
+    reason = can_implement_columnwise(x, fmt_name, data, scale, groups, col_scale)
+    if reason:
+        raise ValueError(f"quantize_columnwise: {reason}")
+    n_groups = groups.shape[0]
+    rows, k = x.shape
+    if x.numel() == 0 or n_groups == 0 or data.numel() == 0:
+        return
+    fmt = _fmt_name(fmt_name)
+    grid_blocks = _ceil_div(rows, BLOCK[fmt]) + n_groups
+    steps = (n_groups - 1).bit_length()  # binary-search steps over BLOCK_START
+    args = [x.view(-1), groups.view(-1), _words(data), scale.view(torch.uint8).reshape(-1)]
+    if fmt == "nvfp4":
+        args.append(col_scale)
+    with torch.cuda.device(x.device):
+        sizes = (k, x.numel(), data.numel() // 4, scale.numel())
+        kernel(fmt, x.dtype, "columnwise")(*args, n_groups, steps, *sizes, grid_blocks, _stream(x))

@@ -1,0 +1,454 @@
+"""MXFP8 / NVFP4 quantize kernels (cute_backend.quantize) against grouped.quantize, bit for bit.
+
+Every test draws fresh data on the CPU (the `gen` fixture), computes the torch
+reference on the CPU and runs the kernels on the same values on CUDA; the
+stored bytes (data and scales) must be identical. The data mixes what breaks
+quantizers: blocks whose values span 2^+-40, all-zero blocks, signed zeros,
+subnormals, NaN and +-Inf, values at 448 and at the E2M1 midpoints.
+
+The last tests (group table, argument checks that need no GPU) run everywhere.
+"""
+
+import pytest
+import torch
+
+import grouped
+from grouped import kernels
+from grouped.formats import NVFP4
+
+gpu = pytest.mark.gpu
+
+BLOCK = {"mxfp8": 32, "nvfp4": 16}
+EPB = {"mxfp8": 1, "nvfp4": 2}
+DTYPES = [torch.bfloat16, torch.float32]
+DTYPE_IDS = ["bf16", "fp32"]
+fmt_param = pytest.mark.parametrize("fmt", ["mxfp8", "nvfp4"])
+dtype_param = pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+E2M1_MIDPOINTS = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0]
+SPLITS = [
+    [5, 0, 37, 1, 64],
+    [0, 0, 0],
+    [32],
+    [1],
+    [0, 17, 0],
+    [16, 48, 31, 33, 0, 2],
+]
+
+
+def _qk():
+    """The kernel module, or skip with the reason the kernels cannot run here."""
+    reason = kernels.unavailable("cuda", torch.cuda.get_device_capability())
+    if reason:
+        pytest.skip(reason)
+    from cute_backend import quantize
+
+    return quantize
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def special(gen, rows, cols, *, specials=True):
+    """fp32 (rows, cols) on the CPU: wide magnitudes with every awkward value sprinkled in."""
+    x = torch.randn(rows, cols, generator=gen)
+    if rows == 0 or cols == 0:
+        return x
+    # a binade per 8x8 tile (so row- and column-blocks both see jumps) plus a wide per-element spread
+    tile = torch.randint(-40, 41, (-(-rows // 8), -(-cols // 8)), generator=gen).float()
+    tile = tile.repeat_interleave(8, 0)[:rows].repeat_interleave(8, 1)[:, :cols]
+    spread = torch.randint(-6, 7, (rows, cols), generator=gen).float()
+    wide = torch.rand(rows, cols, generator=gen) < 0.02  # a few elements anywhere in 2^+-40
+    spread = torch.where(wide, torch.randint(-40, 41, (rows, cols), generator=gen).float() - tile, spread)
+    x = x * torch.exp2(tile + spread)
+    if not specials:
+        return x
+
+    def spots(p):
+        return torch.rand(rows, cols, generator=gen) < p
+
+    # all-zero 16x16 tiles (zero blocks in either direction)
+    zero_tile = (torch.rand(-(-rows // 16), -(-cols // 16), generator=gen) < 0.1)
+    zero_tile = zero_tile.repeat_interleave(16, 0)[:rows].repeat_interleave(16, 1)[:, :cols]
+    x = torch.where(zero_tile, torch.zeros_like(x), x)
+    x = torch.where(spots(0.02), torch.full_like(x, -0.0), x)
+    sub = torch.randint(1, 2**23, (rows, cols), generator=gen, dtype=torch.int32).view(torch.float32)
+    x = torch.where(spots(0.02), sub * torch.where(spots(0.5), -1.0, 1.0), x)  # fp32 subnormals
+    x = torch.where(spots(0.005), torch.full_like(x, 448.0), x)
+    x = torch.where(spots(0.005), torch.full_like(x, -464.0), x)
+    mids = torch.tensor(E2M1_MIDPOINTS + [-m for m in E2M1_MIDPOINTS])
+    pick = mids[torch.randint(0, len(mids), (rows, cols), generator=gen)]
+    x = torch.where(spots(0.01), pick, x)
+    x = torch.where(spots(0.001), torch.full_like(x, float("nan")), x)
+    x = torch.where(spots(0.001), torch.full_like(x, float("inf")), x)
+    x = torch.where(spots(0.001), torch.full_like(x, float("-inf")), x)
+    return x
+
+
+def subnormal_rows(gen, rows, cols):
+    """Rows of fp32 subnormals only (NVFP4: a member this small has S capped at the fp32 max)."""
+    bits = torch.randint(1, 2**23, (rows, cols), generator=gen, dtype=torch.int32)
+    x = bits.view(torch.float32)
+    return torch.where(torch.rand(rows, cols, generator=gen) < 0.5, -x, x)
+
+
+def midpoint_rows(gen, rows, cols, block):
+    """Blocks of amax 6 (or 3) and E2M1 midpoints: with S = 448 the codes see exact ties."""
+    mids = torch.tensor(E2M1_MIDPOINTS + [0.0, -0.0, 0.5, 1.0, 6.0])
+    x = mids[torch.randint(0, len(mids), (rows, cols), generator=gen)]
+    x = x * torch.where(torch.rand(rows, cols, generator=gen) < 0.5, -1.0, 1.0)
+    x.view(rows, cols // block, block)[..., 0] = 6.0
+    half = torch.rand(rows, cols // block, generator=gen) < 0.3  # amax 3: d = 224, r = 2
+    x.view(rows, cols // block, block).mul_(torch.where(half, 0.5, 1.0).unsqueeze(-1))
+    x[0, 0] = 6.0  # the tensor amax stays 6 (S = 448)
+    return x
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def as_bytes(t):
+    return t.contiguous().view(torch.uint8).cpu()
+
+
+def assert_same_bytes(got, want, what):
+    g, w = as_bytes(got), as_bytes(want)
+    assert g.shape == w.shape, f"{what}: shape {tuple(g.shape)} != {tuple(w.shape)}"
+    diff = (g != w).nonzero()
+    if len(diff):
+        first = [tuple(i.tolist()) for i in diff[:6]]
+        pairs = [(hex(g[i].item()), hex(w[i].item())) for i in first]
+        raise AssertionError(f"{what}: {len(diff)} of {g.numel()} bytes differ, first at {first}: (got, want) {pairs}")
+
+
+def garbage_like(t):
+    """A CUDA tensor like t filled with 0xA5 bytes, so a byte the kernel skips shows up."""
+    out = torch.empty(t.shape, dtype=t.dtype, device="cuda")
+    out.view(torch.uint8).fill_(0xA5)
+    return out
+
+
+def run_rowwise(qk, x, fmt, row_scale=None):
+    r, k = x.shape
+    data = torch.empty(r, k // EPB[fmt], dtype=qk.DATA_DTYPE[fmt], device="cuda")
+    scale = torch.empty(r, k // BLOCK[fmt], dtype=qk.SCALE_DTYPE[fmt], device="cuda")
+    data.view(torch.uint8).fill_(0xA5)
+    scale.view(torch.uint8).fill_(0xA5)
+    qk.quantize_rowwise(x.cuda(), fmt, data, scale, None if row_scale is None else row_scale.float().cuda())
+    return data, scale
+
+
+def run_columnwise(qk, x, fmt, sizes, ref, col_scale=None, size_tensor=None):
+    data, scale = garbage_like(ref.data), garbage_like(ref.scale)
+    splits = size_tensor if size_tensor is not None else torch.tensor(sizes, dtype=torch.int32, device="cuda")
+    table = qk.group_table(splits, fmt, data_row_bytes=data.shape[1], scale_row_bytes=scale.shape[1])
+    qk.quantize_columnwise(x.cuda(), fmt, data, scale, table, None if col_scale is None else col_scale.cuda())
+    return data, scale
+
+
+def row_scales(ref, sizes, rows):
+    """Each row's member S (rows past the groups: 1), as grouped.quantize broadcasts it."""
+    s = torch.ones(rows)
+    groups = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.int64))
+    s[: sum(sizes)] = ref.global_scale[groups]
+    return s
+
+
+# ----------------------------------------------------------------------------- rowwise
+
+
+@gpu
+@fmt_param
+@dtype_param
+@pytest.mark.parametrize("shape", [(1, 32), (7, 64), (129, 96), (300, 512), (64, 2048)])
+def test_rowwise_matches_quantize(gen, fmt, dtype, shape):
+    qk = _qk()
+    x = special(gen, *shape).to(dtype)
+    ref = grouped.quantize(x, fmt)
+    row_scale = None if ref.global_scale is None else ref.global_scale.expand(shape[0])
+    data, scale = run_rowwise(qk, x, fmt, row_scale)
+    assert_same_bytes(data, ref.data, "data")
+    assert_same_bytes(scale, ref.scale, "scale")
+
+
+@gpu
+@fmt_param
+@dtype_param
+@pytest.mark.parametrize("sizes", [s for s in SPLITS if sum(s)], ids=str)
+def test_rowwise_grouped_rows(gen, fmt, dtype, sizes):
+    """A grouped token tensor: each row quantized with its member's S."""
+    qk = _qk()
+    rows = sum(sizes) + 3  # rows past the groups are not the kernel's: quantize only the groups
+    x = special(gen, rows, 128).to(dtype)
+    ref = grouped.quantize(x, fmt, split_sizes=sizes)
+    total = sum(sizes)
+    s = None if ref.global_scale is None else row_scales(ref, sizes, rows)[:total]
+    data, scale = run_rowwise(qk, x[:total], fmt, s)
+    assert_same_bytes(data, ref.data[:total], "data")
+    assert_same_bytes(scale, ref.scale[:total], "scale")
+
+
+@gpu
+@dtype_param
+def test_rowwise_nvfp4_any_row_scale(gen, dtype):
+    """S far from the tensor's own: saturating and zero block scales, S / d overflowing to inf."""
+    qk = _qk()
+    x = special(gen, 256, 256).to(dtype)
+    s = torch.exp2(torch.randint(-60, 61, (256,), generator=gen).float()) * (1 + torch.rand(256, generator=gen))
+    s[:4] = torch.tensor([torch.finfo(torch.float32).max, 1.0, 2.0**-126, 2.0**-149])
+    data, scale = run_rowwise(qk, x, "nvfp4", s)
+    want_data, want_scale = NVFP4.quantize_blocks(x.float(), s.unsqueeze(1))
+    assert_same_bytes(data, want_data, "data")
+    assert_same_bytes(scale, want_scale, "scale")
+
+
+@gpu
+@dtype_param
+def test_rowwise_nvfp4_midpoints(gen, dtype):
+    qk = _qk()
+    x = midpoint_rows(gen, 64, 256, 16).to(dtype)
+    ref = grouped.quantize(x, "nvfp4")
+    assert float(ref.global_scale) == 448.0
+    data, scale = run_rowwise(qk, x, "nvfp4", ref.global_scale.expand(64))
+    assert_same_bytes(data, ref.data, "data")
+    assert_same_bytes(scale, ref.scale, "scale")
+    assert (ref.scale.float() == 448).any() and (ref.scale.float() == 224).any()
+
+
+@gpu
+@dtype_param
+def test_rowwise_mxfp8_at_448(gen, dtype):
+    """Blocks whose amax is 448 x 2^k (t lands next to a power of two) and e4m3 ties."""
+    qk = _qk()
+    rows, cols = 64, 256
+    k = torch.randint(-30, 31, (rows, cols // 32, 1), generator=gen).float()
+    # e4m3 midpoints around 1..448: (2m+1)/16 x 2^e
+    m = torch.randint(8, 16, (rows, cols // 32, 32), generator=gen).float()
+    e = torch.randint(-6, 9, (rows, cols // 32, 32), generator=gen).float()
+    x = ((2 * m + 1) / 16) * torch.exp2(e)
+    x[..., 0] = 448.0
+    x[..., 1] = -464.0 * (torch.rand(rows, cols // 32, generator=gen) < 0.3)
+    x = (x * torch.exp2(k)).reshape(rows, cols).to(dtype)
+    ref = grouped.quantize(x, "mxfp8")
+    data, scale = run_rowwise(qk, x, "mxfp8")
+    assert_same_bytes(data, ref.data, "data")
+    assert_same_bytes(scale, ref.scale, "scale")
+
+
+@gpu
+@fmt_param
+@dtype_param
+def test_rowwise_nonfinite_and_zero_blocks(gen, fmt, dtype):
+    qk = _qk()
+    b = BLOCK[fmt]
+    x = special(gen, 8, 8 * b, specials=False)
+    x[0, :b] = 0.0
+    x[1, :b] = -0.0
+    x[2, 3] = float("nan")
+    x[3, b + 5] = float("inf")
+    x[4, 2 * b] = float("-inf")
+    x[5, :] = subnormal_rows(gen, 1, 8 * b)
+    x = x.to(dtype)
+    ref = grouped.quantize(x, fmt)
+    s = None if ref.global_scale is None else ref.global_scale.expand(8)
+    data, scale = run_rowwise(qk, x, fmt, s)
+    assert_same_bytes(data, ref.data, "data")
+    assert_same_bytes(scale, ref.scale, "scale")
+    nan_scale = 0xFF if fmt == "mxfp8" else 0x7F
+    assert as_bytes(scale)[2, 0] == nan_scale and as_bytes(scale)[3, 1] == nan_scale
+    assert as_bytes(scale)[4, 2] == nan_scale
+
+
+# ----------------------------------------------------------------------------- columnwise
+
+
+@gpu
+@fmt_param
+@dtype_param
+@pytest.mark.parametrize("sizes", SPLITS, ids=str)
+@pytest.mark.parametrize("cols", [16, 200, 384])
+def test_columnwise_matches_quantize(gen, fmt, dtype, sizes, cols):
+    qk = _qk()
+    rows = sum(sizes) + 5  # rows past the groups are never read
+    x = special(gen, rows, cols).to(dtype)
+    ref = grouped.quantize(x, fmt, axis=0, split_sizes=sizes)
+    data, scale = run_columnwise(qk, x, fmt, sizes, ref, ref.global_scale)
+    assert_same_bytes(data, ref.data, "data")
+    assert_same_bytes(scale, ref.scale, "scale")
+
+
+@gpu
+@fmt_param
+@dtype_param
+def test_columnwise_many_groups(gen, fmt, dtype):
+    qk = _qk()
+    sizes = torch.randint(0, 100, (37,), generator=gen)
+    sizes[torch.randint(0, 37, (6,), generator=gen)] = 0
+    sizes = sizes.tolist()
+    x = special(gen, sum(sizes), 256).to(dtype)
+    ref = grouped.quantize(x, fmt, axis=0, split_sizes=sizes)
+    data, scale = run_columnwise(qk, x, fmt, sizes, ref, ref.global_scale)
+    assert_same_bytes(data, ref.data, "data")
+    assert_same_bytes(scale, ref.scale, "scale")
+
+
+@gpu
+@fmt_param
+@dtype_param
+def test_columnwise_subnormal_and_tiny_groups(gen, fmt, dtype):
+    """A group of subnormals only (NVFP4: S capped at the fp32 max, S / d = inf) next to normal ones."""
+    qk = _qk()
+    sizes = [40, 21, 64]
+    x = torch.cat([special(gen, 40, 128), subnormal_rows(gen, 21, 128), special(gen, 64, 128)]).to(dtype)
+    ref = grouped.quantize(x, fmt, axis=0, split_sizes=sizes)
+    data, scale = run_columnwise(qk, x, fmt, sizes, ref, ref.global_scale)
+    assert_same_bytes(data, ref.data, "data")
+    assert_same_bytes(scale, ref.scale, "scale")
+
+
+@gpu
+@dtype_param
+def test_columnwise_nvfp4_midpoints(gen, dtype):
+    qk = _qk()
+    sizes = [32, 16, 48]
+    x = midpoint_rows(gen, 256, 96, 16).t().contiguous().to(dtype)  # blocks of 16 down each column
+    ref = grouped.quantize(x, "nvfp4", axis=0, split_sizes=sizes)
+    data, scale = run_columnwise(qk, x, "nvfp4", sizes, ref, ref.global_scale)
+    assert_same_bytes(data, ref.data, "data")
+    assert_same_bytes(scale, ref.scale, "scale")
+
+
+@gpu
+@fmt_param
+@dtype_param
+def test_columnwise_grouped_tensor_regions(gen, fmt, dtype):
+    """GroupedTensor's columnwise buffers: each member (K, pad(m)) at its own byte offset."""
+    qk = _qk()
+    sizes = [5, 0, 37, 1, 64]
+    k = 96
+    x = special(gen, sum(sizes), k).to(dtype)
+    ref = grouped.GroupedTensor.from_tensor(x, sizes, fmt, rowwise=False, columnwise=True)
+    views = ref.split(columnwise=True)
+    base_d, base_s = ref.columnwise_data.data_ptr(), ref.columnwise_scale.data_ptr()
+    b, epb = BLOCK[fmt], EPB[fmt]
+    pad = [-(-m // b) * b for m in sizes]
+    table = qk.group_table(
+        torch.tensor(sizes, device="cuda"), fmt,
+        data_offsets=[v.data.data_ptr() - base_d for v in views],
+        data_strides=[p // epb for p in pad],
+        scale_offsets=[v.scale.data_ptr() - base_s for v in views],
+        scale_strides=[p // b for p in pad],
+    )
+    data = torch.zeros_like(ref.columnwise_data, device="cuda")
+    scale = torch.zeros_like(ref.columnwise_scale, device="cuda")
+    s = None if ref.global_scale is None else ref.global_scale.cuda()
+    qk.quantize_columnwise(x.cuda(), fmt, data, scale, table, s)
+    assert_same_bytes(data, ref.columnwise_data, "columnwise_data")
+    assert_same_bytes(scale, ref.columnwise_scale, "columnwise_scale")
+
+
+@gpu
+@fmt_param
+def test_columnwise_graph_replay(gen, fmt):
+    """Table and kernel captured in a CUDA graph with the split sizes on the GPU: replays follow new sizes."""
+    qk = _qk()
+    rows, k, n = 256, 128, 6
+    b = BLOCK[fmt]
+    p = -(-rows // b) * b + n * b  # room for any split of <= rows rows
+    x = torch.zeros(rows, k, device="cuda")
+    sizes = torch.zeros(n, dtype=torch.int64, device="cuda")
+    s = torch.ones(n, device="cuda")
+    data = torch.zeros(k, p // EPB[fmt], dtype=qk.DATA_DTYPE[fmt], device="cuda")
+    scale = torch.zeros(k, p // b, dtype=qk.SCALE_DTYPE[fmt], device="cuda")
+
+    def step():
+        table = qk.group_table(sizes, fmt, data_row_bytes=data.shape[1], scale_row_bytes=scale.shape[1])
+        qk.quantize_columnwise(x, fmt, data, scale, table, s if fmt == "nvfp4" else None)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # compile / load outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(3):
+        cuts = torch.sort(torch.randint(0, rows + 1, (n - 1,), generator=gen)).values
+        new = torch.diff(torch.cat([torch.tensor([0]), cuts, torch.tensor([rows - 7])])).clamp(min=0).tolist()
+        values = special(gen, rows, k)
+        ref = grouped.quantize(values, fmt, axis=0, split_sizes=new)
+        x.copy_(values.cuda())
+        sizes.copy_(torch.tensor(new))
+        if fmt == "nvfp4":
+            s.copy_(ref.global_scale.cuda())
+        data.view(torch.uint8).fill_(0xA5)
+        scale.view(torch.uint8).fill_(0xA5)
+        graph.replay()
+        torch.cuda.synchronize()
+        used = ref.data.shape[1]
+        assert_same_bytes(data[:, :used], ref.data, "data")
+        assert_same_bytes(scale[:, : ref.scale.shape[1]], ref.scale, "scale")
+
+
+@gpu
+@fmt_param
+def test_bad_arguments_raise_and_touch_nothing(fmt):
+    qk = _qk()
+    x = torch.randn(4, 64, device="cuda")
+    b, epb = BLOCK[fmt], EPB[fmt]
+    data = torch.zeros(4, 64 // epb, dtype=qk.DATA_DTYPE[fmt], device="cuda")
+    scale = torch.zeros(4, 64 // b, dtype=qk.SCALE_DTYPE[fmt], device="cuda")
+    s = torch.ones(4, device="cuda") if fmt == "nvfp4" else None
+    with pytest.raises(ValueError, match="multiple of the"):
+        qk.quantize_rowwise(torch.randn(4, 40, device="cuda"), fmt, data, scale, s)
+    with pytest.raises(ValueError, match="data must have shape"):
+        qk.quantize_rowwise(x, fmt, data[:3], scale, s)
+    with pytest.raises(ValueError, match="bf16 or fp32"):
+        qk.quantize_rowwise(x.half(), fmt, data, scale, s)
+    with pytest.raises(ValueError, match="contiguous"):
+        qk.quantize_rowwise(torch.randn(64, 4, device="cuda").t(), fmt, data, scale, s)
+    if fmt == "nvfp4":
+        with pytest.raises(ValueError, match="row_scale"):
+            qk.quantize_rowwise(x, fmt, data, scale, None)
+    else:
+        with pytest.raises(ValueError, match="NVFP4 only"):
+            qk.quantize_rowwise(x, fmt, data, scale, torch.ones(4, device="cuda"))
+    with pytest.raises(ValueError, match="groups must be"):
+        qk.quantize_columnwise(x, fmt, data, scale, torch.zeros(2, 7, dtype=torch.int64, device="cuda"), s)
+    assert not data.view(torch.uint8).any() and not scale.view(torch.uint8).any()
+
+
+# ----------------------------------------------------------------------------- no GPU needed
+
+
+@fmt_param
+def test_group_table_layout(fmt):
+    from cute_backend import quantize as qk
+
+    b, epb = BLOCK[fmt], EPB[fmt]
+    sizes = [5, 0, 37, 1, 64]
+    t = qk.group_table(torch.tensor(sizes), fmt, data_row_bytes=320 // epb, scale_row_bytes=320 // b)
+    assert t.dtype == torch.int64 and tuple(t.shape) == (5, qk.TABLE_COLS)
+    blocks = [-(-m // b) for m in sizes]
+    starts = [sum(blocks[:g]) for g in range(5)]
+    assert t[:, qk.ROW_START].tolist() == [0, 5, 5, 42, 43]
+    assert t[:, qk.ROWS].tolist() == sizes
+    assert t[:, qk.BLOCK_START].tolist() == starts
+    assert t[:, qk.DATA_OFFSET].tolist() == [s * b // epb for s in starts]
+    assert t[:, qk.DATA_STRIDE].tolist() == [320 // epb] * 5
+    assert t[:, qk.SCALE_OFFSET].tolist() == starts
+    assert t[:, qk.SCALE_STRIDE].tolist() == [320 // b] * 5
+    with pytest.raises(ValueError, match="multiples of"):
+        qk.group_table(sizes, fmt, data_offsets=[1, 0, 0, 0, 0], data_strides=64, scale_strides=4)
+
+
+def test_arguments_off_the_gpu_are_refused():
+    from cute_backend import quantize as qk
+
+    x = torch.randn(4, 64)
+    with pytest.raises(ValueError, match="CUDA"):
+        qk.quantize_rowwise(x, "mxfp8", torch.zeros(4, 64, dtype=torch.float8_e4m3fn), torch.zeros(4, 2, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="fmt must be"):
+        qk.quantize_rowwise(x, "bf16", x, x)
+    reason = qk.can_implement_columnwise(x, "nvfp4", None, None, None)
+    assert reason and "CUDA" in reason
