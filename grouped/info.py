@@ -26,7 +26,7 @@ def device_of_this_machine() -> tuple[str, tuple[int, int] | None, str]:
 
 def _kernel_path(device_type: str, cap) -> str:
     reason = kernels.unavailable(device_type, cap)
-    return "CuTe DSL kernel (one launch)" if reason is None else f"torch reference path ({reason})"
+    return "CuTe DSL kernels" if reason is None else f"torch reference path ({reason})"
 
 
 def report() -> str:
@@ -37,7 +37,7 @@ def report() -> str:
         f"nvidia-cutlass-dsl {_package_version('nvidia-cutlass-dsl')}, "
         f"nvidia-cudnn-frontend {_package_version('nvidia-cudnn-frontend')}",
         f"splits_to_offsets: {_kernel_path(device_type, cap)}",
-        "quantize, GroupedTensor.quantize_: torch reference path",
+        f"quantize, GroupedTensor.quantize_: {_kernel_path(device_type, cap)}",
         "",
         f"backends on this machine ({device_type}):",
     ]

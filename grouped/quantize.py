@@ -28,9 +28,10 @@ With ``split_sizes`` (2-D x only) the rows form groups (experts):
 
 Without ``split_sizes`` a blocked dim that is not a multiple of the block size
 is refused (pass ``split_sizes=[n]`` to get the zero-padded columnwise form).
-Inputs may be bf16, fp16 or fp32, any strides. On CUDA the GPU kernels of
-``cute_backend`` will serve this; this module is the reference they match.
-Split sizes given as a GPU tensor are read to the host here (a sync).
+Inputs may be bf16, fp16 or fp32, any strides. On a Hopper GPU with the CuTe DSL toolchain the bytes come from the
+kernels of cute_backend/quantize.py (one launch per direction; NVFP4's S from
+torch ops); elsewhere from the torch reference here, which they match bit for
+bit. Split sizes given as a GPU tensor are read to the host here (a sync).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from typing import Sequence
 
 import torch
 
+from . import kernels
 from .formats import Format, get_format
 from .scale_layout import from_blocked, to_blocked
 
@@ -51,9 +53,13 @@ def _ceil_to(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def _row_amax(t: torch.Tensor) -> torch.Tensor:
-    """Row-wise amax of a non-negative (R, C) tensor; 0 for rows of no elements."""
-    return t.amax(dim=1) if t.shape[1] else t.new_zeros(t.shape[0])
+def finite_row_amax(t: torch.Tensor) -> torch.Tensor:
+    """Row-wise amax of |t| over finite values for an (R, C) tensor, in t's dtype; 0 for empty rows.
+
+    NaN and Inf count as 0, so one bad value does not decide NVFP4's per-tensor scale.
+    """
+    finite = t.abs().nan_to_num_(nan=0.0, posinf=0.0)  # in t's dtype: no fp32 copy
+    return finite.amax(dim=1) if t.shape[1] else finite.new_zeros(t.shape[0])
 
 
 @dataclass(frozen=True)
@@ -171,13 +177,12 @@ class _Geometry:
 
     def global_amax(self, x: torch.Tensor) -> torch.Tensor:
         """amax of |x| over finite values: 0-d, or one per group / expert (0 when empty)."""
-        finite = torch.where(torch.isfinite(x), x.abs(), torch.zeros_like(x))
         if x.dim() == 3:
-            return _row_amax(finite.flatten(1))
+            return finite_row_amax(x.flatten(1))
         if self.split_sizes is None:
-            return _row_amax(finite.reshape(1, -1))[0]
-        row_amax = _row_amax(finite[: sum(self.split_sizes)])
-        amax = finite.new_zeros(len(self.split_sizes))
+            return finite_row_amax(x.reshape(1, -1))[0]
+        row_amax = finite_row_amax(x[: sum(self.split_sizes)])
+        amax = row_amax.new_zeros(len(self.split_sizes))
         return amax.scatter_reduce(0, self._row_group(x.device), row_amax, "amax")
 
     def broadcast_global_scale(self, s: torch.Tensor | None, device) -> torch.Tensor | None:
@@ -258,8 +263,52 @@ def quantize(
             f"quantize: the blocked dim (axis {axis}) of x has {x.shape[axis]} elements, "
             f"not a multiple of the {fmt.name} block size {fmt.block_size}{hint}"
         )
-    xf = x.float()
-    global_scale = fmt.global_scale(geometry.global_amax(xf)) if fmt.has_global_scale else None
-    s = geometry.broadcast_global_scale(global_scale, x.device)
-    data, scale = fmt.quantize_blocks(geometry.to_stored(xf), s)
+    global_scale = fmt.global_scale(geometry.global_amax(x)) if fmt.has_global_scale else None
+    if kernels.usable(x):
+        data, scale = _quantize_on_gpu(x, geometry, global_scale)
+    else:
+        s = geometry.broadcast_global_scale(global_scale, x.device)
+        data, scale = fmt.quantize_blocks(geometry.to_stored(x.float()), s)
     return QuantizedTensor(data, scale, global_scale, fmt, axis, x.shape, sizes)
+
+
+def _quantize_on_gpu(x: torch.Tensor, geometry: _Geometry, global_scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same bytes as Format.quantize_blocks, from the CuTe DSL kernels (cute_backend.quantize)."""
+    from cute_backend import quantize as kernel
+
+    fmt, axis, sizes = geometry.fmt, geometry.axis, geometry.split_sizes
+    block, epb = fmt.block_size, fmt.elements_per_byte
+    if x.dtype not in (torch.bfloat16, torch.float32):
+        x = x.float()  # fp16 -> fp32 is exact
+    rows = x.contiguous().reshape(-1, x.shape[-1])  # (R, K): a 3-D weight's experts stacked
+    k = rows.shape[1]
+    s = None if global_scale is None else global_scale.float().reshape(-1)
+    if axis == -1:
+        total = rows.shape[0] if sizes is None else sum(sizes)
+        data = torch.empty(*x.shape[:-1], k // epb, dtype=fmt.data_dtype, device=x.device)
+        scale = torch.empty(*x.shape[:-1], k // block, dtype=fmt.scale_dtype, device=x.device)
+        data.view(torch.uint8)[total:].zero_()  # rows past the groups (2-D with split_sizes)
+        scale.view(torch.uint8)[total:].zero_()
+        row_scale = None
+        if s is not None:  # each row's member S
+            per_row = [rows.shape[0] // s.numel()] * s.numel() if sizes is None else list(sizes)
+            row_scale = s.repeat_interleave(torch.tensor(per_row, device=x.device), output_size=total)
+        kernel.quantize_rowwise(rows[:total], fmt, data.view(-1, k // epb)[:total],
+                                scale.view(-1, k // block)[:total], row_scale)
+        return data, scale
+    if x.dim() == 3:  # blocks along N, per expert: expert g's (K, N) at its own offset
+        g, n = x.shape[0], x.shape[1]
+        data = torch.empty(g, k, n // epb, dtype=fmt.data_dtype, device=x.device)
+        scale = torch.empty(g, k, n // block, dtype=fmt.scale_dtype, device=x.device)
+        groups = kernel.group_table([n] * g, fmt, device=x.device,
+                                    data_offsets=[i * k * n // epb for i in range(g)], data_strides=n // epb,
+                                    scale_offsets=[i * k * n // block for i in range(g)], scale_strides=n // block)
+    else:  # one (K, P) matrix, groups zero-padded to the block
+        group_sizes = [x.shape[0]] if sizes is None else list(sizes)
+        padded = sum(geometry.padded_splits) if sizes is not None else x.shape[0]
+        data = torch.empty(k, padded // epb, dtype=fmt.data_dtype, device=x.device)
+        scale = torch.empty(k, padded // block, dtype=fmt.scale_dtype, device=x.device)
+        groups = kernel.group_table(group_sizes, fmt, device=x.device,
+                                    data_row_bytes=padded // epb, scale_row_bytes=padded // block)
+    kernel.quantize_columnwise(rows, fmt, data, scale, groups, s)
+    return data, scale

@@ -30,8 +30,9 @@ from typing import Sequence
 
 import torch
 
+from . import kernels
 from .formats import Format, get_format
-from .quantize import QuantizedTensor, quantize, split_sizes_to_list
+from .quantize import QuantizedTensor, finite_row_amax, quantize, split_sizes_to_list
 
 ALIGN_BYTES = 16
 
@@ -69,6 +70,19 @@ def _plan(shapes: list[tuple[int, ...]], dtype: torch.dtype) -> tuple[list[_Regi
     return regions, offset
 
 
+def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The members as one (R, K) tensor: a view when they follow each other in memory
+    (the experts of one weight, the splits of one token tensor), else a concatenation."""
+    first = tensors[0]
+    consecutive = all(t.is_contiguous() and t.dtype == first.dtype for t in tensors) and all(
+        a.data_ptr() + a.numel() * a.element_size() == b.data_ptr() for a, b in zip(tensors, tensors[1:])
+    )
+    if consecutive:
+        rows = sum(t.shape[0] for t in tensors)
+        return first.as_strided((rows, first.shape[1]), (first.shape[1], 1))
+    return torch.cat(tensors)
+
+
 class GroupedTensor:
     """N member tensors of shape (m_i, K) in one set of buffers (see module doc)."""
 
@@ -93,10 +107,13 @@ class GroupedTensor:
             )
         self.rowwise, self.columnwise = rowwise, columnwise
         self.device = torch.device(device) if device is not None else torch.device("cpu")
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda" -> "cuda:<current>"
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = dtype if not self.fmt.quantized else None
 
         self.data = self.scale = self.columnwise_data = self.columnwise_scale = None
         self.global_scale = None
+        self._tables: tuple | None = None  # member sizes and columnwise group table on the device (GPU path)
         self._regions: dict[str, list[_Region]] = {}
         for name, shapes_, region_dtype in self._buffer_specs():
             regions, nbytes = _plan(shapes_, region_dtype)
@@ -233,6 +250,9 @@ class GroupedTensor:
             for dst, t in zip(self.split(), tensors):
                 write(dst, t)
             return self
+        if kernels.usable(tensors[0]) and self._rowwise_gap_free():
+            self._quantize_on_gpu(tensors, keep)
+            return self
         directions = [c for c, on in ((False, self.rowwise), (True, self.columnwise)) if on]
         for columnwise in directions:
             for i, (dst, t) in enumerate(zip(self.split(columnwise=columnwise), tensors)):
@@ -244,6 +264,70 @@ class GroupedTensor:
                 if self.global_scale is not None and columnwise == directions[0]:
                     write(self.global_scale[i], q.global_scale.reshape(()))
         return self
+
+    def _rowwise_gap_free(self) -> bool:
+        """Rowwise regions follow each other with no alignment gap: one (R, K) array."""
+        if not self.rowwise:
+            return True
+        return all(r.nbytes % ALIGN_BYTES == 0 for name in ("data", "scale") for r in self._regions[name][:-1])
+
+    def _quantize_on_gpu(self, tensors: list[torch.Tensor], keep: torch.Tensor | None) -> None:
+        """All members in one kernel launch per direction (cute_backend/quantize.py).
+
+        With a noop flag the kernels write temporaries that replace the buffers
+        only where the flag is zero (torch.where: no host sync).
+        """
+        from cute_backend import quantize as kernel
+
+        fmt, sizes = self.fmt, [m for m, _ in self.shapes]
+        rows = _stacked(tensors)
+        if rows.dtype not in (torch.bfloat16, torch.float32):
+            rows = rows.float()
+        k = rows.shape[1]
+        counts, table = self._device_tables()
+        s = None
+        if fmt.has_global_scale:  # each member's S from its finite amax
+            row_amax = finite_row_amax(rows)
+            member = torch.repeat_interleave(torch.arange(len(sizes), device=self.device), counts,
+                                             output_size=rows.shape[0])
+            amax = row_amax.new_zeros(len(sizes)).scatter_reduce(0, member, row_amax, "amax")
+            s = fmt.global_scale(amax)
+        names = [n for n, on in (("data", self.rowwise), ("scale", self.rowwise), ("columnwise_data", self.columnwise),
+                                 ("columnwise_scale", self.columnwise)) if on]
+        target = {n: getattr(self, n) if keep is None else torch.empty_like(getattr(self, n)) for n in names}
+        if self.rowwise:
+            r = rows.shape[0]
+            row_scale = None if s is None else s.repeat_interleave(counts, output_size=r)
+            kernel.quantize_rowwise(rows, fmt, target["data"][: r * k // fmt.elements_per_byte].view(r, -1),
+                                    target["scale"][: r * k // fmt.block_size].view(r, -1), row_scale)
+        if self.columnwise:
+            kernel.quantize_columnwise(rows, fmt, target["columnwise_data"], target["columnwise_scale"], table, s)
+        if keep is not None:
+            for n in names:
+                getattr(self, n).copy_(torch.where(keep, getattr(self, n), target[n]))
+        if s is not None:
+            self.global_scale.copy_(s if keep is None else torch.where(keep, self.global_scale, s))
+
+    def _device_tables(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Member sizes and the kernel's columnwise group table, built on the device once.
+
+        Built on the first call, so a CUDA graph that captures quantize_ later
+        copies nothing from the host.
+        """
+        if self._tables is None:
+            from cute_backend import quantize as kernel
+
+            sizes = [m for m, _ in self.shapes]
+            table = None
+            if self.columnwise:
+                data, scale = self._regions["columnwise_data"], self._regions["columnwise_scale"]
+                table = kernel.group_table(
+                    sizes, self.fmt, device=self.device,
+                    data_offsets=[r.offset for r in data], data_strides=[r.shape[1] * r.dtype.itemsize for r in data],
+                    scale_offsets=[r.offset for r in scale], scale_strides=[r.shape[1] for r in scale],
+                )
+            self._tables = (torch.tensor(sizes, device=self.device), table)
+        return self._tables
 
     def __repr__(self) -> str:
         parts = [f"{len(self.shapes)} members", self.fmt.name, str(self.device)]

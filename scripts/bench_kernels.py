@@ -1,0 +1,172 @@
+"""Benchmark of the memory-bound CuTe DSL kernels against the torch path, on one GPU.
+
+    python scripts/bench_kernels.py
+
+1. the copy-bandwidth ceiling (a device-to-device copy, bytes read + written);
+2. quantize a 32768 x 7168 bf16 tensor: MXFP8 rowwise + columnwise, NVFP4
+   rowwise + columnwise; the kernels alone (preallocated outputs) and the
+   public grouped.quantize, against the torch reference path; achieved GB/s
+   counting the bytes each path must move (input read once per direction,
+   outputs written once) and its share of the copy ceiling;
+3. splits_to_offsets for 256 experts and 6 outputs: launches counted with the
+   torch profiler, time per call over CUDA-graph replays, against the torch path;
+4. the first call in a fresh process with a warm disk cache (no compile).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import grouped  # noqa: E402
+from grouped import kernels  # noqa: E402
+
+
+def time_ms(fn, reps: int = 20) -> float:
+    """Median CUDA-event time of fn() in ms, after a warm-up."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def copy_gbps() -> float:
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() / ms / 1e6
+
+
+def torch_path(fn):
+    """Run fn with the kernels switched off (the torch reference path)."""
+    saved = kernels._device_ok
+    kernels._device_ok = lambda index: False
+    try:
+        return fn()
+    finally:
+        kernels._device_ok = saved
+
+
+def bench_quantize(copy: float) -> list[str]:
+    from cute_backend import quantize as qk
+
+    m, k = 32768, 7168
+    x = (torch.randn(m, k, device="cuda") * torch.exp2(torch.randint(-8, 8, (m, 1), device="cuda").float())).bfloat16()
+    lines = []
+    for fmt in ("mxfp8", "nvfp4"):
+        f = grouped.get_format(fmt)
+        epb, block = f.elements_per_byte, f.block_size
+        row_data = torch.empty(m, k // epb, dtype=f.data_dtype, device="cuda")
+        row_scale = torch.empty(m, k // block, dtype=f.scale_dtype, device="cuda")
+        col_data = torch.empty(k, m // epb, dtype=f.data_dtype, device="cuda")
+        col_scale = torch.empty(k, m // block, dtype=f.scale_dtype, device="cuda")
+        table = qk.group_table([m], fmt, device="cuda", data_row_bytes=m // epb, scale_row_bytes=m // block)
+        s = torch.ones(m, device="cuda") if fmt == "nvfp4" else None
+        s_col = s[:1] if s is not None else None
+
+        def kernels_only():
+            qk.quantize_rowwise(x, fmt, row_data, row_scale, s)
+            qk.quantize_columnwise(x, fmt, col_data, col_scale, table, s_col)
+
+        def public():
+            grouped.quantize(x, fmt)
+            grouped.quantize(x, fmt, axis=0)
+
+        out_bytes = 2 * (m * k // epb + m * k // block)
+        kernel_bytes = 2 * x.numel() * 2 + out_bytes  # each direction reads x once
+        public_bytes = kernel_bytes + (x.numel() * 2 * 2 if fmt == "nvfp4" else 0)  # + the amax pass per call
+        ms_k = time_ms(kernels_only)
+        ms_p = time_ms(public)
+        ms_t = time_ms(lambda: torch_path(public), reps=3)
+        for label, ms, nbytes in (("kernels", ms_k, kernel_bytes), ("grouped.quantize", ms_p, public_bytes)):
+            gbps = nbytes / ms / 1e6
+            lines.append(f"quantize {fmt} row+col {m}x{k} {label:<17} {ms:8.3f} ms {gbps:7.0f} GB/s "
+                         f"{100 * gbps / copy:5.1f}% of copy; torch path {ms_t:8.3f} ms ({ms_t / ms:5.1f}x)")
+    return lines
+
+
+def bench_offsets() -> list[str]:
+    sizes = torch.randint(0, 512, (256,), dtype=torch.int32, device="cuda")
+    args = dict(strides=[1, 1, 7168, 4096, 2, 1], include_leading_zero=[True, False, True, False, True, False],
+                dtypes=[torch.int32, torch.int32, torch.int64, torch.int64, torch.int32, torch.int64])
+    lines = []
+    for label, runner in (("kernel", lambda f: f()), ("torch", torch_path)):
+        call = lambda: runner(lambda: grouped.splits_to_offsets(sizes, **args))  # noqa: E731
+        call()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            call()
+            torch.cuda.synchronize()
+        launches = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            call()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph, calls = torch.cuda.CUDAGraph(), 100
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                call()
+        us = time_ms(graph.replay) * 1e3 / calls
+        lines.append(f"splits_to_offsets 256 experts, 6 outputs, {label:<6}: {len(launches)} launch(es), "
+                     f"{us:6.2f} us a call over graph replays")
+    return lines
+
+
+_FIRST_CALL = """
+import time, torch
+t0 = time.perf_counter()
+import grouped
+x = torch.randn(4096, 7168, device="cuda", dtype=torch.bfloat16)
+sizes = torch.randint(0, 100, (256,), dtype=torch.int32, device="cuda")
+torch.cuda.synchronize()
+t1 = time.perf_counter()
+grouped.splits_to_offsets(sizes, strides=[1], include_leading_zero=[True], dtypes=[torch.int32])
+torch.cuda.synchronize()
+t2 = time.perf_counter()
+grouped.quantize(x, "mxfp8")
+torch.cuda.synchronize()
+t3 = time.perf_counter()
+import sys
+print(f"{(t2 - t1) * 1e3:.1f} {(t3 - t2) * 1e3:.1f} {'cutlass' in sys.modules}")
+"""
+
+
+def bench_first_call() -> list[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    subprocess.run([sys.executable, "-c", _FIRST_CALL], env=env, check=True, capture_output=True)  # warm the cache
+    out = subprocess.run([sys.executable, "-c", _FIRST_CALL], env=env, check=True, capture_output=True, text=True)
+    offsets_ms, quantize_ms, imported = out.stdout.split()
+    return [f"first call, fresh process, warm disk cache: splits_to_offsets {offsets_ms} ms, "
+            f"quantize mxfp8 {quantize_ms} ms (cutlass imported: {imported})"]
+
+
+def main() -> None:
+    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__}")
+    reason = kernels.unavailable("cuda", torch.cuda.get_device_capability())
+    if reason:
+        sys.exit(f"kernels unavailable: {reason}")
+    copy = copy_gbps()
+    lines = [f"copy bandwidth: {copy:.0f} GB/s (bytes read + written)"]
+    lines += bench_quantize(copy)
+    lines += bench_offsets()
+    lines += bench_first_call()
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
