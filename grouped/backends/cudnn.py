@@ -390,16 +390,26 @@ def forward_arguments(call: GemmCall, out: torch.Tensor | None = None) -> dict |
     if call.layout not in ("forward", "dgrad"):
         raise ValueError(f"forward_arguments is for forward and dgrad, not {call.layout}")
     _refuse(call)
-    fmt = call.fmt.name
     out = call.output() if out is None else out
     rows = _valid_rows(call)
     if rows == 0:
         return None
+    return {
+        **_blockscaled_operands(call, rows, columnwise=call.layout == "dgrad"),
+        "d_dtype": out.dtype,
+        "d_tensor": out[:rows],
+        "generate_amax": False,
+    }
+
+
+def _blockscaled_operands(call: GemmCall, rows: int, *, columnwise: bool, interleave=None) -> dict:
+    """The A / B / scales / offsets / alpha kwargs the quant and GLU wrappers share."""
+    fmt = call.fmt.name
     counts = _device_counts(call)
     if call.split_sizes is None:
         _check_counts_on_device(counts, FORWARD_TOKEN_MULTIPLE)
     a_data, sfa, s_a = _token_operand(call.a, rows)
-    b_data, sfb, s_b = _weight_operand(call.b, columnwise=call.layout == "dgrad")
+    b_data, sfb, s_b = _weight_operand(call.b, columnwise=columnwise, interleave=interleave)
     return {
         "a_tensor": _data_view(a_data, fmt),
         "sfa_tensor": _scale_bytes_view(sfa, fmt),
@@ -408,11 +418,8 @@ def forward_arguments(call: GemmCall, out: torch.Tensor | None = None) -> dict |
         "b_tensor": _data_view(b_data, fmt),
         "sfb_tensor": _scale_bytes_view(sfb, fmt),
         "b_major": "k",
-        "d_dtype": out.dtype,
-        "d_tensor": out[:rows],
         "cd_major": "n",
         "sf_vec_size": SF_VEC_SIZE[fmt],
-        "generate_amax": False,
     }
 
 
@@ -511,30 +518,16 @@ def glu_arguments(call: GemmCall, probs: torch.Tensor | None = None) -> dict | N
     reason = glu_refusal(call, probs, torch.bfloat16)
     if reason is not None:
         raise ValueError(f"cudnn backend cannot fuse FC1 + SwiGLU here ({call.problem.describe()}): {reason}")
-    fmt = call.fmt.name
     rows = _valid_rows(call)
     if rows == 0:
         return None
-    counts = _device_counts(call)
-    if call.split_sizes is None:
-        _check_counts_on_device(counts, FORWARD_TOKEN_MULTIPLE)
-    a_data, sfa, s_a = _token_operand(call.a, rows)
     perm = glu_interleave(call.out_shape[1], call.device)
-    b_data, sfb, s_b = _weight_operand(call.b, columnwise=False, interleave=perm)
     prob = None if probs is None else probs[:rows].to(torch.float32).contiguous()
     return {
-        "a_tensor": _data_view(a_data, fmt),
-        "sfa_tensor": _scale_bytes_view(sfa, fmt),
-        "padded_offsets": padded_offsets(call, counts),
-        "alpha_tensor": _alpha(fmt, s_a, s_b, call.num_groups, call.device),
-        "b_tensor": _data_view(b_data, fmt),
-        "sfb_tensor": _scale_bytes_view(sfb, fmt),
-        "b_major": "k",
+        **_blockscaled_operands(call, rows, columnwise=False, interleave=perm),
         "prob_tensor": prob,
         "c_dtype": torch.bfloat16,
         "d_dtype": torch.bfloat16,
-        "cd_major": "n",
-        "sf_vec_size": SF_VEC_SIZE[fmt],
         "act_func": "swiglu",
         "generate_c": False,
     }
