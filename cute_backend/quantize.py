@@ -79,6 +79,7 @@ quantize_kernel.py, imported only to compile.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Sequence
 
@@ -97,6 +98,14 @@ ELEMENTS_PER_BYTE = {"mxfp8": 1, "nvfp4": 2}
 DATA_DTYPE = {"mxfp8": torch.float8_e4m3fn, "nvfp4": torch.uint8}
 SCALE_DTYPE = {"mxfp8": torch.uint8, "nvfp4": torch.float8_e4m3fn}
 DATA_ALIGN = {"mxfp8": 16, "nvfp4": 8}  # bytes: where a columnwise block's data may start
+
+# fused rowwise + columnwise (quantize_both) and the per-group amax (group_amax)
+FUSED_THREADS = 128  # threads a CTA
+FUSED_ROWS = 32  # rows of a tile: one MXFP8 block, two NVFP4 blocks
+FUSED_COLS = 256  # columns of a tile
+FUSED_STAGES = {16: 3, 32: 2}  # cp.async stages by input bits (48 / 64 KB of shared memory)
+FUSED_CTAS_PER_SM = {16: 4, 32: 3}  # resident CTAs an SM, by input bits: the persistent grid
+AMAX_CTAS_PER_SM = {16: 8, 32: 4}  # resident CTAs an SM (registers), by input bits
 
 # group table columns
 TABLE_COLS = 8
@@ -346,7 +355,7 @@ def configs() -> list:
         for f in FORMATS
         for d in INPUT_DTYPES
         for r in DIRECTIONS
-    ]
+    ] + fused_configs()
 
 
 def kernel(fmt: str, input_dtype: torch.dtype, direction: str):
@@ -400,3 +409,217 @@ def quantize_columnwise(x, fmt_name, data, scale, groups, col_scale=None) -> Non
     with torch.cuda.device(x.device):
         sizes = (k, x.numel(), data.numel() // 4, scale.numel())
         kernel(fmt, x.dtype, "columnwise")(*args, n_groups, steps, *sizes, grid_blocks, _stream(x))
+
+
+# ---- fused rowwise + columnwise, and the per-group finite amax ---------------------------------
+#
+# quantize_both(x, fmt, row_data, row_scale, col_data, col_scale, groups, row_scale_s, col_scale_s)
+#     One pass over x: the bytes of quantize_rowwise (for the rows that belong
+#     to a group) and of quantize_columnwise (same group table), x read once.
+#     A persistent grid of FUSED_CTAS_PER_SM CTAs an SM; each CTA takes a
+#     contiguous run of tiles of FUSED_ROWS rows x FUSED_COLS columns. A tile's
+#     rows are FUSED_ROWS / block consecutive padded blocks of the group table
+#     (the numbering the columnwise kernel's grid runs over), each block's rows
+#     from its own group: rows past the group's end (and columns past K) are
+#     loaded as zeros, so a columnwise block never straddles a group, and are
+#     not written rowwise. Tiles come into shared memory by 16-byte cp.async,
+#     FUSED_STAGES deep (XOR-swizzled 16-byte chunks: no bank conflicts);
+#     each thread then quantizes two 32-element row segments (stored with 16-byte
+#     vector stores, a warp covering whole 256- or 128-byte row runs) and two
+#     columns (one MXFP8 block of 32 / two NVFP4 blocks of 16 each).
+#     Rows that belong to no group are not written (rowwise nor columnwise).
+#     NVFP4: col_scale_s (G,) fp32 is each group's S; row_scale_s (R,) fp32 is
+#     each row's S, or None to use its group's S (the same value wherever rows
+#     and groups correspond, as in grouped.quantize and GroupedTensor).
+#
+# group_amax(x, groups, out)
+#     NVFP4's per-group finite amax in one pass: out (G,) int32 (fp32 bit
+#     patterns, view it as float32) gets, by atomic max, the largest |x| over
+#     the finite elements of each group's rows (NaN / Inf ignored); zero it
+#     first. Groups are those of the table (the NVFP4 group table: blocks of 16).
+#     Exact: a max of bit patterns, no arithmetic.
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _check_groups(groups, x) -> str | None:
+    if not isinstance(groups, torch.Tensor):
+        return f"groups must be the (G, {TABLE_COLS}) int64 table of group_table(), got {type(groups).__name__}"
+    if (
+        groups.device != x.device or groups.dtype != torch.int64 or groups.dim() != 2
+        or groups.shape[1] != TABLE_COLS or not groups.is_contiguous()
+    ):
+        return (
+            f"groups must be a contiguous (G, {TABLE_COLS}) int64 tensor on {x.device} (see group_table), "
+            f"got shape {tuple(groups.shape)}, {groups.dtype} on {groups.device}"
+        )
+    if groups.data_ptr() % 16:
+        return "groups must start 16-byte aligned"
+    return None
+
+
+def can_implement_both(x, fmt_name, row_data, row_scale, col_data, col_scale, groups,
+                       row_scale_s=None, col_scale_s=None) -> str | None:
+    """None if quantize_both can run this call, else why not."""
+    fmt = _fmt_name(fmt_name)
+    if fmt is None:
+        return f"fmt must be one of {FORMATS}, got {fmt_name!r}"
+    reason = _check_x(x, fmt, rowwise=True) or _check_groups(groups, x)
+    if reason:
+        return reason
+    rows, k = x.shape
+    block, epb = BLOCK[fmt], ELEMENTS_PER_BYTE[fmt]
+    for name, t, dtype, shape, align in (
+        ("row_data", row_data, DATA_DTYPE[fmt], (rows, k // epb), 16),
+        ("row_scale", row_scale, SCALE_DTYPE[fmt], (rows, k // block), 2),
+    ):
+        reason = _check_bytes(name, t, (dtype, torch.uint8), x.device, align=align)
+        if reason:
+            return reason
+        if tuple(t.shape) != shape:
+            return f"{name} must have shape {shape} for x of shape {tuple(x.shape)} ({fmt}), got {tuple(t.shape)}"
+    reason = _check_bytes("col_data", col_data, (DATA_DTYPE[fmt], torch.uint8), x.device, align=16) or _check_bytes(
+        "col_scale", col_scale, (SCALE_DTYPE[fmt], torch.uint8), x.device, align=1
+    )
+    if reason:
+        return reason
+    if rows * k >= 2**62 or groups.shape[0] >= 2**31:
+        return f"x of shape {tuple(x.shape)} is too large for one launch"
+    if fmt == "mxfp8":
+        if row_scale_s is not None or col_scale_s is not None:
+            return "row_scale_s / col_scale_s are for NVFP4 only; MXFP8 has no per-tensor scale"
+        return None
+    reason = _check_global_scale("col_scale_s", col_scale_s, groups.shape[0], x.device, fmt)
+    if reason or row_scale_s is None:
+        return reason
+    return _check_global_scale("row_scale_s", row_scale_s, rows, x.device, fmt)
+
+
+def can_implement_amax(x, groups, out) -> str | None:
+    """None if group_amax can run this call, else why not."""
+    reason = _check_x(x, "nvfp4", rowwise=False) or _check_groups(groups, x)
+    if reason:
+        return reason
+    if x.shape[1] % 16 or x.data_ptr() % 16:
+        return "x's last dim must be a multiple of 16 and x 16-byte aligned"
+    if (
+        not isinstance(out, torch.Tensor) or out.device != x.device or out.dtype != torch.int32
+        or tuple(out.shape) != (groups.shape[0],) or not out.is_contiguous()
+    ):
+        return f"out must be a contiguous ({groups.shape[0]},) int32 tensor on {x.device}"
+    return None
+
+
+def _fused_spec(fmt: str, input_dtype: torch.dtype) -> KernelSpec:
+    bits = 16 if input_dtype == torch.bfloat16 else 32
+    config = (fmt, str(input_dtype), "both", FUSED_THREADS, FUSED_ROWS, FUSED_COLS, FUSED_STAGES[bits], TABLE_COLS)
+    return KernelSpec(f"quantize_{fmt}_both", config, ARCH, _SOURCES)
+
+
+def _amax_spec(input_dtype: torch.dtype) -> KernelSpec:
+    config = (str(input_dtype), FUSED_THREADS, FUSED_ROWS, FUSED_COLS, TABLE_COLS)
+    return KernelSpec("quantize_nvfp4_group_amax", config, ARCH, _SOURCES)
+
+
+def compile_fused(fmt: str, input_dtype: torch.dtype):
+    """Compile quantize_both for one format and input dtype (a TVM-FFI compiled function); no GPU needed."""
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream
+
+    from . import quantize_kernel as k
+
+    in_type = {torch.bfloat16: cutlass.BFloat16, torch.float32: cutlass.Float32}[input_dtype]
+
+    def flat(dtype, align):
+        return make_fake_compact_tensor(dtype, (cute.sym_int(64),), assumed_align=align)
+
+    x, table = flat(in_type, 16), flat(cutlass.Int64, 16)
+    row_data, row_scale = flat(cutlass.Uint8, 16), flat(cutlass.Uint8, 1)
+    col_data, col_scale = flat(cutlass.Uint8, 16), flat(cutlass.Uint8, 1)
+    options = f"--enable-tvm-ffi --gpu-arch {ARCH}"
+    head = (cutlass.Int32(1), cutlass.Int32(0), cutlass.Int64(1), cutlass.Int64(1))  # n_groups, steps, M, K
+    tail = (cutlass.Int64(1), cutlass.Int64(1), cutlass.Int32(1))  # col data bytes, col scale bytes, grid
+    tensors = (x, table, row_data, row_scale, col_data, col_scale)
+    if fmt == "mxfp8":
+        return cute.compile(k.fused_mxfp8_host, *tensors, *head, *tail, make_fake_stream(), options=options)
+    s_row, s_col = flat(cutlass.Float32, 4), flat(cutlass.Float32, 4)
+    return cute.compile(k.fused_nvfp4_host, *tensors, s_row, s_col, *head, cutlass.Int32(0), *tail,
+                        make_fake_stream(), options=options)
+
+
+def compile_amax(input_dtype: torch.dtype):
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream
+
+    from . import quantize_kernel as k
+
+    in_type = {torch.bfloat16: cutlass.BFloat16, torch.float32: cutlass.Float32}[input_dtype]
+
+    def flat(dtype, align):
+        return make_fake_compact_tensor(dtype, (cute.sym_int(64),), assumed_align=align)
+
+    return cute.compile(
+        k.amax_host, flat(in_type, 16), flat(cutlass.Int64, 16), flat(cutlass.Int32, 4),
+        cutlass.Int32(1), cutlass.Int32(0), cutlass.Int64(1), cutlass.Int64(1), cutlass.Int32(1), make_fake_stream(),
+        options=f"--enable-tvm-ffi --gpu-arch {ARCH}",
+    )
+
+
+def fused_configs() -> list:
+    return [
+        (_fused_spec(f, d), (lambda f=f, d=d: compile_fused(f, d))) for f in FORMATS for d in INPUT_DTYPES
+    ] + [(_amax_spec(d), (lambda d=d: compile_amax(d))) for d in INPUT_DTYPES]
+
+
+def _tiles_upper_bound(x: torch.Tensor, fmt: str, n_groups: int) -> int:
+    blocks = _ceil_div(x.shape[0], BLOCK[fmt]) + n_groups  # >= sum_g ceil(m_g / block)
+    return _ceil_div(blocks, FUSED_ROWS // BLOCK[fmt]) * _ceil_div(x.shape[1], FUSED_COLS)
+
+
+def quantize_both(x, fmt_name, row_data, row_scale, col_data, col_scale, groups,
+                  row_scale_s=None, col_scale_s=None) -> None:
+    """quantize_rowwise and quantize_columnwise of x in one pass over x (see the notes above)."""
+    reason = can_implement_both(x, fmt_name, row_data, row_scale, col_data, col_scale, groups,
+                                row_scale_s, col_scale_s)
+    if reason:
+        raise ValueError(f"quantize_both: {reason}")
+    n_groups = groups.shape[0]
+    rows, k = x.shape
+    if x.numel() == 0 or n_groups == 0:
+        return
+    fmt = _fmt_name(fmt_name)
+    bits = 16 if x.dtype == torch.bfloat16 else 32
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    grid = max(1, min(_tiles_upper_bound(x, fmt, n_groups), _sm_count(index) * FUSED_CTAS_PER_SM[bits]))
+    steps = (n_groups - 1).bit_length()
+    u8 = [t.view(torch.uint8).reshape(-1) for t in (row_data, row_scale, col_data, col_scale)]
+    args = [x.view(-1), groups.view(-1), *u8]
+    if fmt == "nvfp4":
+        args += [col_scale_s if row_scale_s is None else row_scale_s, col_scale_s]
+    args += [n_groups, steps, rows, k]
+    if fmt == "nvfp4":
+        args.append(0 if row_scale_s is None else 1)
+    args += [u8[2].numel(), u8[3].numel(), grid]
+    with torch.cuda.device(x.device):
+        CACHE.get(_fused_spec(fmt, x.dtype), lambda: compile_fused(fmt, x.dtype))(*args, _stream(x))
+
+
+def group_amax(x, groups, out) -> None:
+    """Atomic-max each NVFP4 group's finite amax (fp32 bits) into out (G,) int32 (see the notes above)."""
+    reason = can_implement_amax(x, groups, out)
+    if reason:
+        raise ValueError(f"group_amax: {reason}")
+    n_groups = groups.shape[0]
+    if x.numel() == 0 or n_groups == 0:
+        return
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    per_sm = AMAX_CTAS_PER_SM[16 if x.dtype == torch.bfloat16 else 32]
+    grid = max(1, min(_tiles_upper_bound(x, "nvfp4", n_groups), _sm_count(index) * per_sm))
+    args = [x.view(-1), groups.view(-1), out, n_groups, (n_groups - 1).bit_length(), x.shape[0], x.shape[1], grid]
+    with torch.cuda.device(x.device):
+        CACHE.get(_amax_spec(x.dtype), lambda: compile_amax(x.dtype))(*args, _stream(x))

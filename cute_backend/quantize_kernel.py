@@ -24,6 +24,10 @@ from .quantize import (
     DATA_OFFSET,
     DATA_STRIDE,
     ELEMENTS_PER_BYTE,
+    FUSED_COLS,
+    FUSED_ROWS,
+    FUSED_STAGES,
+    FUSED_THREADS,
     ROW_START,
     ROW_THREADS,
     ROWS,
@@ -41,17 +45,9 @@ ABS_MASK = 0x7FFFFFFF
 INF_BITS = 0x7F800000
 INV_448_BITS = _bits(1.0 / 448.0)  # fp32(1/448), as torch.tensor(1 / 448, dtype=float32)
 SIX_BITS = _bits(6.0)
-TWO_POW_M9_BITS = _bits(2.0**-9)
 TWO_POW_M127_BITS = 0x00400000  # the fp32 subnormal 2^-127
-QNAN_BITS = 0x7FC00000
 E4M3_NAN = 0x7F
 E8M0_NAN = 0xFF
-# E2M1 index = number of midpoints |v| is past; ties go to the even code:
-# (midpoint bits, tie goes up). 0.25->0, 0.75->1, 1.25->1, 1.75->2, 2.5->2, 3.5->4, 5->4.
-E2M1_MIDPOINTS = tuple(
-    (_bits(m), up) for m, up in ((0.25, False), (0.75, True), (1.25, False), (1.75, True),
-                                 (2.5, False), (3.5, True), (5.0, False))
-)
 
 
 # ---- scalar helpers (branch-free, traced inline) -------------------------------------------
@@ -124,34 +120,84 @@ def _pow2_neg(e: Int32) -> Float32:
     return _f32(_sel(e < 127, normal, TWO_POW_M127_BITS, Uint32))
 
 
-def _e4m3_to_f32_bits(byte: Uint32) -> Uint32:
-    """An E4M3 byte's value as fp32 bits (0x7F / 0xFF are NaN)."""
-    sign = (byte & Uint32(0x80)) << Uint32(24)
-    exp = (byte >> Uint32(3)) & Uint32(0xF)
-    man = byte & Uint32(7)
-    normal = sign | ((exp + Uint32(120)) << Uint32(23)) | (man << Uint32(20))
-    subnormal = sign | _u32(_mul_rn(Float32(Int32(man)), _f32(TWO_POW_M9_BITS)))  # man * 2^-9, exact
-    value = _sel(exp == Uint32(0), subnormal, normal, Uint32)
-    return _sel((byte & Uint32(0x7F)) == Uint32(E4M3_NAN), QNAN_BITS, value, Uint32)
+@dsl_user_op
+def _e4m3_to_f32(byte, *, loc=None, ip=None) -> Float32:
+    """An E4M3 byte's value as fp32 (0x7F / 0xFF are NaN): E4M3 -> f16 -> f32, both exact."""
+    ptx = (
+        "{\n.reg .b16 lo, h0, h1;\n.reg .b32 h;\n"
+        "cvt.u16.u32 lo, $1;\n"
+        "cvt.rn.f16x2.e4m3x2 h, lo;\n"
+        "mov.b32 {h0, h1}, h;\n"
+        "cvt.f32.f16 $0, h0;\n}"
+    )
+    return Float32(_asm(T.f32(), ptx, "=f,r", [Uint32(byte).ir_value(loc=loc, ip=ip)], loc, ip))
 
 
-def _e2m1_nibble(v: Uint32) -> Uint32:
-    """fp32 bits -> E2M1 nibble: round to nearest even, saturate at 6, sign kept."""
-    a = v & Uint32(ABS_MASK)
-    index = Uint32(0)
-    for mid, up in E2M1_MIDPOINTS:
-        past = (a >= Uint32(mid)) if up else (a > Uint32(mid))
-        index = index + _sel(past, 1, 0, Uint32)
-    return ((v >> Uint32(31)) << Uint32(3)) | index
+def _e2m1_word_ptx() -> str:
+    """PTX: 8 fp32 x ($1..$8) and r ($9) -> one word of the E2M1 nibbles of fp32(x * r) ($0).
+
+    Magnitude: a = min(fp32(|x| * r), 6); the code index is the smallest of
+    rne(2a), rne(a) + 2 and rne(a / 2) + 4 (each is the right one on its range,
+    [0, 2), [2, 4) and [4, 6], and no smaller than it elsewhere), each read off
+    the bits of an fp32 add onto 2^23 (correctly rounded, so ties go to the even
+    code; checked against the midpoint rule for every fp32). Summing those bit
+    patterns times 16^i lays the eight indices into their nibbles; 2^23's own
+    bits sum to 0xFB000000 over the eight, taken off by starting from
+    0x05000000. The sign (bit 3 of a nibble) is x's sign bit.
+    r = +inf (S / d overflowed) makes |0| * r NaN, which min turns into 6;
+    then, and only then, zero elements get their index cleared: x = 0 encodes
+    as itself (as the reference does).
+    """
+    lines = ["{", ".reg .f32 a, c1, c2, c3;", ".reg .b32 t, acc;", ".reg .pred p, q;"]
+    for i in range(8):
+        x = f"${i + 1}"
+        lines += [
+            f"abs.f32 a, {x};",
+            "mul.rn.f32 a, a, $9;",
+            "min.f32 a, a, 0f40C00000;",
+            "fma.rn.f32 c1, a, 0f40000000, 0f4B000000;",
+            "add.rn.f32 c2, a, 0f4B000002;",
+            "fma.rn.f32 c3, a, 0f3F000000, 0f4B000004;",
+            "min.f32 c1, c1, c2;",
+            "min.f32 c1, c1, c3;",
+            "mov.b32 t, c1;",
+            "add.u32 acc, t, 0x05000000;" if i == 0 else f"mad.lo.u32 acc, t, {16 ** i}, acc;",
+            f"mov.b32 t, {x};",
+            "shr.u32 t, t, 31;",
+            f"mad.lo.u32 acc, t, {2 ** (4 * i + 3)}, acc;",
+        ]
+    lines += ["setp.eq.f32 p, $9, 0f7F800000;", "@!p bra E2M1_DONE_${:uid};"]
+    for i in range(8):
+        lines += [f"setp.eq.f32 q, ${i + 1}, 0f00000000;", f"@q and.b32 acc, acc, {~(7 << (4 * i)) & 0xFFFFFFFF};"]
+    lines += ["E2M1_DONE_${:uid}:", "mov.b32 $0, acc;", "}"]
+    return "\n".join(lines)
+
+
+_E2M1_WORD_PTX = _e2m1_word_ptx()
+
+
+@dsl_user_op
+def _e2m1_word(xs, r, *, loc=None, ip=None) -> Uint32:
+    """8 fp32 bit patterns and r = fp32(S / d) -> the word of their E2M1 nibbles (first element lowest).
+
+    Each nibble is e2m1_rn_satfinite(fp32(x * r)) with x's sign; x = 0 encodes
+    as itself (signed zero) even where r is +inf.
+    """
+    args = [_f32(v).ir_value(loc=loc, ip=ip) for v in xs] + [Float32(r).ir_value(loc=loc, ip=ip)]
+    return Uint32(_asm(T.i32(), _E2M1_WORD_PTX, "=r," + ",".join(["f"] * 9), args, loc, ip))
 
 
 # ---- block codecs: fp32 bits in, (data words, scale byte) out ---------------------------------
 
 
-def _mxfp8_block(xb: cute.Tensor, words: cute.Tensor):
-    """32 fp32 bit patterns -> 8 words of E4M3 bytes; returns the E8M0 scale byte."""
+def _mxfp8_block(xb: cute.Tensor, words: cute.Tensor, amax=None):
+    """32 fp32 bit patterns -> 8 words of E4M3 bytes; returns the E8M0 scale byte.
+
+    ``amax``: the block's maximum |x| bit pattern, where the caller has it already.
+    """
     n = BLOCK["mxfp8"]
-    amax = _amax_bits(xb, n)
+    if amax is None:
+        amax = _amax_bits(xb, n)
     bad = amax >= Uint32(INF_BITS)
     e = _mxfp8_exponent(amax)
     inv = _pow2_neg(e)
@@ -161,24 +207,19 @@ def _mxfp8_block(xb: cute.Tensor, words: cute.Tensor):
     return _sel(bad, E8M0_NAN, Uint32(e + 127), Uint32)
 
 
-def _nvfp4_block(xb: cute.Tensor, words: cute.Tensor, s: Float32):
+def _nvfp4_block(xb: cute.Tensor, words: cute.Tensor, s: Float32, amax=None):
     """16 fp32 bit patterns and the per-tensor S -> 2 words of E2M1 nibbles; returns the E4M3 scale byte."""
     n = BLOCK["nvfp4"]
-    amax = _amax_bits(xb, n)
+    if amax is None:
+        amax = _amax_bits(xb, n)
     bad = amax >= Uint32(INF_BITS)
     scaled_amax = _mul_rn(_div_rn(_f32(amax), _f32(SIX_BITS)), s)
     zero = Float32(0.0)
     d = _sel(bad, E4M3_NAN, _e4m3x4(scaled_amax, zero, zero, zero) & Uint32(0xFF), Uint32)
-    r = _div_rn(s, _f32(_e4m3_to_f32_bits(d)))
+    r = _div_rn(s, _e4m3_to_f32(d))
     skip = bad | ((d & Uint32(0x7F)) == Uint32(0))  # d == 0 or NaN: zero codes
     for w in range(n // 8):
-        word = Uint32(0)
-        for i in range(8):
-            x = xb[8 * w + i]
-            # x == 0 is encoded as itself (r may be inf: 0 * inf is not taken as NaN)
-            v = _sel((x & Uint32(ABS_MASK)) == Uint32(0), x, _u32(_mul_rn(_f32(x), r)), Uint32)
-            word = word | (_e2m1_nibble(v) << Uint32(4 * i))
-        words[w] = _sel(skip, 0, word, Uint32)
+        words[w] = _sel(skip, 0, _e2m1_word([xb[8 * w + i] for i in range(8)], r), Uint32)
     return d
 
 
@@ -344,3 +385,493 @@ def columnwise_nvfp4_host(
 ):
     sizes = (k_cols, x_numel, data_words, scale_bytes)
     _columnwise_launch(x, table, data, scale, col_scale, n_groups, steps, sizes, grid_blocks, stream, "nvfp4")
+
+
+# ---- fused rowwise + columnwise, and the per-group finite amax ---------------------------------
+#
+# Memory operations are inline PTX with side effects (kept in program order
+# around the barriers); addresses are plain integers: Int64 global, Int32 shared.
+
+
+def _void_asm(ptx: str, constraints: str, args, loc, ip):
+    llvm.inline_asm(None, args, ptx, constraints, has_side_effects=True, is_align_stack=False, loc=loc, ip=ip)
+
+
+def _words_asm(n: int, ptx: str, constraints: str, args, loc, ip):
+    if n == 1:
+        value = llvm.inline_asm(T.i32(), args, ptx, constraints, has_side_effects=True, is_align_stack=False,
+                                loc=loc, ip=ip)
+        return [Uint32(value)]
+    struct = llvm.StructType.get_literal([T.i32()] * n)
+    res = llvm.inline_asm(struct, args, ptx, constraints, has_side_effects=True, is_align_stack=False, loc=loc, ip=ip)
+    return [Uint32(llvm.extractvalue(T.i32(), res, [i], loc=loc, ip=ip)) for i in range(n)]
+
+
+@dsl_user_op
+def _cp_async16(smem_addr, gmem_addr, src_bytes, *, loc=None, ip=None):
+    """16 bytes global -> shared, asynchronously; src_bytes 0 writes zeros and reads nothing."""
+    args = [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int64(gmem_addr).ir_value(loc=loc, ip=ip),
+            Int32(src_bytes).ir_value(loc=loc, ip=ip)]
+    _void_asm("cp.async.cg.shared.global [$0], [$1], 16, $2;", "r,l,r", args, loc, ip)
+
+
+@dsl_user_op
+def _ld_shared(smem_addr, n: int, *, loc=None, ip=None):
+    """n (1, 2 or 4) consecutive 32-bit words from shared memory (n * 4-byte aligned)."""
+    outs = ", ".join(f"${i}" for i in range(n))
+    vec = {1: "", 2: ".v2", 4: ".v4"}[n]
+    ptx = f"ld.shared{vec}.b32 {{{outs}}}, [${n}];" if n > 1 else "ld.shared.b32 $0, [$1];"
+    return _words_asm(n, ptx, ",".join(["=r"] * n) + ",r", [Int32(smem_addr).ir_value(loc=loc, ip=ip)], loc, ip)
+
+
+@dsl_user_op
+def _ld_global_pred(gmem_addr, pred, *, loc=None, ip=None):
+    """4 words (16 bytes, read-only path) from global memory where pred != 0, zeros elsewhere."""
+    ptx = (
+        "{\n.reg .pred p;\nsetp.ne.b32 p, $5, 0;\n"
+        "mov.b32 $0, 0;\nmov.b32 $1, 0;\nmov.b32 $2, 0;\nmov.b32 $3, 0;\n"
+        "@p ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];\n}"
+    )
+    args = [Int64(gmem_addr).ir_value(loc=loc, ip=ip), Int32(pred).ir_value(loc=loc, ip=ip)]
+    return _words_asm(4, ptx, "=r,=r,=r,=r,l,r", args, loc, ip)
+
+
+@dsl_user_op
+def _st_global(gmem_addr, words, *, loc=None, ip=None):
+    """1, 2 or 4 words to global memory (vector store: n * 4-byte aligned)."""
+    n = len(words)
+    vec = {1: "", 2: ".v2", 4: ".v4"}[n]
+    srcs = ", ".join(f"${i + 1}" for i in range(n))
+    ptx = f"st.global{vec}.b32 [$0], {{{srcs}}};" if n > 1 else "st.global.b32 [$0], $1;"
+    args = [Int64(gmem_addr).ir_value(loc=loc, ip=ip)] + [Uint32(w).ir_value(loc=loc, ip=ip) for w in words]
+    _void_asm(ptx, "l" + ",r" * n, args, loc, ip)
+
+
+@dsl_user_op
+def _st_global_u16(gmem_addr, value, *, loc=None, ip=None):
+    args = [Int64(gmem_addr).ir_value(loc=loc, ip=ip), Uint32(value).ir_value(loc=loc, ip=ip)]
+    _void_asm("{\n.reg .b16 v;\ncvt.u16.u32 v, $1;\nst.global.b16 [$0], v;\n}", "l,r", args, loc, ip)
+
+
+@dsl_user_op
+def _st_global_u8(gmem_addr, value, *, loc=None, ip=None):
+    args = [Int64(gmem_addr).ir_value(loc=loc, ip=ip), Uint32(value).ir_value(loc=loc, ip=ip)]
+    _void_asm("{\n.reg .b16 v;\ncvt.u16.u32 v, $1;\nst.global.b8 [$0], v;\n}", "l,r", args, loc, ip)
+
+
+@dsl_user_op
+def _max_u16x2(a, b, *, loc=None, ip=None) -> Uint32:
+    args = [Uint32(a).ir_value(loc=loc, ip=ip), Uint32(b).ir_value(loc=loc, ip=ip)]
+    return Uint32(_asm(T.i32(), "max.u16x2 $0, $1, $2;", "=r,r,r", args, loc, ip))
+
+
+@dsl_user_op
+def _warp_max_u32(value, *, loc=None, ip=None) -> Uint32:
+    args = [Uint32(value).ir_value(loc=loc, ip=ip)]
+    return _words_asm(1, "redux.sync.max.u32 $0, $1, 0xffffffff;", "=r,r", args, loc, ip)[0]
+
+
+@dsl_user_op
+def _red_max_u32(gmem_addr, value, *, loc=None, ip=None):
+    args = [Int64(gmem_addr).ir_value(loc=loc, ip=ip), Uint32(value).ir_value(loc=loc, ip=ip)]
+    _void_asm("red.relaxed.gpu.global.max.u32 [$0], $1;", "l,r", args, loc, ip)
+
+
+def _packed_amax(words, first: int, count: int) -> Uint32:
+    """max.u16x2 over |bf16 pairs| of words[first:first + count]: both halves' block amaxes at once."""
+    m = Uint32(0)
+    for i in range(first, first + count):
+        m = _max_u16x2(m, words[i] & Uint32(0x7FFF7FFF))
+    return m
+
+
+def _swizzle(chunk):
+    """The 16-byte chunk slot of logical chunk ``chunk`` in a staged tile row.
+
+    XOR inside each group of 8 chunks (128 bytes): a warp reading one chunk of
+    each of 8 row segments, 8 consecutive chunks, or a run of 4-/8-byte
+    columns touches every bank once per 128 bytes.
+    """
+    return chunk ^ ((chunk >> 3) & 7)
+
+
+@cute.jit
+def _find_block(table: cute.Tensor, b: Int64, n_groups: Int32, steps: Int32, total_blocks: Int64,
+                n: cutlass.Constexpr):
+    """Padded block b -> (group, table row offset, block index j in the group, rows of it that are real).
+
+    The group is the last g with BLOCK_START[g] <= b; ``valid`` is 0 for a
+    block past the table's last block or past its group's rows.
+    """
+    lo = Int32(0)
+    hi = n_groups
+    for _ in cutlass.range(steps, unroll=1):
+        mid = (lo + hi) // 2
+        if mid > lo:
+            if table[Int64(mid) * TABLE_COLS + BLOCK_START] <= b:
+                lo = mid
+            else:
+                hi = mid
+    row = Int64(lo) * TABLE_COLS
+    j = b - table[row + BLOCK_START]
+    valid = cutlass.min(table[row + ROWS] - j * n, Int64(n))
+    ok = (b < total_blocks) & (j >= Int64(0)) & (valid > Int64(0))
+    return lo, row, j, _sel(ok, valid, 0, Int64)
+
+
+def _tile_range(table: cute.Tensor, n_groups: Int32, k_cols: Int64, n: int):
+    """Tiles of FUSED_ROWS rows (FUSED_ROWS / n padded blocks) x FUSED_COLS columns, numbered row tile
+    major: this CTA's contiguous share of them, as (first row tile, first column tile, count), the
+    number of column tiles and of padded blocks."""
+    tb = FUSED_ROWS // n
+    last = Int64(n_groups - 1) * TABLE_COLS
+    total_blocks = table[last + BLOCK_START] + (table[last + ROWS] + (n - 1)) // n
+    n_ct = (k_cols + (FUSED_COLS - 1)) // FUSED_COLS
+    n_tiles = (total_blocks + (tb - 1)) // tb * n_ct
+    bid, _, _ = cute.arch.block_idx()
+    nb, _, _ = cute.arch.grid_dim()
+    start = Int64(bid) * n_tiles // Int64(nb)
+    count = Int32((Int64(bid) + 1) * n_tiles // Int64(nb) - start)
+    rt = start // n_ct
+    return Int32(rt), Int32(start - rt * n_ct), count, Int32(n_ct), total_blocks
+
+
+def _next_tile(rt: Int32, ct: Int32, n_ct: Int32):
+    """The tile after (rt, ct) in row tile major order."""
+    wrap = ct + 1 == n_ct
+    return _sel(wrap, rt + 1, rt, Int32), _sel(wrap, 0, ct + 1, Int32)
+
+
+def _tile_blocks(table, rt: Int32, ct: Int32, n_groups, steps, total_blocks, n: int):
+    """(column 0 of tile (rt, ct), [(group, table row, j, valid rows, first x row)] per padded block)."""
+    blocks = []
+    for bi in range(FUSED_ROWS // n):
+        g, row, j, valid = _find_block(table, Int64(rt) * (FUSED_ROWS // n) + bi, n_groups, steps, total_blocks, n)
+        blocks.append((g, row, j, valid, table[row + ROW_START] + j * n))
+    return Int64(ct) * FUSED_COLS, blocks
+
+
+def _issue_tile(x_addr: Int64, stage_addr: Int32, tid: Int32, col0: Int64, blocks, m_rows: Int64, k_cols: Int64,
+                n: int, eb: int):
+    """cp.async the tile's rows (zeros for rows past their group, past x, or columns past K)."""
+    row_bytes = FUSED_COLS * eb
+    cpr = row_bytes // 16  # 16-byte chunks a row
+    rows_per_load = FUSED_THREADS // cpr
+    chunk = tid % cpr
+    u = tid // cpr
+    chunk_col = col0 + Int64(chunk * (16 // eb))
+    col_ok = chunk_col < k_cols
+    dst = stage_addr + u * row_bytes + _swizzle(chunk) * 16
+    for i in range(FUSED_ROWS // rows_per_load):
+        r = i * rows_per_load  # + u
+        bi = r // n  # u < rows_per_load never crosses a block
+        _, _, _, valid, first = blocks[bi]
+        local = Int64(r - bi * n) + Int64(u)
+        src_row = first + local
+        ok = col_ok & (local < valid) & (src_row < m_rows)
+        src = _sel(ok, x_addr + (src_row * k_cols + chunk_col) * eb, x_addr, Int64)
+        _cp_async16(dst + r * row_bytes, src, _sel(ok, 16, 0, Int32))
+
+
+@cute.kernel
+def fused_kernel(
+    x: cute.Tensor, table: cute.Tensor, row_data: cute.Tensor, row_scale: cute.Tensor,
+    col_data: cute.Tensor, col_scale: cute.Tensor, s_row: cute.Tensor, s_col: cute.Tensor,
+    n_groups: Int32, steps: Int32, m_rows: Int64, k_cols: Int64, row_s_mode: Int32,
+    col_data_bytes: Int64, col_scale_bytes: Int64,
+    fmt: cutlass.Constexpr, in_bits: cutlass.Constexpr, stages: cutlass.Constexpr,
+):
+    # Names assigned inside a run-time `if` or loop are unique to it (the DSL
+    # carries a name across a region when it was assigned before).
+    n = BLOCK[fmt]
+    epb = ELEMENTS_PER_BYTE[fmt]
+    tb = FUSED_ROWS // n
+    eb = in_bits // 8
+    bf16 = in_bits == 16
+    row_bytes = FUSED_COLS * eb
+    tile_bytes = FUSED_ROWS * row_bytes
+    seg_chunks = 32 * eb // 16  # 16-byte chunks of a 32-element row segment
+    block_bytes = n // epb  # data bytes of one block
+    row_words = 32 // 4 // epb  # data words of a 32-element row segment
+
+    tid = Int32(cute.arch.thread_idx()[0])
+    smem = cutlass.utils.SmemAllocator()
+    staged = smem.allocate_tensor(Uint8, cute.make_layout(stages * tile_bytes), byte_alignment=128)
+    sbase = staged.iterator.toint()
+    x_addr = x.iterator.toint()
+    row_data_addr = row_data.iterator.toint()
+    row_scale_addr = row_scale.iterator.toint()
+    col_data_addr = col_data.iterator.toint()
+    col_scale_addr = col_scale.iterator.toint()
+    rt, ct, count, n_ct, total_blocks = _tile_range(table, n_groups, k_cols, n)
+    k32 = (k_cols % 32) == Int64(0)
+
+    # compute-phase roles: the row part takes 32-column segment `seg` of rows
+    # seg_row and seg_row + 16; the column part takes columns 2 tid and 2 tid + 1
+    seg = tid % 8
+    seg_row = tid // 8
+    col_byte = 2 * eb * tid
+    col_off = _swizzle(col_byte // 16) * 16 + col_byte % 16
+
+    # (rt, ct): the tile computed next; (rt_in, ct_in): the tile loaded next
+    rt_in = rt
+    ct_in = ct
+    for p in cutlass.range_constexpr(stages - 1):
+        if Int32(p) < count:
+            col0p, blocksp = _tile_blocks(table, rt_in, ct_in, n_groups, steps, total_blocks, n)
+            _issue_tile(x_addr, sbase + p * tile_bytes, tid, col0p, blocksp, m_rows, k_cols, n, eb)
+        cute.arch.cp_async_commit_group()
+        rt_in, ct_in = _next_tile(rt_in, ct_in, n_ct)
+
+    for it in cutlass.range(count, unroll=1):
+        nxt = it + (stages - 1)
+        if nxt < count:
+            col0n, blocksn = _tile_blocks(table, rt_in, ct_in, n_groups, steps, total_blocks, n)
+            _issue_tile(x_addr, sbase + (nxt % stages) * tile_bytes, tid, col0n, blocksn, m_rows, k_cols, n, eb)
+        cute.arch.cp_async_commit_group()
+        rt_in, ct_in = _next_tile(rt_in, ct_in, n_ct)
+        cute.arch.cp_async_wait_group(stages - 1)
+        cute.arch.sync_threads()
+
+        stage_addr = sbase + (it % stages) * tile_bytes
+        col0, blocks = _tile_blocks(table, rt, ct, n_groups, steps, total_blocks, n)
+        rt, ct = _next_tile(rt, ct, n_ct)
+
+        # ---- rowwise: 32-element segments of two rows
+        for k in cutlass.range_constexpr(2):
+            rbi = k if tb == 2 else 0  # rows seg_row + 16 k: block k of 16, or the one block of 32
+            rlocal = Int64(seg_row + 16 * k - rbi * n)
+            rvalid = blocks[rbi][3]
+            xrow = blocks[rbi][4] + rlocal
+            seg_col = col0 + Int64(32 * seg)
+            if rlocal < rvalid and seg_col < k_cols:
+                rsrc = stage_addr + (seg_row + 16 * k) * row_bytes
+                rxb = cute.make_rmem_tensor(32, Uint32)
+                rpacked = cute.make_rmem_tensor(16, Uint32)
+                for rc in cutlass.range_constexpr(seg_chunks):
+                    w4 = _ld_shared(rsrc + _swizzle(seg * seg_chunks + rc) * 16, 4)
+                    for rq in cutlass.range_constexpr(4):
+                        if cutlass.const_expr(bf16):
+                            rpacked[4 * rc + rq] = w4[rq]
+                            rxb[8 * rc + 2 * rq] = w4[rq] << Uint32(16)
+                            rxb[8 * rc + 2 * rq + 1] = w4[rq] & Uint32(0xFFFF0000)
+                        else:
+                            rxb[4 * rc + rq] = w4[rq]
+                rwords = cute.make_rmem_tensor(row_words, Uint32)
+                if cutlass.const_expr(fmt == "mxfp8"):
+                    ramax = None
+                    if cutlass.const_expr(bf16):
+                        rm = _packed_amax(rpacked, 0, 16)
+                        ramax = cutlass.max(rm & Uint32(0xFFFF), rm >> Uint32(16)) << Uint32(16)
+                    rbyte = _mxfp8_block(rxb, rwords, ramax)
+                    rat = row_data_addr + xrow * k_cols + seg_col
+                    _st_global(rat, [rwords[0], rwords[1], rwords[2], rwords[3]])
+                    _st_global(rat + 16, [rwords[4], rwords[5], rwords[6], rwords[7]])
+                    _st_global_u8(row_scale_addr + xrow * (k_cols // 32) + seg_col // 32, rbyte)
+                else:
+                    rs = s_col[blocks[rbi][0]]
+                    if row_s_mode != 0:
+                        rs = s_row[xrow]
+                    second = seg_col + 16 < k_cols
+                    rscales = Uint32(0)
+                    for rh in cutlass.range_constexpr(2):
+                        rxh = cute.make_rmem_tensor(16, Uint32)
+                        for ri in cutlass.range_constexpr(16):
+                            rxh[ri] = rxb[16 * rh + ri]
+                        rhmax = None
+                        if cutlass.const_expr(bf16):
+                            rhm = _packed_amax(rpacked, 8 * rh, 8)
+                            rhmax = cutlass.max(rhm & Uint32(0xFFFF), rhm >> Uint32(16)) << Uint32(16)
+                        rwh = cute.make_rmem_tensor(2, Uint32)
+                        rhbyte = _nvfp4_block(rxh, rwh, rs, rhmax)
+                        rwords[2 * rh] = rwh[0]
+                        rwords[2 * rh + 1] = rwh[1]
+                        rscales = rscales | (rhbyte << Uint32(8 * rh))
+                    rat = row_data_addr + xrow * (k_cols // 2) + seg_col // 2
+                    rscale_at = row_scale_addr + xrow * (k_cols // 16) + seg_col // 16
+                    if second and k32:
+                        _st_global(rat, [rwords[0], rwords[1], rwords[2], rwords[3]])
+                        _st_global_u16(rscale_at, rscales)
+                    else:
+                        _st_global(rat, [rwords[0], rwords[1]])
+                        _st_global_u8(rscale_at, rscales)
+                        if second:
+                            _st_global(rat + 8, [rwords[2], rwords[3]])
+                            _st_global_u8(rscale_at + 1, rscales >> Uint32(8))
+
+        # ---- columnwise: columns 2 tid and 2 tid + 1, every row of the tile
+        lo = cute.make_rmem_tensor(FUSED_ROWS, Uint32)  # bf16: both columns packed; fp32: column 2 tid
+        hi = cute.make_rmem_tensor(FUSED_ROWS, Uint32)  # fp32: column 2 tid + 1
+        for rr in cutlass.range_constexpr(FUSED_ROWS):
+            if cutlass.const_expr(bf16):
+                lo[rr] = _ld_shared(stage_addr + rr * row_bytes + col_off, 1)[0]
+            else:
+                pair = _ld_shared(stage_addr + rr * row_bytes + col_off, 2)
+                lo[rr] = pair[0]
+                hi[rr] = pair[1]
+        for cbi in cutlass.range_constexpr(tb):
+            cblock = blocks[cbi]
+            if cblock[3] > Int64(0):
+                cm = Uint32(0)
+                if cutlass.const_expr(bf16):
+                    cm = _packed_amax(lo, cbi * n, n)
+                cs = Float32(1.0)
+                if cutlass.const_expr(fmt == "nvfp4"):
+                    cs = s_col[cblock[0]]
+                crow = cblock[1]
+                cj = cblock[2]
+                cdata_offset = table[crow + DATA_OFFSET]
+                cdata_stride = table[crow + DATA_STRIDE]
+                cscale_offset = table[crow + SCALE_OFFSET]
+                cscale_stride = table[crow + SCALE_STRIDE]
+                for ch in cutlass.range_constexpr(2):
+                    ccol = col0 + Int64(2 * tid + ch)
+                    cxb = cute.make_rmem_tensor(n, Uint32)
+                    for ci in cutlass.range_constexpr(n):
+                        if cutlass.const_expr(bf16):
+                            if cutlass.const_expr(ch == 0):
+                                cxb[ci] = lo[cbi * n + ci] << Uint32(16)
+                            else:
+                                cxb[ci] = lo[cbi * n + ci] & Uint32(0xFFFF0000)
+                        else:
+                            cxb[ci] = lo[cbi * n + ci] if ch == 0 else hi[cbi * n + ci]
+                    camax = None
+                    if cutlass.const_expr(bf16):
+                        camax = (cm << Uint32(16)) if ch == 0 else (cm & Uint32(0xFFFF0000))
+                    cwords = cute.make_rmem_tensor(block_bytes // 4, Uint32)
+                    if cutlass.const_expr(fmt == "mxfp8"):
+                        cbyte = _mxfp8_block(cxb, cwords, camax)
+                    else:
+                        cbyte = _nvfp4_block(cxb, cwords, cs, camax)
+                    if ccol < k_cols:
+                        cdata_at = cdata_offset + ccol * cdata_stride + cj * block_bytes
+                        if cdata_at >= Int64(0) and cdata_at + block_bytes <= col_data_bytes:
+                            if cutlass.const_expr(fmt == "mxfp8"):
+                                _st_global(col_data_addr + cdata_at, [cwords[0], cwords[1], cwords[2], cwords[3]])
+                                _st_global(col_data_addr + cdata_at + 16,
+                                           [cwords[4], cwords[5], cwords[6], cwords[7]])
+                            else:
+                                _st_global(col_data_addr + cdata_at, [cwords[0], cwords[1]])
+                        cscale_at = cscale_offset + ccol * cscale_stride + cj
+                        if cscale_at >= Int64(0) and cscale_at < col_scale_bytes:
+                            _st_global_u8(col_scale_addr + cscale_at, cbyte)
+        cute.arch.sync_threads()
+
+
+def _fused_launch(x, table, row_data, row_scale, col_data, col_scale, s_row, s_col, scalars, grid_ctas, stream,
+                  fmt):
+    stages = FUSED_STAGES[x.element_type.width]
+    fused_kernel(
+        x, table, row_data, row_scale, col_data, col_scale, s_row, s_col, *scalars, fmt, x.element_type.width, stages
+    ).launch(grid=(grid_ctas, 1, 1), block=(FUSED_THREADS, 1, 1),
+             smem=stages * FUSED_ROWS * FUSED_COLS * (x.element_type.width // 8) + 128, stream=stream)
+
+
+@cute.jit
+def fused_mxfp8_host(
+    x: cute.Tensor, table: cute.Tensor, row_data: cute.Tensor, row_scale: cute.Tensor,
+    col_data: cute.Tensor, col_scale: cute.Tensor,
+    n_groups: Int32, steps: Int32, m_rows: Int64, k_cols: Int64, col_data_bytes: Int64, col_scale_bytes: Int64,
+    grid_ctas: Int32, stream,
+):
+    scalars = (n_groups, steps, m_rows, k_cols, Int32(0), col_data_bytes, col_scale_bytes)
+    _fused_launch(x, table, row_data, row_scale, col_data, col_scale, table, table, scalars, grid_ctas, stream,
+                  "mxfp8")
+
+
+@cute.jit
+def fused_nvfp4_host(
+    x: cute.Tensor, table: cute.Tensor, row_data: cute.Tensor, row_scale: cute.Tensor,
+    col_data: cute.Tensor, col_scale: cute.Tensor, s_row: cute.Tensor, s_col: cute.Tensor,
+    n_groups: Int32, steps: Int32, m_rows: Int64, k_cols: Int64, row_s_mode: Int32,
+    col_data_bytes: Int64, col_scale_bytes: Int64, grid_ctas: Int32, stream,
+):
+    scalars = (n_groups, steps, m_rows, k_cols, row_s_mode, col_data_bytes, col_scale_bytes)
+    _fused_launch(x, table, row_data, row_scale, col_data, col_scale, s_row, s_col, scalars, grid_ctas, stream,
+                  "nvfp4")
+
+
+# ---- per-group finite amax (NVFP4's S) ---------------------------------------------------------
+
+
+def _finite_abs(bits: Uint32) -> Uint32:
+    a = bits & Uint32(ABS_MASK)
+    return _sel(a < Uint32(INF_BITS), a, 0, Uint32)
+
+
+@cute.jit
+def _amax_flush(acc: Uint32, group: Int32, out_addr: Int64, reduce_addr: Int32, tid: Int32):
+    """CTA max of acc -> one atomic max into out[group] (every thread calls; group is CTA-uniform)."""
+    m = _warp_max_u32(acc)
+    if tid % 32 == 0:
+        _st_shared(reduce_addr + (tid // 32) * 4, m)
+    cute.arch.sync_threads()
+    if tid == 0 and group >= 0:
+        w = _ld_shared(reduce_addr, 4)
+        total = cutlass.max(cutlass.max(w[0], w[1]), cutlass.max(w[2], w[3]))
+        if total > Uint32(0):
+            _red_max_u32(out_addr + Int64(group) * 4, total)
+    cute.arch.sync_threads()
+
+
+@dsl_user_op
+def _st_shared(smem_addr, value, *, loc=None, ip=None):
+    args = [Int32(smem_addr).ir_value(loc=loc, ip=ip), Uint32(value).ir_value(loc=loc, ip=ip)]
+    _void_asm("st.shared.b32 [$0], $1;", "r,r", args, loc, ip)
+
+
+@cute.kernel
+def amax_kernel(x: cute.Tensor, table: cute.Tensor, out: cute.Tensor, n_groups: Int32, steps: Int32,
+                m_rows: Int64, k_cols: Int64, in_bits: cutlass.Constexpr):
+    n = BLOCK["nvfp4"]
+    eb = in_bits // 8
+    cpr = FUSED_COLS * eb // 16
+    rows_per_load = FUSED_THREADS // cpr
+    n_loads = FUSED_ROWS // rows_per_load
+    tid = Int32(cute.arch.thread_idx()[0])
+    smem = cutlass.utils.SmemAllocator()
+    reduce = smem.allocate_tensor(Uint32, cute.make_layout(FUSED_THREADS // 32), byte_alignment=16)
+    reduce_addr = reduce.iterator.toint()
+    x_addr = x.iterator.toint()
+    out_addr = out.iterator.toint()
+    rt, ct, count, n_ct, total_blocks = _tile_range(table, n_groups, k_cols, n)
+    chunk = tid % cpr
+    u = tid // cpr
+    current = Int32(-1)
+    acc = Uint32(0)
+    for it in cutlass.range(count, unroll=1):
+        col0, blocks = _tile_blocks(table, rt, ct, n_groups, steps, total_blocks, n)
+        rt, ct = _next_tile(rt, ct, n_ct)
+        chunk_col = col0 + Int64(chunk * (16 // eb))
+        col_ok = chunk_col < k_cols
+        loaded = []
+        for i in cutlass.range_constexpr(n_loads):
+            r = i * rows_per_load
+            bi = r // n
+            local = Int64(r - bi * n) + Int64(u)
+            src_row = blocks[bi][4] + local
+            ok = col_ok & (local < blocks[bi][3]) & (src_row < m_rows)
+            src = _sel(ok, x_addr + (src_row * k_cols + chunk_col) * eb, x_addr, Int64)
+            loaded.append(_ld_global_pred(src, _sel(ok, 1, 0, Int32)))
+        for gbi in cutlass.range_constexpr(FUSED_ROWS // n):
+            if blocks[gbi][0] != current:
+                _amax_flush(acc, current, out_addr, reduce_addr, tid)
+                current = blocks[gbi][0]
+                acc = Uint32(0)
+            for gi in cutlass.range_constexpr(n_loads):
+                if cutlass.const_expr((gi * rows_per_load) // n == gbi):
+                    for w in loaded[gi]:
+                        if cutlass.const_expr(in_bits == 16):
+                            acc = cutlass.max(acc, _finite_abs(w << Uint32(16)))
+                            acc = cutlass.max(acc, _finite_abs(w & Uint32(0xFFFF0000)))
+                        else:
+                            acc = cutlass.max(acc, _finite_abs(w))
+    _amax_flush(acc, current, out_addr, reduce_addr, tid)
+
+
+@cute.jit
+def amax_host(x: cute.Tensor, table: cute.Tensor, out: cute.Tensor, n_groups: Int32, steps: Int32,
+              m_rows: Int64, k_cols: Int64, grid_ctas: Int32, stream):
+    amax_kernel(x, table, out, n_groups, steps, m_rows, k_cols, x.element_type.width).launch(
+        grid=(grid_ctas, 1, 1), block=(FUSED_THREADS, 1, 1), smem=64, stream=stream
+    )

@@ -418,6 +418,209 @@ def test_bad_arguments_raise_and_touch_nothing(fmt):
     assert not data.view(torch.uint8).any() and not scale.view(torch.uint8).any()
 
 
+# ----------------------------------------------------------------------------- fused: both directions
+
+
+def run_both(qk, x, fmt, sizes, col_ref, col_scale_s=None, row_scale_s=None):
+    """quantize_both into poisoned buffers: rowwise (R, K) and columnwise like col_ref (one (K, P) matrix)."""
+    r, k = x.shape
+    row_data = torch.empty(r, k // EPB[fmt], dtype=qk.DATA_DTYPE[fmt], device="cuda")
+    row_scale = torch.empty(r, k // BLOCK[fmt], dtype=qk.SCALE_DTYPE[fmt], device="cuda")
+    row_data.view(torch.uint8).fill_(0xA5)
+    row_scale.view(torch.uint8).fill_(0xA5)
+    col_data, col_scale = garbage_like(col_ref.data), garbage_like(col_ref.scale)
+    table = qk.group_table(torch.tensor(sizes, dtype=torch.int64, device="cuda"), fmt,
+                           data_row_bytes=col_data.shape[1], scale_row_bytes=col_scale.shape[1])
+    qk.quantize_both(x.cuda(), fmt, row_data, row_scale, col_data, col_scale, table,
+                     None if row_scale_s is None else row_scale_s.float().cuda(),
+                     None if col_scale_s is None else col_scale_s.float().cuda())
+    return row_data, row_scale, col_data, col_scale
+
+
+def check_both(qk, x, fmt, sizes):
+    total = sum(sizes)
+    row_ref = grouped.quantize(x, fmt, split_sizes=sizes)
+    col_ref = grouped.quantize(x, fmt, axis=0, split_sizes=sizes)
+    got = run_both(qk, x, fmt, sizes, col_ref, col_ref.global_scale)
+    assert_same_bytes(got[0][:total], row_ref.data[:total], "row data")
+    assert_same_bytes(got[1][:total], row_ref.scale[:total], "row scale")
+    assert (as_bytes(got[0][total:]) == 0xA5).all() and (as_bytes(got[1][total:]) == 0xA5).all(), (
+        "rows past the groups were written"
+    )
+    assert_same_bytes(got[2], col_ref.data, "column data")
+    assert_same_bytes(got[3], col_ref.scale, "column scale")
+
+
+BOTH_COLS = {"mxfp8": [32, 256, 544], "nvfp4": [16, 208, 256, 544]}  # K % 32 == 16 takes the odd path
+
+
+@gpu
+@fmt_param
+@dtype_param
+@pytest.mark.parametrize("sizes", [s for s in SPLITS if sum(s)], ids=str)
+@pytest.mark.parametrize("col_index", [0, 1, 2, 3])
+def test_both_matches_quantize(gen, fmt, dtype, sizes, col_index):
+    """One pass gives grouped.quantize's rowwise and columnwise (grouped) bytes; rows past the groups untouched."""
+    qk = _qk()
+    if col_index >= len(BOTH_COLS[fmt]):
+        pytest.skip("no such width for this format")
+    x = special(gen, sum(sizes) + 5, BOTH_COLS[fmt][col_index]).to(dtype)
+    check_both(qk, x, fmt, sizes)
+
+
+@gpu
+@fmt_param
+@dtype_param
+def test_both_many_groups(gen, fmt, dtype):
+    qk = _qk()
+    sizes = torch.randint(0, 100, (37,), generator=gen)
+    sizes[torch.randint(0, 37, (6,), generator=gen)] = 0
+    sizes = sizes.tolist()
+    x = special(gen, sum(sizes) + 3, 288).to(dtype)
+    check_both(qk, x, fmt, sizes)
+
+
+@gpu
+@fmt_param
+@dtype_param
+def test_both_larger(gen, fmt, dtype):
+    """Many tiles a CTA (the pipeline wraps its stages), groups of all residues."""
+    qk = _qk()
+    sizes = [1000, 31, 17, 1, 0, 513, 777]
+    x = special(gen, sum(sizes), 1024).to(dtype)
+    check_both(qk, x, fmt, sizes)
+
+
+@gpu
+@fmt_param
+@dtype_param
+def test_both_subnormal_and_tiny_groups(gen, fmt, dtype):
+    """A group of subnormals only (NVFP4: S at the fp32 max, S / d = inf) beside normal ones."""
+    qk = _qk()
+    sizes = [40, 21, 64]
+    x = torch.cat([special(gen, 40, 256), subnormal_rows(gen, 21, 256), special(gen, 64, 256)]).to(dtype)
+    check_both(qk, x, fmt, sizes)
+
+
+@gpu
+@dtype_param
+def test_both_nvfp4_midpoints(gen, dtype):
+    qk = _qk()
+    sizes = [32, 16, 48]
+    x = midpoint_rows(gen, 96, 256, 16).to(dtype)  # ties along the rows
+    check_both(qk, x, "nvfp4", sizes)
+    y = midpoint_rows(gen, 256, 96, 16).t().contiguous().to(dtype)  # ties down the columns
+    check_both(qk, y, "nvfp4", sizes)
+
+
+@gpu
+@dtype_param
+def test_both_nvfp4_any_row_scale(gen, dtype):
+    """row_scale_s given per row (far from the groups' own S): the rowwise bytes follow it."""
+    qk = _qk()
+    sizes = [100, 60, 96]
+    x = special(gen, 256, 256).to(dtype)
+    s = torch.exp2(torch.randint(-60, 61, (256,), generator=gen).float()) * (1 + torch.rand(256, generator=gen))
+    s[:4] = torch.tensor([torch.finfo(torch.float32).max, 1.0, 2.0**-126, 2.0**-149])
+    col_ref = grouped.quantize(x, "nvfp4", axis=0, split_sizes=sizes)
+    got = run_both(qk, x, "nvfp4", sizes, col_ref, col_ref.global_scale, row_scale_s=s)
+    want_data, want_scale = NVFP4.quantize_blocks(x.float(), s.unsqueeze(1))
+    assert_same_bytes(got[0], want_data, "row data")
+    assert_same_bytes(got[1], want_scale, "row scale")
+    assert_same_bytes(got[2], col_ref.data, "column data")
+    assert_same_bytes(got[3], col_ref.scale, "column scale")
+
+
+@gpu
+@fmt_param
+@dtype_param
+def test_both_grouped_tensor_regions(gen, fmt, dtype):
+    """GroupedTensor's buffers: rowwise one (R, K) array, columnwise each member at its own offset."""
+    qk = _qk()
+    sizes = [5, 0, 37, 1, 64]
+    k = 512
+    x = special(gen, sum(sizes), k).to(dtype)
+    ref = grouped.GroupedTensor.from_tensor(x, sizes, fmt, rowwise=True, columnwise=True)
+    views = ref.split(columnwise=True)
+    base_d, base_s = ref.columnwise_data.data_ptr(), ref.columnwise_scale.data_ptr()
+    b, epb = BLOCK[fmt], EPB[fmt]
+    pad = [-(-m // b) * b for m in sizes]
+    table = qk.group_table(
+        torch.tensor(sizes, device="cuda"), fmt,
+        data_offsets=[v.data.data_ptr() - base_d for v in views],
+        data_strides=[p // epb for p in pad],
+        scale_offsets=[v.scale.data_ptr() - base_s for v in views],
+        scale_strides=[p // b for p in pad],
+    )
+    r = sum(sizes)
+    data = garbage_like(ref.data)
+    scale = garbage_like(ref.scale)
+    col_data = torch.zeros_like(ref.columnwise_data, device="cuda")
+    col_scale = torch.zeros_like(ref.columnwise_scale, device="cuda")
+    s = None if ref.global_scale is None else ref.global_scale.cuda()
+    qk.quantize_both(x.cuda(), fmt, data[: r * k // epb].view(r, -1), scale[: r * k // b].view(r, -1),
+                     col_data, col_scale, table, None, s)
+    assert_same_bytes(data, ref.data, "data")
+    assert_same_bytes(scale, ref.scale, "scale")
+    assert_same_bytes(col_data, ref.columnwise_data, "columnwise_data")
+    assert_same_bytes(col_scale, ref.columnwise_scale, "columnwise_scale")
+
+
+@gpu
+@dtype_param
+@pytest.mark.parametrize("sizes", SPLITS + [[300, 0, 1, 77]], ids=str)
+def test_group_amax_matches(gen, dtype, sizes):
+    """The per-group finite amax kernel gives grouped.quantize's NVFP4 S exactly."""
+    qk = _qk()
+    x = special(gen, sum(sizes) + 4, 272).to(dtype)
+    x[-4:] = 1e30  # rows past the groups are not read
+    table = qk.group_table(torch.tensor(sizes, dtype=torch.int64, device="cuda"), "nvfp4",
+                           data_row_bytes=16, scale_row_bytes=16)
+    out = torch.zeros(len(sizes), dtype=torch.int32, device="cuda")
+    qk.group_amax(x.cuda(), table, out)
+    want = torch.zeros(len(sizes))
+    start = 0
+    for g, m in enumerate(sizes):
+        rows = x[start:start + m].float()
+        finite = rows.abs().nan_to_num(nan=0.0, posinf=0.0)
+        want[g] = finite.max() if m else 0.0
+        start += m
+    assert_same_bytes(out.view(torch.float32), want, "group amax")
+    if sum(sizes):
+        ref = grouped.quantize(x, "nvfp4", axis=0, split_sizes=sizes)
+        assert_same_bytes(NVFP4.global_scale(out.view(torch.float32).cpu()), ref.global_scale, "S")
+
+
+@gpu
+@fmt_param
+def test_both_bad_arguments_raise_and_touch_nothing(fmt):
+    qk = _qk()
+    x = torch.randn(64, 64, device="cuda")
+    b, epb = BLOCK[fmt], EPB[fmt]
+    data = torch.zeros(64, 64 // epb, dtype=qk.DATA_DTYPE[fmt], device="cuda")
+    scale = torch.zeros(64, 64 // b, dtype=qk.SCALE_DTYPE[fmt], device="cuda")
+    col_data = torch.zeros(64, 64 // epb, dtype=qk.DATA_DTYPE[fmt], device="cuda")
+    col_scale = torch.zeros(64, 64 // b, dtype=qk.SCALE_DTYPE[fmt], device="cuda")
+    table = qk.group_table([64], fmt, device="cuda", data_row_bytes=64 // epb, scale_row_bytes=64 // b)
+    s = torch.ones(1, device="cuda") if fmt == "nvfp4" else None
+    with pytest.raises(ValueError, match="row_data must have shape"):
+        qk.quantize_both(x, fmt, data[:3], scale, col_data, col_scale, table, None, s)
+    with pytest.raises(ValueError, match="groups must be"):
+        qk.quantize_both(x, fmt, data, scale, col_data, col_scale, table[:, :7].contiguous(), None, s)
+    with pytest.raises(ValueError, match="bf16 or fp32"):
+        qk.quantize_both(x.half(), fmt, data, scale, col_data, col_scale, table, None, s)
+    if fmt == "nvfp4":
+        with pytest.raises(ValueError, match="col_scale_s"):
+            qk.quantize_both(x, fmt, data, scale, col_data, col_scale, table, None, None)
+        with pytest.raises(ValueError, match="row_scale_s"):
+            qk.quantize_both(x, fmt, data, scale, col_data, col_scale, table, torch.ones(3, device="cuda"), s)
+    else:
+        with pytest.raises(ValueError, match="NVFP4 only"):
+            qk.quantize_both(x, fmt, data, scale, col_data, col_scale, table, None, torch.ones(1, device="cuda"))
+    for t in (data, scale, col_data, col_scale):
+        assert not t.view(torch.uint8).any()
+
+
 # ----------------------------------------------------------------------------- no GPU needed
 
 
