@@ -3,8 +3,9 @@
 Bit-exact with the torch reference ``grouped.quantize`` (grouped/formats.py,
 grouped/elements.py): the same fp32 operations in the same order, each a
 correctly rounded PTX instruction (``mul.rn.f32``, ``div.rn.f32``, no ftz),
-E4M3 by ``cvt.rn.satfinite.e4m3x2.f32``, the E8M0 exponent and the E2M1
-rounding worked out on bit patterns. Block amaxes are integer maxima of the
+E4M3 by ``cvt.rn.satfinite.e4m3x2.f32``, the E8M0 exponent worked out on bit
+patterns, the E2M1 rounding by correctly rounded fp32 adds onto 2^23 (see
+quantize_kernel._e2m1_block_ptx). Block amaxes are integer maxima of the
 fp32 bit patterns with the sign cleared (finite < Inf < NaN, NaN never
 dropped); a block is non-finite iff that maximum is >= 0x7F800000, and gets
 the NaN scale (E8M0 0xFF / E4M3 0x7F) with E4M3 NaN elements (MXFP8, 0x7F)
@@ -72,6 +73,9 @@ bound on sum_g ceil(m_g / block)) times ceil(K / COL_THREADS); a CTA finds its
 group by binary search on BLOCK_START and returns when its block is past the
 group's end. NVFP4 takes ``col_scale`` (G,) fp32, each group's S.
 
+Both directions in one pass over x, ``quantize_both``, and NVFP4's per-group
+finite amax, ``group_amax``: see the notes above their code below.
+
 Host side here (checks, compile entry, launch; no cutlass import — works on a
 machine with no GPU when CUTE_DSL_ARCH is set); device code in
 quantize_kernel.py, imported only to compile.
@@ -101,10 +105,18 @@ DATA_ALIGN = {"mxfp8": 16, "nvfp4": 8}  # bytes: where a columnwise block's data
 
 # fused rowwise + columnwise (quantize_both) and the per-group amax (group_amax)
 FUSED_THREADS = 128  # threads a CTA
-FUSED_ROWS = 32  # rows of a tile: one MXFP8 block, two NVFP4 blocks
-FUSED_COLS = 256  # columns of a tile
-FUSED_STAGES = {16: 3, 32: 2}  # cp.async stages by input bits (48 / 64 KB of shared memory)
-FUSED_CTAS_PER_SM = {16: 4, 32: 3}  # resident CTAs an SM, by input bits: the persistent grid
+FUSED_ROWS = 128  # rows of a tile: 4 MXFP8 / 8 NVFP4 padded blocks
+FUSED_COLS = 64  # columns of a tile
+# by (format, input bits): cp.async stages (compiled in), resident CTAs an SM (the persistent
+# grid; shared memory and registers allow it), and neighbouring column tiles a CTA takes in a
+# row as its unit of work (a run-time argument). bf16: the fastest of a sweep on an H200
+# (stages 2-3, 2-4 CTAs, units of 1-4 tiles); fp32: what fits (64 KB of stages a CTA).
+FUSED_STAGES = {("mxfp8", 16): 2, ("nvfp4", 16): 2, ("mxfp8", 32): 2, ("nvfp4", 32): 2}
+FUSED_CTAS_PER_SM = {("mxfp8", 16): 3, ("nvfp4", 16): 4, ("mxfp8", 32): 2, ("nvfp4", 32): 2}
+FUSED_CT_GROUP = {("mxfp8", 16): 2, ("nvfp4", 16): 2, ("mxfp8", 32): 2, ("nvfp4", 32): 2}
+_GRID_LIMIT: int | None = None  # tests cap the persistent grid, so each CTA runs a long pipeline
+AMAX_ROWS = 32  # group_amax's tile: rows (two NVFP4 blocks) ...
+AMAX_COLS = 256  # ... and columns
 AMAX_CTAS_PER_SM = {16: 8, 32: 4}  # resident CTAs an SM (registers), by input bits
 
 # group table columns
@@ -416,28 +428,38 @@ def quantize_columnwise(x, fmt_name, data, scale, groups, col_scale=None) -> Non
 # quantize_both(x, fmt, row_data, row_scale, col_data, col_scale, groups, row_scale_s, col_scale_s)
 #     One pass over x: the bytes of quantize_rowwise (for the rows that belong
 #     to a group) and of quantize_columnwise (same group table), x read once.
-#     A persistent grid of FUSED_CTAS_PER_SM CTAs an SM; each CTA takes a
-#     contiguous run of tiles of FUSED_ROWS rows x FUSED_COLS columns. A tile's
-#     rows are FUSED_ROWS / block consecutive padded blocks of the group table
-#     (the numbering the columnwise kernel's grid runs over), each block's rows
-#     from its own group: rows past the group's end (and columns past K) are
-#     loaded as zeros, so a columnwise block never straddles a group, and are
-#     not written rowwise. Tiles come into shared memory by 16-byte cp.async,
-#     FUSED_STAGES deep (XOR-swizzled 16-byte chunks: no bank conflicts);
-#     each thread then quantizes two 32-element row segments (stored with 16-byte
-#     vector stores, a warp covering whole 256- or 128-byte row runs) and two
-#     columns (one MXFP8 block of 32 / two NVFP4 blocks of 16 each).
-#     Rows that belong to no group are not written (rowwise nor columnwise).
+#     Tiles of FUSED_ROWS rows x FUSED_COLS columns; a tile's rows are
+#     FUSED_ROWS / block consecutive padded blocks of the group table (the
+#     numbering the columnwise kernel's grid runs over), each block's rows from
+#     its own group: rows past the group's end (and columns past K) load as
+#     zeros, so a columnwise block never straddles a group, and are not written
+#     rowwise. Rows that belong to no group are written in neither direction.
+#     A persistent grid (FUSED_CTAS_PER_SM CTAs an SM) takes units of
+#     FUSED_CT_GROUP neighbouring column tiles of one row tile, row tile
+#     fastest, grid-stride: CTAs running together work on neighbouring rows of
+#     the same columns, so the pieces of each transposed output row are written
+#     together. A CTA loads its tiles by 16-byte cp.async, FUSED_STAGES deep
+#     (XOR-swizzled chunks: no bank conflicts); a few threads look up each
+#     tile's blocks in the group table ahead of time into shared memory; each
+#     thread quantizes one row of the tile (two 32-element segments) and two
+#     columns of 32 rows, into shared staging buffers (again swizzled), which
+#     the CTA then writes out with 16-byte stores, a warp covering whole
+#     128-byte runs of the column output (64 columns x one 128-byte line for
+#     MXFP8) and of the row output.
 #     NVFP4: col_scale_s (G,) fp32 is each group's S; row_scale_s (R,) fp32 is
 #     each row's S, or None to use its group's S (the same value wherever rows
 #     and groups correspond, as in grouped.quantize and GroupedTensor).
+#     Numerics: the block codecs of quantize_kernel.py, the same as the
+#     one-direction kernels, byte for byte.
 #
 # group_amax(x, groups, out)
 #     NVFP4's per-group finite amax in one pass: out (G,) int32 (fp32 bit
 #     patterns, view it as float32) gets, by atomic max, the largest |x| over
 #     the finite elements of each group's rows (NaN / Inf ignored); zero it
-#     first. Groups are those of the table (the NVFP4 group table: blocks of 16).
-#     Exact: a max of bit patterns, no arithmetic.
+#     first. Groups are those of the table (the NVFP4 group table: blocks of
+#     16). Exact: a max of bit patterns, no arithmetic. A CTA streams along its
+#     rows (a contiguous run of AMAX_ROWS x AMAX_COLS tiles) and does one
+#     atomic max a group it met.
 
 
 @functools.lru_cache(maxsize=None)
@@ -474,7 +496,7 @@ def can_implement_both(x, fmt_name, row_data, row_scale, col_data, col_scale, gr
     block, epb = BLOCK[fmt], ELEMENTS_PER_BYTE[fmt]
     for name, t, dtype, shape, align in (
         ("row_data", row_data, DATA_DTYPE[fmt], (rows, k // epb), 16),
-        ("row_scale", row_scale, SCALE_DTYPE[fmt], (rows, k // block), 2),
+        ("row_scale", row_scale, SCALE_DTYPE[fmt], (rows, k // block), 4),
     ):
         reason = _check_bytes(name, t, (dtype, torch.uint8), x.device, align=align)
         if reason:
@@ -515,12 +537,13 @@ def can_implement_amax(x, groups, out) -> str | None:
 
 def _fused_spec(fmt: str, input_dtype: torch.dtype) -> KernelSpec:
     bits = 16 if input_dtype == torch.bfloat16 else 32
-    config = (fmt, str(input_dtype), "both", FUSED_THREADS, FUSED_ROWS, FUSED_COLS, FUSED_STAGES[bits], TABLE_COLS)
+    config = (fmt, str(input_dtype), "both", FUSED_THREADS, FUSED_ROWS, FUSED_COLS, FUSED_STAGES[(fmt, bits)],
+              TABLE_COLS)
     return KernelSpec(f"quantize_{fmt}_both", config, ARCH, _SOURCES)
 
 
 def _amax_spec(input_dtype: torch.dtype) -> KernelSpec:
-    config = (str(input_dtype), FUSED_THREADS, FUSED_ROWS, FUSED_COLS, TABLE_COLS)
+    config = (str(input_dtype), FUSED_THREADS, AMAX_ROWS, AMAX_COLS, TABLE_COLS)
     return KernelSpec("quantize_nvfp4_group_amax", config, ARCH, _SOURCES)
 
 
@@ -542,7 +565,7 @@ def compile_fused(fmt: str, input_dtype: torch.dtype):
     col_data, col_scale = flat(cutlass.Uint8, 16), flat(cutlass.Uint8, 1)
     options = f"--enable-tvm-ffi --gpu-arch {ARCH}"
     head = (cutlass.Int32(1), cutlass.Int32(0), cutlass.Int64(1), cutlass.Int64(1))  # n_groups, steps, M, K
-    tail = (cutlass.Int64(1), cutlass.Int64(1), cutlass.Int32(1))  # col data bytes, col scale bytes, grid
+    tail = (cutlass.Int64(1), cutlass.Int64(1), cutlass.Int32(1), cutlass.Int32(1))  # col bytes, ct_group, grid
     tensors = (x, table, row_data, row_scale, col_data, col_scale)
     if fmt == "mxfp8":
         return cute.compile(k.fused_mxfp8_host, *tensors, *head, *tail, make_fake_stream(), options=options)
@@ -576,9 +599,9 @@ def fused_configs() -> list:
     ] + [(_amax_spec(d), (lambda d=d: compile_amax(d))) for d in INPUT_DTYPES]
 
 
-def _tiles_upper_bound(x: torch.Tensor, fmt: str, n_groups: int) -> int:
+def _tiles_upper_bound(x: torch.Tensor, fmt: str, n_groups: int, rows: int, cols: int) -> int:
     blocks = _ceil_div(x.shape[0], BLOCK[fmt]) + n_groups  # >= sum_g ceil(m_g / block)
-    return _ceil_div(blocks, FUSED_ROWS // BLOCK[fmt]) * _ceil_div(x.shape[1], FUSED_COLS)
+    return _ceil_div(blocks, rows // BLOCK[fmt]) * _ceil_div(x.shape[1], cols)
 
 
 def quantize_both(x, fmt_name, row_data, row_scale, col_data, col_scale, groups,
@@ -595,7 +618,9 @@ def quantize_both(x, fmt_name, row_data, row_scale, col_data, col_scale, groups,
     fmt = _fmt_name(fmt_name)
     bits = 16 if x.dtype == torch.bfloat16 else 32
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    grid = max(1, min(_tiles_upper_bound(x, fmt, n_groups), _sm_count(index) * FUSED_CTAS_PER_SM[bits]))
+    ct_group = FUSED_CT_GROUP[(fmt, bits)]
+    units = _tiles_upper_bound(x, fmt, n_groups, FUSED_ROWS, FUSED_COLS * ct_group)
+    grid = max(1, min(units, _sm_count(index) * FUSED_CTAS_PER_SM[(fmt, bits)], _GRID_LIMIT or units))
     steps = (n_groups - 1).bit_length()
     u8 = [t.view(torch.uint8).reshape(-1) for t in (row_data, row_scale, col_data, col_scale)]
     args = [x.view(-1), groups.view(-1), *u8]
@@ -604,7 +629,7 @@ def quantize_both(x, fmt_name, row_data, row_scale, col_data, col_scale, groups,
     args += [n_groups, steps, rows, k]
     if fmt == "nvfp4":
         args.append(0 if row_scale_s is None else 1)
-    args += [u8[2].numel(), u8[3].numel(), grid]
+    args += [u8[2].numel(), u8[3].numel(), ct_group, grid]
     with torch.cuda.device(x.device):
         CACHE.get(_fused_spec(fmt, x.dtype), lambda: compile_fused(fmt, x.dtype))(*args, _stream(x))
 
@@ -619,7 +644,8 @@ def group_amax(x, groups, out) -> None:
         return
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     per_sm = AMAX_CTAS_PER_SM[16 if x.dtype == torch.bfloat16 else 32]
-    grid = max(1, min(_tiles_upper_bound(x, "nvfp4", n_groups), _sm_count(index) * per_sm))
+    tiles = _tiles_upper_bound(x, "nvfp4", n_groups, AMAX_ROWS, AMAX_COLS)
+    grid = max(1, min(tiles, _sm_count(index) * per_sm, _GRID_LIMIT or tiles))
     args = [x.view(-1), groups.view(-1), out, n_groups, (n_groups - 1).bit_length(), x.shape[0], x.shape[1], grid]
     with torch.cuda.device(x.device):
         CACHE.get(_amax_spec(x.dtype), lambda: compile_amax(x.dtype))(*args, _stream(x))

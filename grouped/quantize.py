@@ -263,17 +263,17 @@ def quantize(
             f"quantize: the blocked dim (axis {axis}) of x has {x.shape[axis]} elements, "
             f"not a multiple of the {fmt.name} block size {fmt.block_size}{hint}"
         )
-    global_scale = fmt.global_scale(geometry.global_amax(x)) if fmt.has_global_scale else None
     if kernels.usable(x):
-        data, scale = _quantize_on_gpu(x, geometry, global_scale)
+        data, scale, global_scale = _quantize_on_gpu(x, geometry)
     else:
+        global_scale = fmt.global_scale(geometry.global_amax(x)) if fmt.has_global_scale else None
         s = geometry.broadcast_global_scale(global_scale, x.device)
         data, scale = fmt.quantize_blocks(geometry.to_stored(x.float()), s)
     return QuantizedTensor(data, scale, global_scale, fmt, axis, x.shape, sizes)
 
 
-def _quantize_on_gpu(x: torch.Tensor, geometry: _Geometry, global_scale) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same bytes as Format.quantize_blocks, from the CuTe DSL kernels (cute_backend.quantize)."""
+def _quantize_on_gpu(x: torch.Tensor, geometry: _Geometry):
+    """(data, scale, global_scale): the reference's bytes, from the CuTe DSL kernels (cute_backend.quantize)."""
     from cute_backend import quantize as kernel
 
     fmt, axis, sizes = geometry.fmt, geometry.axis, geometry.split_sizes
@@ -282,7 +282,14 @@ def _quantize_on_gpu(x: torch.Tensor, geometry: _Geometry, global_scale) -> tupl
         x = x.float()  # fp16 -> fp32 is exact
     rows = x.contiguous().reshape(-1, x.shape[-1])  # (R, K): a 3-D weight's experts stacked
     k = rows.shape[1]
-    s = None if global_scale is None else global_scale.float().reshape(-1)
+    s = global_scale = None
+    if fmt.has_global_scale:  # one S a member (expert / group / the whole tensor), amax in one pass
+        members = [x.shape[1]] * x.shape[0] if x.dim() == 3 else list(sizes or [x.shape[0]])
+        amax = torch.zeros(len(members), dtype=torch.int32, device=x.device)
+        table = kernel.group_table(members, fmt, device=x.device, data_row_bytes=0, scale_row_bytes=0)
+        kernel.group_amax(rows, table, amax)
+        s = fmt.global_scale(amax.view(torch.float32))
+        global_scale = s if x.dim() == 3 or sizes is not None else s.reshape(())
     if axis == -1:
         total = rows.shape[0] if sizes is None else sum(sizes)
         data = torch.empty(*x.shape[:-1], k // epb, dtype=fmt.data_dtype, device=x.device)
@@ -295,7 +302,7 @@ def _quantize_on_gpu(x: torch.Tensor, geometry: _Geometry, global_scale) -> tupl
             row_scale = s.repeat_interleave(torch.tensor(per_row, device=x.device), output_size=total)
         kernel.quantize_rowwise(rows[:total], fmt, data.view(-1, k // epb)[:total],
                                 scale.view(-1, k // block)[:total], row_scale)
-        return data, scale
+        return data, scale, global_scale
     if x.dim() == 3:  # blocks along N, per expert: expert g's (K, N) at its own offset
         g, n = x.shape[0], x.shape[1]
         data = torch.empty(g, k, n // epb, dtype=fmt.data_dtype, device=x.device)
@@ -311,4 +318,4 @@ def _quantize_on_gpu(x: torch.Tensor, geometry: _Geometry, global_scale) -> tupl
         groups = kernel.group_table(group_sizes, fmt, device=x.device,
                                     data_row_bytes=padded // epb, scale_row_bytes=padded // block)
     kernel.quantize_columnwise(rows, fmt, data, scale, groups, s)
-    return data, scale
+    return data, scale, global_scale

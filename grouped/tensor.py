@@ -74,9 +74,10 @@ def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The members as one (R, K) tensor: a view when they follow each other in memory
     (the experts of one weight, the splits of one token tensor), else a concatenation."""
     first = tensors[0]
-    consecutive = all(t.is_contiguous() and t.dtype == first.dtype for t in tensors) and all(
-        a.data_ptr() + a.numel() * a.element_size() == b.data_ptr() for a, b in zip(tensors, tensors[1:])
-    )
+    storage = first.untyped_storage().data_ptr()
+    consecutive = all(
+        t.is_contiguous() and t.dtype == first.dtype and t.untyped_storage().data_ptr() == storage for t in tensors
+    ) and all(a.data_ptr() + a.numel() * a.element_size() == b.data_ptr() for a, b in zip(tensors, tensors[1:]))
     if consecutive:
         rows = sum(t.shape[0] for t in tensors)
         return first.as_strided((rows, first.shape[1]), (first.shape[1], 1))
@@ -272,7 +273,8 @@ class GroupedTensor:
         return all(r.nbytes % ALIGN_BYTES == 0 for name in ("data", "scale") for r in self._regions[name][:-1])
 
     def _quantize_on_gpu(self, tensors: list[torch.Tensor], keep: torch.Tensor | None) -> None:
-        """All members in one kernel launch per direction (cute_backend/quantize.py).
+        """All members in one pass (cute_backend/quantize.py): one launch for both directions, plus
+        one amax pass for NVFP4.
 
         With a noop flag the kernels write temporaries that replace the buffers
         only where the flag is zero (torch.where: no host sync).
@@ -286,21 +288,24 @@ class GroupedTensor:
         k = rows.shape[1]
         counts, table = self._device_tables()
         s = None
-        if fmt.has_global_scale:  # each member's S from its finite amax
-            row_amax = finite_row_amax(rows)
-            member = torch.repeat_interleave(torch.arange(len(sizes), device=self.device), counts,
-                                             output_size=rows.shape[0])
-            amax = row_amax.new_zeros(len(sizes)).scatter_reduce(0, member, row_amax, "amax")
-            s = fmt.global_scale(amax)
+        if fmt.has_global_scale:  # each member's S from its finite amax, one pass
+            amax = torch.zeros(len(sizes), dtype=torch.int32, device=self.device)
+            kernel.group_amax(rows, table, amax)
+            s = fmt.global_scale(amax.view(torch.float32))
         names = [n for n, on in (("data", self.rowwise), ("scale", self.rowwise), ("columnwise_data", self.columnwise),
                                  ("columnwise_scale", self.columnwise)) if on]
         target = {n: getattr(self, n) if keep is None else torch.empty_like(getattr(self, n)) for n in names}
+        r = rows.shape[0]
         if self.rowwise:
-            r = rows.shape[0]
-            row_scale = None if s is None else s.repeat_interleave(counts, output_size=r)
-            kernel.quantize_rowwise(rows, fmt, target["data"][: r * k // fmt.elements_per_byte].view(r, -1),
-                                    target["scale"][: r * k // fmt.block_size].view(r, -1), row_scale)
-        if self.columnwise:
+            row_data = target["data"][: r * k // fmt.elements_per_byte].view(r, -1)
+            row_scale = target["scale"][: r * k // fmt.block_size].view(r, -1)
+        if self.rowwise and self.columnwise:  # one pass over the input for both directions
+            kernel.quantize_both(rows, fmt, row_data, row_scale, target["columnwise_data"],
+                                 target["columnwise_scale"], table, None, s)
+        elif self.rowwise:
+            row_s = None if s is None else s.repeat_interleave(counts, output_size=r)
+            kernel.quantize_rowwise(rows, fmt, row_data, row_scale, row_s)
+        else:
             kernel.quantize_columnwise(rows, fmt, target["columnwise_data"], target["columnwise_scale"], table, s)
         if keep is not None:
             for n in names:
@@ -308,8 +313,8 @@ class GroupedTensor:
         if s is not None:
             self.global_scale.copy_(s if keep is None else torch.where(keep, self.global_scale, s))
 
-    def _device_tables(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Member sizes and the kernel's columnwise group table, built on the device once.
+    def _device_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Member sizes and the kernels' group table (member rows; columnwise regions), built once.
 
         Built on the first call, so a CUDA graph that captures quantize_ later
         copies nothing from the host.
@@ -318,7 +323,6 @@ class GroupedTensor:
             from cute_backend import quantize as kernel
 
             sizes = [m for m, _ in self.shapes]
-            table = None
             if self.columnwise:
                 data, scale = self._regions["columnwise_data"], self._regions["columnwise_scale"]
                 table = kernel.group_table(
@@ -326,6 +330,8 @@ class GroupedTensor:
                     data_offsets=[r.offset for r in data], data_strides=[r.shape[1] * r.dtype.itemsize for r in data],
                     scale_offsets=[r.offset for r in scale], scale_strides=[r.shape[1] for r in scale],
                 )
+            else:  # only the member rows matter (NVFP4's amax)
+                table = kernel.group_table(sizes, self.fmt, device=self.device, data_row_bytes=0, scale_row_bytes=0)
             self._tables = (torch.tensor(sizes, device=self.device), table)
         return self._tables
 

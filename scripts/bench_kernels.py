@@ -4,10 +4,11 @@
 
 1. the copy-bandwidth ceiling (a device-to-device copy, bytes read + written);
 2. quantize a 32768 x 7168 bf16 tensor: MXFP8 rowwise + columnwise, NVFP4
-   rowwise + columnwise; the kernels alone (preallocated outputs) and the
-   public grouped.quantize, against the torch reference path; achieved GB/s
-   counting the bytes each path must move (input read once per direction,
-   outputs written once) and its share of the copy ceiling;
+   rowwise + columnwise; the two single-direction kernels, the fused one-pass
+   kernel, and the library path (GroupedTensor.quantize_, with NVFP4's amax
+   pass), against the torch reference path; achieved GB/s counting the bytes
+   each moves (x read once per pass, outputs written once) and its share of
+   the copy ceiling;
 3. splits_to_offsets for 256 experts and 6 outputs: launches counted with the
    torch profiler, time per call over CUDA-graph replays, against the torch path;
 4. the first call in a fresh process with a warm disk cache (no compile).
@@ -78,22 +79,25 @@ def bench_quantize(copy: float) -> list[str]:
         table = qk.group_table([m], fmt, device="cuda", data_row_bytes=m // epb, scale_row_bytes=m // block)
         s = torch.ones(m, device="cuda") if fmt == "nvfp4" else None
         s_col = s[:1] if s is not None else None
+        cache = grouped.GroupedTensor([(m, k)], fmt, rowwise=True, columnwise=True, device="cuda")
 
-        def kernels_only():
+        def separate():  # two kernels, each reading x
             qk.quantize_rowwise(x, fmt, row_data, row_scale, s)
             qk.quantize_columnwise(x, fmt, col_data, col_scale, table, s_col)
 
-        def public():
-            grouped.quantize(x, fmt)
-            grouped.quantize(x, fmt, axis=0)
+        def fused():  # one pass over x for both directions
+            qk.quantize_both(x, fmt, row_data, row_scale, col_data, col_scale, table, None, s_col)
+
+        def public():  # the library path: GroupedTensor.quantize_ (NVFP4: + the amax pass and S)
+            cache.quantize_([x])
 
         out_bytes = 2 * (m * k // epb + m * k // block)
-        kernel_bytes = 2 * x.numel() * 2 + out_bytes  # each direction reads x once
-        public_bytes = kernel_bytes + (x.numel() * 2 * 2 if fmt == "nvfp4" else 0)  # + the amax pass per call
-        ms_k = time_ms(kernels_only)
-        ms_p = time_ms(public)
+        once = x.numel() * 2 + out_bytes  # x read once, both outputs written once
+        amax = x.numel() * 2 if fmt == "nvfp4" else 0
         ms_t = time_ms(lambda: torch_path(public), reps=3)
-        for label, ms, nbytes in (("kernels", ms_k, kernel_bytes), ("grouped.quantize", ms_p, public_bytes)):
+        for label, fn, nbytes in (("separate kernels", separate, once + x.numel() * 2), ("fused kernel", fused, once),
+                                  ("GroupedTensor", public, once + amax)):
+            ms = time_ms(fn)
             gbps = nbytes / ms / 1e6
             lines.append(f"quantize {fmt} row+col {m}x{k} {label:<17} {ms:8.3f} ms {gbps:7.0f} GB/s "
                          f"{100 * gbps / copy:5.1f}% of copy; torch path {ms_t:8.3f} ms ({ms_t / ms:5.1f}x)")

@@ -483,11 +483,13 @@ def test_both_many_groups(gen, fmt, dtype):
 @gpu
 @fmt_param
 @dtype_param
-def test_both_larger(gen, fmt, dtype):
-    """Many tiles a CTA (the pipeline wraps its stages), groups of all residues."""
+@pytest.mark.parametrize("grid", [None, 3])
+def test_both_larger(gen, fmt, dtype, grid, monkeypatch):
+    """Groups of all residues; with a grid of 3 CTAs each runs dozens of tiles through its stages."""
     qk = _qk()
+    monkeypatch.setattr(qk, "_GRID_LIMIT", grid)
     sizes = [1000, 31, 17, 1, 0, 513, 777]
-    x = special(gen, sum(sizes), 1024).to(dtype)
+    x = special(gen, sum(sizes), 1088).to(dtype)
     check_both(qk, x, fmt, sizes)
 
 
@@ -568,10 +570,11 @@ def test_both_grouped_tensor_regions(gen, fmt, dtype):
 
 @gpu
 @dtype_param
-@pytest.mark.parametrize("sizes", SPLITS + [[300, 0, 1, 77]], ids=str)
-def test_group_amax_matches(gen, dtype, sizes):
+@pytest.mark.parametrize("sizes", SPLITS + [[300, 0, 1, 77], [1500, 3, 700]], ids=str)
+def test_group_amax_matches(gen, dtype, sizes, monkeypatch):
     """The per-group finite amax kernel gives grouped.quantize's NVFP4 S exactly."""
     qk = _qk()
+    monkeypatch.setattr(qk, "_GRID_LIMIT", 2)  # a CTA's tiles cross groups
     x = special(gen, sum(sizes) + 4, 272).to(dtype)
     x[-4:] = 1e30  # rows past the groups are not read
     table = qk.group_table(torch.tensor(sizes, dtype=torch.int64, device="cuda"), "nvfp4",
@@ -655,3 +658,17 @@ def test_arguments_off_the_gpu_are_refused():
         qk.quantize_rowwise(x, "bf16", x, x)
     reason = qk.can_implement_columnwise(x, "nvfp4", None, None, None)
     assert reason and "CUDA" in reason
+
+
+def test_fused_arguments_off_the_gpu_are_refused():
+    from cute_backend import quantize as qk
+
+    x = torch.randn(4, 64)
+    table = qk.group_table([4], "mxfp8", data_row_bytes=32, scale_row_bytes=1)
+    data = torch.zeros(4, 64, dtype=torch.float8_e4m3fn)
+    scale = torch.zeros(4, 2, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="CUDA"):
+        qk.quantize_both(x, "mxfp8", data, scale, data, scale, table)
+    assert "CUDA" in qk.can_implement_amax(x, table, torch.zeros(1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="fmt must be"):
+        qk.quantize_both(x, "bf16", data, scale, data, scale, table)
