@@ -34,7 +34,8 @@ from .tensor import GroupedTensor
 
 LAYOUTS = ("forward", "dgrad", "wgrad")
 OUT_DTYPES = (torch.bfloat16, torch.float32)
-MANY_GROUPS = 16
+# Per-expert cuBLAS GEMMs pay off only for a few large experts (scripts/bench.py, H200).
+LARGE_EXPERTS_MAX_GROUPS, LARGE_EXPERTS_MIN_ROWS = 16, 2048
 # The storage direction each operand must have, per layout: (a, b); True = columnwise.
 _COLUMNWISE = {"forward": (False, False), "dgrad": (False, True), "wgrad": (True, True)}
 
@@ -54,7 +55,7 @@ class Problem:
     caller_buffer: bool
     aligned: bool  # every operand and output row 16-byte aligned
     grouped_operands: bool  # an operand is a GroupedTensor (per-member buffers)
-    many_groups: bool = False  # more than MANY_GROUPS experts: per-expert launches stop paying
+    large_experts: bool = False  # few experts averaging many rows (the LARGE_EXPERTS_* bounds), host sizes
 
     def describe(self) -> str:
         arch = f"sm{self.capability[0]}{self.capability[1]}" if self.capability else self.device_type
@@ -62,7 +63,8 @@ class Problem:
         if self.accumulate:
             parts.append("accumulate")
         parts.append("GPU split sizes" if self.device_splits else "host split sizes")
-        parts.append(f"{'more' if self.many_groups else 'at most'} {MANY_GROUPS} experts")
+        if self.large_experts:
+            parts.append(f"<= {LARGE_EXPERTS_MAX_GROUPS} experts of >= {LARGE_EXPERTS_MIN_ROWS} rows")
         if self.capturing:
             parts.append("graph capture")
         if self.caller_buffer:
@@ -278,7 +280,9 @@ def prepare(a, b, split_sizes, *, offsets, layout, out, accumulate, out_dtype) -
         caller_buffer=out is not None,
         aligned=row_bytes_aligned and strides_aligned,
         grouped_operands=isinstance(a, GroupedTensor) or isinstance(b, GroupedTensor),
-        many_groups=num_groups > MANY_GROUPS,
+        large_experts=sizes is not None
+        and num_groups <= LARGE_EXPERTS_MAX_GROUPS
+        and sum(sizes) >= LARGE_EXPERTS_MIN_ROWS * num_groups,
     )
     return GemmCall(problem, fmt_a, a, b, m_total, num_groups, out_shape, device, out, sizes, counts, ends)
 

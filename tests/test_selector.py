@@ -60,7 +60,7 @@ def _problem(**kw) -> Problem:
         caller_buffer=False,
         aligned=True,
         grouped_operands=False,
-        many_groups=True,
+        large_experts=False,
     )
     base.update(kw)
     return Problem(**base)
@@ -348,10 +348,10 @@ def _first_servable(problem):
 
 @pytest.mark.parametrize("layout", ["forward", "dgrad", "wgrad"])
 @pytest.mark.parametrize("cap", [(9, 0), (10, 0)])
-@pytest.mark.parametrize("many_groups, expected", [(True, "torch"), (False, "cublas")])
-def test_bf16_host_splits_follows_preference(layout, cap, many_groups, expected):
-    """Few experts with host split sizes: the cuBLAS loop; many experts: torch._grouped_mm."""
-    p = _problem(layout=layout, capability=cap, many_groups=many_groups)
+@pytest.mark.parametrize("large_experts, expected", [(False, "torch"), (True, "cublas")])
+def test_bf16_host_splits_follows_preference(layout, cap, large_experts, expected):
+    """A few large experts with host split sizes: the cuBLAS loop; otherwise torch._grouped_mm."""
+    p = _problem(layout=layout, capability=cap, large_experts=large_experts)
     d = selector.decide(p)
     assert tuple(d.reasons) == BACKEND_NAMES
     assert d.backend == _first_servable(p)
