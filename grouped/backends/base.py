@@ -14,7 +14,6 @@ class Backend:
     name: str = ""
     formats: tuple[str, ...] = ()
     graph_safe: bool = False  # runs under CUDA graph capture with split sizes on the GPU
-    writes_in_place: bool = True  # writes straight into the caller's buffer
 
     def unavailable(self, device_type: str, capability: tuple[int, int] | None) -> str | None:
         """Why this backend cannot run on such a device at all (None: it can)."""

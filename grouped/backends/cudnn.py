@@ -550,7 +550,6 @@ class CudnnBackend(Backend):
     name = "cudnn"
     formats = ("mxfp8", "nvfp4")
     graph_safe = True  # offsets, alpha and scales are built on the device; the first call compiles
-    writes_in_place = True
 
     def unavailable(self, device_type, capability):
         if device_type != "cuda" or capability is None or capability[0] != 10:

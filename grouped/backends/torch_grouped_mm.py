@@ -21,7 +21,6 @@ class TorchBackend(Backend):
     name = "torch"
     formats = ("bf16",)
     graph_safe = True
-    writes_in_place = False
 
     def unavailable(self, device_type, capability):
         if device_type != "cuda" or capability is None:
