@@ -115,6 +115,20 @@ FUSED_STAGES = {("mxfp8", 16): 2, ("nvfp4", 16): 2, ("mxfp8", 32): 2, ("nvfp4", 
 FUSED_CTAS_PER_SM = {("mxfp8", 16): 3, ("nvfp4", 16): 4, ("mxfp8", 32): 2, ("nvfp4", 32): 2}
 FUSED_CT_GROUP = {("mxfp8", 16): 2, ("nvfp4", 16): 2, ("mxfp8", 32): 2, ("nvfp4", 32): 2}
 _GRID_LIMIT: int | None = None  # tests cap the persistent grid, so each CTA runs a long pipeline
+# bf16 x (quantize_both): MXFP8 by the register-tile kernel (quantize_kernel.fused2_kernel): rows
+# a lane (16 or 32), warps a CTA (side by side in columns), load flavour (0 plain, 1 no L1
+# allocation, 2 that and a 256-byte L2 prefetch), CTAs an SM of a persistent grid (0: one CTA a
+# tile), the tile order (bands of group_rows row tiles, quantize_kernel._tile_rc) and whether a
+# row's block scales of the CTA's warps are staged into one store (rl 16, 2 or 4 warps).
+# 32768 x 7168 on an H200, same run, shared-memory kernel 0.421 ms: this 0.374 ms; warps=4,
+# group_rows=16 0.362 ms; no staging 0.375; rl 32 0.476; group_rows 1 (column tile fastest) 0.426,
+# 2^20 (row tile fastest) 0.425; ld 2 0.399.
+FUSED2 = dict(rl=16, warps=2, ld=0, ctas_per_sm=0, group_rows=32, stage_rows=True)
+# NVFP4 by the per-warp shared-memory kernel (quantize_kernel.fused3_kernel): warps a CTA, CTAs an
+# SM (a warp takes 17 KB of shared memory with one stage, 33 KB with two), the same tile order,
+# and the stages. Same run, shared-memory kernel 0.463 ms: this 0.387 ms; warps 4 x 3 CTAs 0.384;
+# 8 or 10 one-warp CTAs 0.44; two stages (6 warps an SM) 0.518.
+FUSED3 = dict(warps=1, ctas_per_sm=12, group_rows=16, stages=1)
 AMAX_ROWS = 32  # group_amax's tile: rows (two NVFP4 blocks) ...
 AMAX_COLS = 256  # ... and columns
 AMAX_CTAS_PER_SM = {16: 8, 32: 4}  # resident CTAs an SM (registers), by input bits
@@ -428,6 +442,10 @@ def quantize_columnwise(x, fmt_name, data, scale, groups, col_scale=None) -> Non
 # quantize_both(x, fmt, row_data, row_scale, col_data, col_scale, groups, row_scale_s, col_scale_s)
 #     One pass over x: the bytes of quantize_rowwise (for the rows that belong
 #     to a group) and of quantize_columnwise (same group table), x read once.
+#     Three kernels, the same bytes: bf16 x goes to fused2_kernel (MXFP8,
+#     registers, FUSED2) or fused3_kernel (NVFP4, shared memory per warp,
+#     FUSED3) -- their notes are in quantize_kernel.py; fp32 x (and bf16 x too
+#     large for 32-bit tile numbers) to the shared-memory tile kernel below.
 #     Tiles of FUSED_ROWS rows x FUSED_COLS columns; a tile's rows are
 #     FUSED_ROWS / block consecutive padded blocks of the group table (the
 #     numbering the columnwise kernel's grid runs over), each block's rows from
@@ -542,6 +560,60 @@ def _fused_spec(fmt: str, input_dtype: torch.dtype) -> KernelSpec:
     return KernelSpec(f"quantize_{fmt}_both", config, ARCH, _SOURCES)
 
 
+def _fused2_spec(rl: int, warps: int, ld: int, stage_rows: bool) -> KernelSpec:
+    config = ("mxfp8", "torch.bfloat16", "both-registers", rl, warps, ld, stage_rows, FUSED_ROWS, TABLE_COLS)
+    return KernelSpec("quantize_mxfp8_both_r", config, ARCH, _SOURCES)
+
+
+def _fused2_key(c: dict) -> tuple:
+    """(rl, warps, ld, stage_rows): what a fused2 compile depends on (staging only for rl 16 and 2 or 4
+    warps: 2- or 4-byte row stores)."""
+    return c["rl"], c["warps"], c["ld"], bool(c["stage_rows"] and c["rl"] == 16 and c["warps"] in (2, 4))
+
+
+def compile_fused2(rl: int, warps: int, ld: int, stage_rows: bool):
+    """Compile the bf16 MXFP8 register-tile quantize_both (a TVM-FFI compiled function); no GPU needed."""
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream
+
+    from . import quantize_kernel as k
+
+    def flat(dtype, align):
+        return make_fake_compact_tensor(dtype, (cute.sym_int(64),), assumed_align=align)
+
+    tensors = (flat(cutlass.BFloat16, 16), flat(cutlass.Int64, 16), flat(cutlass.Uint8, 16), flat(cutlass.Uint8, 4),
+               flat(cutlass.Uint8, 16), flat(cutlass.Uint8, 1))
+    scalars = (cutlass.Int32(1), cutlass.Int32(0), cutlass.Int64(1), cutlass.Int64(1), cutlass.Int64(1),
+               cutlass.Int64(1), cutlass.Int32(1), cutlass.Int32(1))
+    return cute.compile(k.fused2_mxfp8_host, *tensors, *scalars, rl, warps, ld, stage_rows, make_fake_stream(),
+                        options=f"--enable-tvm-ffi --gpu-arch {ARCH}")
+
+
+def _fused3_spec(warps: int, stages: int) -> KernelSpec:
+    config = ("nvfp4", "torch.bfloat16", "both-warp-smem", warps, stages, FUSED_ROWS, TABLE_COLS)
+    return KernelSpec("quantize_nvfp4_both_w", config, ARCH, _SOURCES)
+
+
+def compile_fused3(warps: int, stages: int):
+    """Compile the bf16 NVFP4 per-warp shared-memory quantize_both; no GPU needed."""
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream
+
+    from . import quantize_kernel as k
+
+    def flat(dtype, align):
+        return make_fake_compact_tensor(dtype, (cute.sym_int(64),), assumed_align=align)
+
+    tensors = (flat(cutlass.BFloat16, 16), flat(cutlass.Int64, 16), flat(cutlass.Uint8, 16), flat(cutlass.Uint8, 4),
+               flat(cutlass.Uint8, 16), flat(cutlass.Uint8, 1), flat(cutlass.Float32, 4), flat(cutlass.Float32, 4))
+    scalars = (cutlass.Int32(1), cutlass.Int32(0), cutlass.Int64(1), cutlass.Int64(1), cutlass.Int32(0),
+               cutlass.Int64(1), cutlass.Int64(1), cutlass.Int32(1), cutlass.Int32(1))
+    return cute.compile(k.fused3_nvfp4_host, *tensors, *scalars, warps, stages, make_fake_stream(),
+                        options=f"--enable-tvm-ffi --gpu-arch {ARCH}")
+
+
 def _amax_spec(input_dtype: torch.dtype) -> KernelSpec:
     config = (str(input_dtype), FUSED_THREADS, AMAX_ROWS, AMAX_COLS, TABLE_COLS)
     return KernelSpec("quantize_nvfp4_group_amax", config, ARCH, _SOURCES)
@@ -596,6 +668,9 @@ def compile_amax(input_dtype: torch.dtype):
 def fused_configs() -> list:
     return [
         (_fused_spec(f, d), (lambda f=f, d=d: compile_fused(f, d))) for f in FORMATS for d in INPUT_DTYPES
+    ] + [
+        (_fused2_spec(*_fused2_key(FUSED2)), lambda: compile_fused2(*_fused2_key(FUSED2))),
+        (_fused3_spec(FUSED3["warps"], FUSED3["stages"]), lambda: compile_fused3(FUSED3["warps"], FUSED3["stages"])),
     ] + [(_amax_spec(d), (lambda d=d: compile_amax(d))) for d in INPUT_DTYPES]
 
 
@@ -616,6 +691,16 @@ def quantize_both(x, fmt_name, row_data, row_scale, col_data, col_scale, groups,
     if x.numel() == 0 or n_groups == 0:
         return
     fmt = _fmt_name(fmt_name)
+    if x.dtype == torch.bfloat16:
+        _quantize_both_bf16(x, fmt, row_data, row_scale, col_data, col_scale, groups, row_scale_s, col_scale_s)
+    else:
+        _quantize_both_smem(x, fmt, row_data, row_scale, col_data, col_scale, groups, row_scale_s, col_scale_s)
+
+
+def _quantize_both_smem(x, fmt, row_data, row_scale, col_data, col_scale, groups, row_scale_s, col_scale_s) -> None:
+    """quantize_both (checked already) by the shared-memory tile kernel (fused_kernel): fp32 x."""
+    n_groups = groups.shape[0]
+    rows, k = x.shape
     bits = 16 if x.dtype == torch.bfloat16 else 32
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     ct_group = FUSED_CT_GROUP[(fmt, bits)]
@@ -632,6 +717,60 @@ def quantize_both(x, fmt_name, row_data, row_scale, col_data, col_scale, groups,
     args += [u8[2].numel(), u8[3].numel(), ct_group, grid]
     with torch.cuda.device(x.device):
         CACHE.get(_fused_spec(fmt, x.dtype), lambda: compile_fused(fmt, x.dtype))(*args, _stream(x))
+
+
+def _quantize_both_f3(x, row_data, row_scale, col_data, col_scale, groups, row_scale_s, col_scale_s,
+                      config: dict | None = None, compiled=None) -> None:
+    """quantize_both for bf16 x to NVFP4 (checked already): the per-warp shared-memory kernel."""
+    c = {**FUSED3, **(config or {})}
+    warps = c["warps"]
+    n_groups = groups.shape[0]
+    rows, k = x.shape
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    tiles = _tiles_upper_bound(x, "nvfp4", n_groups, FUSED_ROWS, 64)
+    grid = max(1, min(_ceil_div(tiles, warps), _sm_count(index) * c["ctas_per_sm"], _GRID_LIMIT or tiles))
+    u8 = [t.view(torch.uint8).reshape(-1) for t in (row_data, row_scale, col_data, col_scale)]
+    args = [x.view(-1), groups.view(-1), *u8, col_scale_s if row_scale_s is None else row_scale_s, col_scale_s,
+            n_groups, (n_groups - 1).bit_length(), rows, k, 0 if row_scale_s is None else 1,
+            u8[2].numel(), u8[3].numel(), max(1, c["group_rows"]), grid]
+    if compiled is None:
+        compiled = CACHE.get(_fused3_spec(warps, c["stages"]), lambda: compile_fused3(warps, c["stages"]))
+    with torch.cuda.device(x.device):
+        compiled(*args, _stream(x))
+
+
+def _quantize_both_f2(x, row_data, row_scale, col_data, col_scale, groups,
+                      config: dict | None = None, compiled=None) -> None:
+    """quantize_both for bf16 x to MXFP8 (checked already): the register-tile kernel."""
+    c = {**FUSED2, **(config or {})}
+    rl, warps = c["rl"], c["warps"]
+    n_groups = groups.shape[0]
+    rows, k = x.shape
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    tiles = _tiles_upper_bound(x, "mxfp8", n_groups, FUSED_ROWS, (32 // (FUSED_ROWS // rl)) * 8 * warps)
+    limit = _sm_count(index) * c["ctas_per_sm"] if c["ctas_per_sm"] else tiles
+    grid = max(1, min(tiles, limit, _GRID_LIMIT or tiles))
+    u8 = [t.view(torch.uint8).reshape(-1) for t in (row_data, row_scale, col_data, col_scale)]
+    args = [x.view(-1), groups.view(-1), *u8, n_groups, (n_groups - 1).bit_length(), rows, k,
+            u8[2].numel(), u8[3].numel(), max(1, c["group_rows"]), grid]
+    if compiled is None:
+        key = _fused2_key(c)
+        compiled = CACHE.get(_fused2_spec(*key), lambda: compile_fused2(*key))
+    with torch.cuda.device(x.device):
+        compiled(*args, _stream(x))
+
+
+def _quantize_both_bf16(x, fmt, row_data, row_scale, col_data, col_scale, groups, row_scale_s, col_scale_s,
+                        config: dict | None = None, compiled=None) -> None:
+    """quantize_both for bf16 x (checked already): fused2 (MXFP8) or fused3 (NVFP4), FUSED2 / FUSED3
+    updated by ``config``; the shared-memory kernel where the tiles do not fit 32-bit indices."""
+    if _tiles_upper_bound(x, fmt, groups.shape[0], FUSED_ROWS, 32) >= 2**31:
+        _quantize_both_smem(x, fmt, row_data, row_scale, col_data, col_scale, groups, row_scale_s, col_scale_s)
+    elif fmt == "nvfp4":
+        _quantize_both_f3(x, row_data, row_scale, col_data, col_scale, groups, row_scale_s, col_scale_s,
+                          config, compiled)
+    else:
+        _quantize_both_f2(x, row_data, row_scale, col_data, col_scale, groups, config, compiled)
 
 
 def group_amax(x, groups, out) -> None:

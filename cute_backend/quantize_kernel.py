@@ -435,13 +435,19 @@ def _ld_shared(smem_addr, n: int, *, loc=None, ip=None):
     return _words_asm(n, ptx, ",".join(["=r"] * n) + ",r", [Int32(smem_addr).ir_value(loc=loc, ip=ip)], loc, ip)
 
 
+_LD_FLAVOUR = {0: "ld.global.nc", 1: "ld.global.nc.L1::no_allocate", 2: "ld.global.nc.L1::no_allocate.L2::256B"}
+
+
 @dsl_user_op
-def _ld_global_pred(gmem_addr, pred, *, loc=None, ip=None):
-    """4 words (16 bytes, read-only path) from global memory where pred != 0, zeros elsewhere."""
+def _ld_global_pred(gmem_addr, pred, ld: int = 0, *, loc=None, ip=None):
+    """4 words (16 bytes, read-only path) from global memory where pred != 0, zeros elsewhere.
+
+    ld: 0 plain, 1 not kept in L1, 2 not kept in L1 and a 256-byte L2 prefetch.
+    """
     ptx = (
         "{\n.reg .pred p;\nsetp.ne.b32 p, $5, 0;\n"
         "mov.b32 $0, 0;\nmov.b32 $1, 0;\nmov.b32 $2, 0;\nmov.b32 $3, 0;\n"
-        "@p ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];\n}"
+        f"@p {_LD_FLAVOUR[ld]}.v4.b32 {{$0, $1, $2, $3}}, [$4];\n}}"
     )
     args = [Int64(gmem_addr).ir_value(loc=loc, ip=ip), Int32(pred).ir_value(loc=loc, ip=ip)]
     return _words_asm(4, ptx, "=r,=r,=r,=r,l,r", args, loc, ip)
@@ -1086,3 +1092,776 @@ def amax_host(x: cute.Tensor, table: cute.Tensor, out: cute.Tensor, n_groups: In
     amax_kernel(x, table, out, n_groups, steps, m_rows, k_cols, x.element_type.width).launch(
         grid=(grid_ctas, 1, 1), block=(FUSED_THREADS, 1, 1), smem=64, stream=stream
     )
+
+
+# ---- fused rowwise + columnwise for bf16 input --------------------------------------------------
+#
+# quantize.py's notes on quantize_both say what is computed; this is how, for bf16 x.
+# MXFP8 (fused2_kernel): registers, no shared memory, no barriers: each warp quantizes a tile of
+# 128 rows (the FUSED_ROWS / 32 padded blocks of the group table) by warp_cols columns on its own.
+# A lane loads its rows x columns piece with plain 16-byte loads, all in flight at once, and keeps
+# it in registers as packed bf16 pairs:
+#   rows_per_lane 32: 32 rows x 8 columns (one padded block; a row block spans 4 lanes, its amax
+#          reduced by two shuffles, two rows a shuffle);
+#   rows_per_lane 16: 16 rows x 8 columns (half a padded block; a column block spans two lanes,
+#          one shuffle for its amax).
+# Rowwise blocks go from registers to memory (8-byte stores a row), then columnwise ones (16 / 32
+# bytes a column); a column's four block scales of the tile are gathered by shuffles into one
+# 4-byte store, and (stage_rows, rows_per_lane 16, 2 or 4 warps) a row's block scales of the CTA's
+# warps go through a small shared staging area (one barrier a tile) into one 2- / 4-byte store:
+# byte-sized scale stores cost as much L2 bandwidth as whole sectors. The whole tile is unrolled
+# (~1.9k instructions; all of it fits the instruction cache). Loads: ld.global.nc (``ld`` 1 / 2:
+# no L1 allocation / and an L2 prefetch, both slower on an H200). The unrolled code shares no
+# unpacked value between the two directions (the columnwise pass unpacks by byte permutes), else
+# ptxas keeps all 256 unpacked floats live.
+# NVFP4 (fused3_kernel, below): shared memory per warp, rolled loops.
+# Block amaxes are bf16 max.NaN.xorsign.abs (exact: a max of magnitudes, NaN kept; the sign it
+# leaves is masked off). The codecs are those of the one-direction kernels rewritten for bf16
+# pairs, byte for byte the same:
+#   MXFP8: e + 127 from t = fp32(amax * fp32(1/448)) as (t + 0x7FFFFF) >> 23 (0 where t <= 2^-127),
+#          2^-e as the bits (254 - (e + 127)) << 23 (amax finite: e <= 120);
+#   NVFP4: fp32(amax / 6) as q = amax * r6, q + fma(-q, 6, amax) * r6 with r6 = fp32(1/6) (checked
+#          against the correctly rounded quotient for every bf16 amax, subnormals included); the
+#          E2M1 codes as _e2m1_block_ptx, the sign nibble bits gathered by byte permutes, and the
+#          r = inf case (zero values keep code 0) fixed up afterwards, off the main path.
+# Warps of a CTA take neighbouring column tiles of the same rows (full 128-byte lines of rowwise
+# output); CTAs stride over the tiles in bands of group_rows row tiles (_tile_rc).
+
+
+@dsl_user_op
+def _hmax_abs(a, b, *, loc=None, ip=None) -> Uint32:
+    """Both halves: max(|a|, |b|) of bf16 pairs (NaN if either is NaN); sign bits undefined."""
+    args = [Uint32(a).ir_value(loc=loc, ip=ip), Uint32(b).ir_value(loc=loc, ip=ip)]
+    return Uint32(_asm(T.i32(), "max.NaN.xorsign.abs.bf16x2 $0, $1, $2;", "=r,r,r", args, loc, ip))
+
+
+@dsl_user_op
+def _prmt(a, b, sel: int, *, loc=None, ip=None) -> Uint32:
+    args = [Uint32(a).ir_value(loc=loc, ip=ip), Uint32(b).ir_value(loc=loc, ip=ip)]
+    return Uint32(_asm(T.i32(), f"prmt.b32 $0, $1, $2, {sel};", "=r,r,r", args, loc, ip))
+
+
+@dsl_user_op
+def _shfl_bfly(value, mask: int, *, loc=None, ip=None) -> Uint32:
+    args = [Uint32(value).ir_value(loc=loc, ip=ip)]
+    return _words_asm(1, f"shfl.sync.bfly.b32 $0, $1, {mask}, 31, 0xffffffff;", "=r,r", args, loc, ip)[0]
+
+
+@dsl_user_op
+def _vote_all(pred, *, loc=None, ip=None) -> Int32:
+    """1 where pred != 0 in every lane of the warp, else 0 (all lanes must take part)."""
+    ptx = "{\n.reg .pred p;\nsetp.ne.b32 p, $1, 0;\nvote.sync.all.pred p, p, 0xffffffff;\nselp.b32 $0, 1, 0, p;\n}"
+    return Int32(_words_asm(1, ptx, "=r,r", [Int32(pred).ir_value(loc=loc, ip=ip)], loc, ip)[0])
+
+
+@dsl_user_op
+def _shfl_idx(value, src_lane, *, loc=None, ip=None) -> Uint32:
+    args = [Uint32(value).ir_value(loc=loc, ip=ip), Int32(src_lane).ir_value(loc=loc, ip=ip)]
+    return _words_asm(1, "shfl.sync.idx.b32 $0, $1, $2, 31, 0xffffffff;", "=r,r,r", args, loc, ip)[0]
+
+
+@dsl_user_op
+def _st_global_u16_pred(gmem_addr, value, pred, *, loc=None, ip=None):
+    ptx = "{\n.reg .pred p;\n.reg .b16 v;\nsetp.ne.b32 p, $1, 0;\ncvt.u16.u32 v, $2;\n@p st.global.b16 [$0], v;\n}"
+    args = [Int64(gmem_addr).ir_value(loc=loc, ip=ip), Int32(pred).ir_value(loc=loc, ip=ip),
+            Uint32(value).ir_value(loc=loc, ip=ip)]
+    _void_asm(ptx, "l,r,r", args, loc, ip)
+
+
+@dsl_user_op
+def _st_global_b32_pred(gmem_addr, value, pred, *, loc=None, ip=None):
+    ptx = "{\n.reg .pred p;\nsetp.ne.b32 p, $1, 0;\n@p st.global.b32 [$0], $2;\n}"
+    args = [Int64(gmem_addr).ir_value(loc=loc, ip=ip), Int32(pred).ir_value(loc=loc, ip=ip),
+            Uint32(value).ir_value(loc=loc, ip=ip)]
+    _void_asm(ptx, "l,r,r", args, loc, ip)
+
+
+@dsl_user_op
+def _st_global_pred(gmem_addr, words, pred, *, loc=None, ip=None):
+    """2 or 4 words to global memory where pred != 0 (vector store: n * 4-byte aligned)."""
+    n = len(words)
+    srcs = ", ".join(f"${i + 2}" for i in range(n))
+    ptx = f"{{\n.reg .pred p;\nsetp.ne.b32 p, $1, 0;\n@p st.global.v{n}.b32 [$0], {{{srcs}}};\n}}"
+    args = [Int64(gmem_addr).ir_value(loc=loc, ip=ip), Int32(pred).ir_value(loc=loc, ip=ip)]
+    args += [Uint32(w).ir_value(loc=loc, ip=ip) for w in words]
+    _void_asm(ptx, "l,r" + ",r" * n, args, loc, ip)
+
+
+@dsl_user_op
+def _st_global_u8_pred(gmem_addr, value, pred, *, loc=None, ip=None):
+    ptx = "{\n.reg .pred p;\n.reg .b16 v;\nsetp.ne.b32 p, $1, 0;\ncvt.u16.u32 v, $2;\n@p st.global.b8 [$0], v;\n}"
+    args = [Int64(gmem_addr).ir_value(loc=loc, ip=ip), Int32(pred).ir_value(loc=loc, ip=ip),
+            Uint32(value).ir_value(loc=loc, ip=ip)]
+    _void_asm(ptx, "l,r,r", args, loc, ip)
+
+
+@dsl_user_op
+def _ld_global_b32_pred(gmem_addr, pred, *, loc=None, ip=None) -> Uint32:
+    ptx = "{\n.reg .pred p;\nsetp.ne.b32 p, $2, 0;\nmov.b32 $0, 0;\n@p ld.global.nc.b32 $0, [$1];\n}"
+    args = [Int64(gmem_addr).ir_value(loc=loc, ip=ip), Int32(pred).ir_value(loc=loc, ip=ip)]
+    return _words_asm(1, ptx, "=r,l,r", args, loc, ip)[0]
+
+
+@dsl_user_op
+def _div6(a, *, loc=None, ip=None) -> Float32:
+    """fp32(a / 6) for a bf16 value a >= 0: one correction step on a * fp32(1/6) (exact, see above)."""
+    ptx = (
+        "{\n.reg .f32 q, e;\n"
+        "mul.rn.f32 q, $1, 0f3E2AAAAB;\n"
+        "fma.rn.f32 e, q, 0fC0C00000, $1;\n"
+        "fma.rn.f32 $0, e, 0f3E2AAAAB, q;\n}"
+    )
+    return Float32(_asm(T.f32(), ptx, "=f,f", [Float32(a).ir_value(loc=loc, ip=ip)], loc, ip))
+
+
+@dsl_user_op
+def _e4m3x2_lo16(a, b, *, loc=None, ip=None) -> Uint32:
+    """Two fp32 -> E4M3 bytes (a in byte 0, b in byte 1), upper half zero."""
+    args = [Float32(v).ir_value(loc=loc, ip=ip) for v in (a, b)]
+    ptx = "{\n.reg .b16 lo;\ncvt.rn.satfinite.e4m3x2.f32 lo, $2, $1;\ncvt.u32.u16 $0, lo;\n}"
+    return Uint32(_asm(T.i32(), ptx, "=r,f,f", args, loc, ip))
+
+
+@dsl_user_op
+def _e4m3x2_to_f32(pair, *, loc=None, ip=None):
+    """The two E4M3 bytes in the low half of pair -> their fp32 values (exact, via f16)."""
+    ptx = (
+        "{\n.reg .b16 lo, h0, h1;\n.reg .b32 h;\n"
+        "cvt.u16.u32 lo, $2;\n"
+        "cvt.rn.f16x2.e4m3x2 h, lo;\n"
+        "mov.b32 {h0, h1}, h;\n"
+        "cvt.f32.f16 $0, h0;\n"
+        "cvt.f32.f16 $1, h1;\n}"
+    )
+    struct = llvm.StructType.get_literal([T.f32()] * 2)
+    res = llvm.inline_asm(struct, [Uint32(pair).ir_value(loc=loc, ip=ip)], ptx, "=f,=f,r", has_side_effects=False,
+                          is_align_stack=False, loc=loc, ip=ip)
+    return [Float32(llvm.extractvalue(T.f32(), res, [i], loc=loc, ip=ip)) for i in range(2)]
+
+
+def _amax_halves(m):
+    """A packed pair of bf16 magnitudes (signs undefined) -> the two fp32 bit patterns, sign cleared."""
+    return [(Uint32(m) << Uint32(16)) & Uint32(ABS_MASK), Uint32(m) & Uint32(0x7FFF0000)]
+
+
+def _hmax_tree(words):
+    level = list(words)
+    while len(level) > 1:
+        nxt = [_hmax_abs(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+    return level[0]
+
+
+def _mxfp8_scale_bits(a: Uint32):
+    """fp32 amax bits (sign clear) -> (E8M0 byte, fp32 2^-e, non-finite block)."""
+    bad = a >= Uint32(INF_BITS)
+    t = _u32(_mul_rn(_f32(a), _f32(INV_448_BITS)))
+    e = _sel(t > Uint32(TWO_POW_M127_BITS), (t + Uint32(0x7FFFFF)) >> Uint32(23), 0, Uint32)
+    inv = _f32((Uint32(254) - e) << Uint32(23))
+    return _sel(bad, E8M0_NAN, e, Uint32), inv, bad
+
+
+def _mxfp8_word_ptx(layout: str, half: int) -> str:
+    """PTX: 4 bf16 values and inv -> a word of E4M3 bytes of fp32(x * inv), the first value lowest.
+
+    layout "row": words $1, $2, values in halves lo, hi, lo, hi; "col": words $1..$4, half ``half``.
+    """
+    n_words = 2 if layout == "row" else 4
+    inv = f"${1 + n_words}"
+    lines = ["{", ".reg .b32 t;", ".reg .f32 f0, f1, f2, f3;", ".reg .b16 lo, hi;"]
+    for e in range(4):
+        w, h = (f"${1 + e // 2}", e % 2) if layout == "row" else (f"${1 + e}", half)
+        if layout == "row":
+            lines.append(f"shl.b32 t, {w}, 16;" if h == 0 else f"and.b32 t, {w}, 0xFFFF0000;")
+        else:  # the same values by byte permutes: no instruction the rowwise pass could share with it
+            lines.append(f"prmt.b32 t, {w}, 0, {0x1044 if h == 0 else 0x3244};")
+        lines += [f"mov.b32 f{e}, t;", f"mul.rn.f32 f{e}, f{e}, {inv};"]
+    lines += ["cvt.rn.satfinite.e4m3x2.f32 lo, f1, f0;", "cvt.rn.satfinite.e4m3x2.f32 hi, f3, f2;",
+              "mov.b32 $0, {lo, hi};", "}"]
+    return "\n".join(lines)
+
+
+_MXFP8_WORD_PTX = {(lay, h): _mxfp8_word_ptx(lay, h) for lay, h in (("row", 0), ("col", 0), ("col", 1))}
+
+
+@dsl_user_op
+def _mxfp8_word(words, layout: str, half: int, inv, *, loc=None, ip=None) -> Uint32:
+    args = [Uint32(w).ir_value(loc=loc, ip=ip) for w in words] + [Float32(inv).ir_value(loc=loc, ip=ip)]
+    constraints = "=r," + ",".join(["r"] * len(words)) + ",f"
+    return Uint32(_asm(T.i32(), _MXFP8_WORD_PTX[(layout, half)], constraints, args, loc, ip))
+
+
+def _nvfp4_scales2(a_bits, s_vals):
+    """Two blocks' fp32 amax bits (sign clear) and S -> [(E4M3 scale byte, r = fp32(S / d), zero codes,
+    r = inf with codes used)] for each."""
+    bad = [a >= Uint32(INF_BITS) for a in a_bits]
+    sa = [_mul_rn(_div6(_f32(a)), s) for a, s in zip(a_bits, s_vals)]
+    pair = _e4m3x2_lo16(sa[0], sa[1])
+    d = [_sel(bad[0], E4M3_NAN, pair & Uint32(0xFF), Uint32), _sel(bad[1], E4M3_NAN, pair >> Uint32(8), Uint32)]
+    dv = _e4m3x2_to_f32(d[0] | (d[1] << Uint32(8)))
+    out = []
+    for h in range(2):
+        r = _div_rn(s_vals[h], dv[h])
+        skip = bad[h] | ((d[h] & Uint32(0x7F)) == Uint32(0))
+        fix = (~skip) & (_u32(r) == Uint32(INF_BITS))  # codes of zero values to clear afterwards
+        out.append((d[h], r, skip, fix))
+    return out
+
+
+def _e2m1_bf16_ptx(layout: str, half: int, inf: bool) -> str:
+    """PTX: 16 bf16 values and r -> two words of E2M1 nibbles of fp32(x * r) ($0, $1).
+
+    layout "row": 8 words $2..$9, value e in half e % 2 of word e // 2; "col": 16 words $2..$17,
+    value e in half ``half`` of word e; then r. Magnitudes as _e2m1_block_ptx (clamp at 6, the
+    smallest of three correctly rounded candidates), without its r = inf fix: there zero values get
+    code 7 here; ``inf`` gives the codes for r = inf instead (7 where x != 0, else 0), for the
+    fix-up pass. Signs: byte permutes (sign-replicating selectors) gather each value's sign byte,
+    two masks put the sign bits at bit 3 of their nibbles.
+    """
+    n_words = 8 if layout == "row" else 16
+    r_arg = f"${2 + n_words}"
+
+    def src(e):
+        return (f"${2 + e // 2}", e % 2) if layout == "row" else (f"${2 + e}", half)
+
+    lines = ["{", ".reg .f32 x, a, c1, c2, c3;", ".reg .b32 t, u, v, acc0, acc1, sP, sQ, sE, sO;", ".reg .pred q;"]
+    if inf:
+        lines += ["mov.b32 acc0, 0;", "mov.b32 acc1, 0;"]
+    for e in range(16):
+        w, h = src(e)
+        acc, i = f"acc{e // 8}", e % 8
+        if inf:
+            lines += [f"and.b32 t, {w}, {0x7FFF if h == 0 else 0x7FFF0000};", "setp.ne.u32 q, t, 0;",
+                      f"@q or.b32 {acc}, {acc}, {7 << (4 * i)};"]
+            continue
+        if layout == "col":  # byte permutes: no instruction the rowwise pass could share with it
+            lines += [f"prmt.b32 t, {w}, 0, {0x1044 if h == 0 else 0x3244};", "mov.b32 x, t;", "abs.f32 x, x;"]
+        elif h == 0:
+            lines += [f"shl.b32 t, {w}, 16;", "mov.b32 x, t;", "abs.f32 x, x;"]
+        else:
+            lines += [f"and.b32 t, {w}, 0x7FFF0000;", "mov.b32 x, t;"]
+        lines += [
+            f"mul.rn.f32 a, x, {r_arg};",
+            "min.f32 a, a, 0f40C00000;",
+            "fma.rn.f32 c1, a, 0f40000000, 0f4B000000;",
+            "add.rn.f32 c2, a, 0f4B000002;",
+            "fma.rn.f32 c3, a, 0f3F000000, 0f4B000004;",
+            "mov.b32 t, c1;",
+            "mov.b32 u, c2;",
+            "mov.b32 v, c3;",
+            "min.u32 t, t, u;",
+            "min.u32 t, t, v;",
+            f"add.u32 {acc}, t, 0x05000000;" if i == 0 else f"mad.lo.u32 {acc}, t, {16 ** i}, {acc};",
+        ]
+    for o in range(2):  # output word o: values 8o .. 8o + 7
+        acc = f"acc{o}"
+        if layout == "row":
+            # sP = signs of values 8o..8o+3 (bytes), sQ = 8o+4..8o+7; then even / odd values
+            lines += [f"prmt.b32 sP, ${2 + 4 * o}, ${3 + 4 * o}, 0xFDB9;",
+                      f"prmt.b32 sQ, ${4 + 4 * o}, ${5 + 4 * o}, 0xFDB9;",
+                      "prmt.b32 sE, sP, sQ, 0x6420;", "prmt.b32 sO, sP, sQ, 0x7531;"]
+        else:
+            rep_a, rep_b = 8 | (2 * half + 1), 8 | (4 + 2 * half + 1)
+            sel = rep_a | (rep_b << 4) | (rep_a << 8) | (rep_b << 12)
+            base = 2 + 8 * o
+            for name, first in (("sE", 0), ("sO", 1)):  # values 8o + first, + 2, + 4, + 6
+                lines += [f"prmt.b32 sP, ${base + first}, ${base + first + 2}, {sel};",
+                          f"prmt.b32 sQ, ${base + first + 4}, ${base + first + 6}, {sel};",
+                          f"prmt.b32 {name}, sP, sQ, 0x5410;"]
+        lines += ["and.b32 sE, sE, 0x08080808;", "and.b32 sO, sO, 0x80808080;",
+                  f"or.b32 {acc}, {acc}, sE;", f"or.b32 {acc}, {acc}, sO;"]
+    lines += ["mov.b32 $0, acc0;", "mov.b32 $1, acc1;", "}"]
+    return "\n".join(lines)
+
+
+_E2M1_BF16_PTX = {(lay, h, inf): _e2m1_bf16_ptx(lay, h, inf)
+                  for lay, h in (("row", 0), ("col", 0), ("col", 1)) for inf in (False, True)}
+
+
+@dsl_user_op
+def _e2m1_bf16(words, layout: str, half: int, r, inf: bool = False, *, loc=None, ip=None):
+    args = [Uint32(w).ir_value(loc=loc, ip=ip) for w in words] + [Float32(r).ir_value(loc=loc, ip=ip)]
+    struct = llvm.StructType.get_literal([T.i32()] * 2)
+    constraints = "=r,=r," + ",".join(["r"] * len(words)) + ",f"
+    res = llvm.inline_asm(struct, args, _E2M1_BF16_PTX[(layout, half, inf)], constraints, has_side_effects=False,
+                          is_align_stack=False, loc=loc, ip=ip)
+    return [Uint32(llvm.extractvalue(T.i32(), res, [i], loc=loc, ip=ip)) for i in range(2)]
+
+
+def _pred(cond) -> Int32:
+    return _sel(cond, 1, 0, Int32)
+
+
+def _fused2_tile(p, rt: Int32, ct: Int32):
+    """One warp's MXFP8 tile: row tile rt, column tile ct of the CTA's columns (predicated, no branches)."""
+    rl = p["rl"]
+    n = BLOCK["mxfp8"]
+    tb = FUSED_ROWS // n
+    k_cols, lane, warp = p["k_cols"], p["lane"], p["warp"]
+    g, c = lane // p["cl"], lane % p["cl"]
+    slot = g if rl == n else g // 2  # the tile's padded block this lane's rows lie in
+    local0 = Int64(0) if rl == n else Int64((g % 2) * 16)  # its first row in the block
+    table = p["table"]
+    grp, trow, j, valid = _find_block(table, Int64(rt) * tb + Int64(slot), p["n_groups"], p["steps"],
+                                      p["total_blocks"], n)
+    first = table[trow + ROW_START] + j * n
+    col0 = Int64(ct) * p["cta_cols"] + Int64(warp * p["warp_cols"] + c * p["lc"])
+    col_ok = col0 < k_cols
+    # rows of the lane's piece that are real: in the group (valid) and in x, none past K
+    n_rows = Int32(cutlass.max(cutlass.min(cutlass.min(valid - local0, p["m_rows"] - (first + local0)), Int64(rl)),
+                               Int64(0)))
+    n_ok = _sel(col_ok, n_rows, 0, Int32)
+    row_ok = [Int32(i) < n_ok for i in range(rl)]
+
+    # ---- loads: every row of the lane's piece, 16 bytes at a time, all issued before any use
+    n_words = p["lc"] // 2
+    x_row0 = p["x_addr"] + ((first + local0) * k_cols + col0) * 2
+    row_pitch = k_cols * 2
+    w = []
+    for i in range(rl):
+        at = x_row0 + Int64(i) * row_pitch
+        words = []
+        for v in range(n_words // 4):
+            words += _ld_global_pred(at + 16 * v, _pred(row_ok[i]), p["ld"])
+        w.append(words)
+    blk_ok = col_ok & (valid > Int64(0))
+    d_off, d_stride = table[trow + DATA_OFFSET], table[trow + DATA_STRIDE]
+    s_off, s_stride = table[trow + SCALE_OFFSET], table[trow + SCALE_STRIDE]
+
+    if True:  # (indentation kept)
+        # ---- rowwise MXFP8: a row block is 4 lanes' 8 columns; two rows' amaxes a shuffle
+        rd = p["row_data_addr"] + (first + local0) * k_cols + col0
+        rsc = p["row_scale_addr"] + (first + local0) * (k_cols // 32) + col0 // 32
+        # rl 32: a warp's two row blocks of a row, one 2-byte store where K / 32 is even and the
+        # warp's columns lie inside K (warp-uniform), else a byte a block
+        warp_col0 = col0 - Int64(c * p["lc"])
+        pair_rows = rl == 32
+        pair_ok = ((k_cols // 32) % 2 == Int64(0)) & (warp_col0 + 64 <= k_cols) if pair_rows else None
+        for i in range(0, rl, 2):
+            m0, m1 = _hmax_tree(w[i]), _hmax_tree(w[i + 1])
+            mm = _hmax_abs(_prmt(m0, m1, 0x5410), _prmt(m0, m1, 0x7632))
+            mm = _hmax_abs(mm, _shfl_bfly(mm, 1))
+            mm = _hmax_abs(mm, _shfl_bfly(mm, 2))
+            bytes2 = []
+            for h, a in enumerate(_amax_halves(mm)):
+                r = i + h
+                byte, inv, bad = _mxfp8_scale_bits(a)
+                bytes2.append(byte)
+                out = [_sel(bad, 0x7F7F7F7F, _mxfp8_word(w[r][2 * q:2 * q + 2], "row", 0, inv), Uint32)
+                       for q in range(2)]
+                _st_global_pred(rd + Int64(r) * k_cols, out, _pred(row_ok[r]))
+            if pair_rows:
+                other = _shfl_bfly(bytes2[0] | (bytes2[1] << Uint32(16)), 4)  # lane c ^ 4: the other block
+                for h in range(2):
+                    r = i + h
+                    two = bytes2[h] | (((other >> Uint32(16 * h)) & Uint32(0xFF)) << Uint32(8))
+                    _st_global_u16_pred(rsc + Int64(r) * (k_cols // 32), two, _pred(row_ok[r] & pair_ok & (c == 0)))
+                    _st_global_u8_pred(rsc + Int64(r) * (k_cols // 32), bytes2[h],
+                                       _pred(row_ok[r] & (~pair_ok) & ((c & 3) == 0)))
+            elif p["stage_rows"]:  # to the CTA's staging area, [tile row][warp]: one store a row after
+                for h in range(2):
+                    _st_shared_u8(p["rs_buf"] + (Int32(g * rl + i + h) * p["warps"] + p["warp"]), bytes2[h])
+            else:
+                for h in range(2):
+                    r = i + h
+                    _st_global_u8_pred(rsc + Int64(r) * (k_cols // 32), bytes2[h], _pred(row_ok[r] & ((c & 3) == 0)))
+        # column scales: the tile's 4 blocks of a column in one 4-byte store where they are one
+        # group's consecutive blocks, 4-byte aligned (warp-uniform), else a byte a block
+        bslot = Uint32(slot)
+        grp0 = Int32(_shfl_idx(Uint32(grp), 0))
+        quad_base = p["col_scale_addr"] + s_off + j - Int64(slot)  # block 0 of the tile, column 0
+        quad_ok = Int32(_vote_all(_pred((valid > Int64(0)) & (grp == grp0) & (quad_base % 4 == Int64(0))
+                                        & (s_stride % 4 == Int64(0))))) != 0
+        # ---- columnwise MXFP8: 8 columns of the lane's rows (rl 16: half a block, the other half on lane ^ 4)
+        for kw in range(4):
+            cm = _hmax_tree([w[i][kw] for i in range(rl)])
+            if rl == 16:
+                cm = _hmax_abs(cm, _shfl_bfly(cm, 4))
+            for h, a in enumerate(_amax_halves(cm)):
+                col = col0 + (2 * kw + h)
+                byte, inv, bad = _mxfp8_scale_bits(a)
+                out = [_sel(bad, 0x7F7F7F7F, _mxfp8_word([w[4 * q + e][kw] for e in range(4)], "col", h, inv), Uint32)
+                       for q in range(rl // 4)]
+                vat = d_off + col * d_stride + j * 32
+                ok = blk_ok & (vat >= Int64(0)) & (vat + 32 <= p["col_data_bytes"])
+                at = p["col_data_addr"] + vat + local0
+                for q in range(rl // 16):
+                    _st_global_pred(at + 16 * q, out[4 * q:4 * q + 4], _pred(ok))
+                sat = s_off + col * s_stride + j
+                sok = blk_ok & (sat >= Int64(0)) & (sat < p["col_scale_bytes"])
+                if rl == 16:
+                    sok = sok & ((g % 2) == 0)
+                _st_global_u8_pred(p["col_scale_addr"] + sat, byte, _pred(sok & (~quad_ok)))
+                quad = byte << (Uint32(8) * bslot)
+                quad = quad | _shfl_bfly(quad, 8)  # lanes of the neighbouring block of this column
+                quad = quad | _shfl_bfly(quad, 16)
+                qok = quad_ok & (g == 0) & col_ok & (sat >= Int64(0)) & (sat + 4 <= p["col_scale_bytes"])
+                _st_global_b32_pred(p["col_scale_addr"] + sat, quad, _pred(qok))
+    return first + local0, n_rows
+
+
+def _fused2_flush_rows(p, first_row, n_rows, ct):
+    """The CTA's staged row scales of the tile ([128 rows][warps] bytes): one store of `warps` bytes
+    a row where K / 32 is a multiple of warps and the CTA's columns lie inside K, else a byte a
+    block. A row's x row and validity come from the lanes of its 16 rows (g = row / 16)."""
+    w = p["warps"]
+    k_cols = p["k_cols"]
+    lane = p["lane"]
+    blk0 = Int64(ct) * (p["cta_cols"] // 32)  # the CTA's first row block
+    whole = ((k_cols // 32) % w == Int64(0)) & (Int64(ct) * p["cta_cols"] + p["cta_cols"] <= k_cols)
+    fw = _split64(first_row)
+    for q in range(FUSED_ROWS // (32 * w)):
+        big = p["tid"] + 32 * w * q  # row of the tile
+        src = (big >> 4) * 4
+        first = _join64(_shfl_idx(fw[0], src), _shfl_idx(fw[1], src))
+        ok = (big & 15) < Int32(_shfl_idx(Uint32(n_rows), src))
+        at = p["row_scale_addr"] + (first + Int64(big & 15)) * (k_cols // 32) + blk0
+        vals = [_ld_shared_u8(p["rs_buf"] + big * w + b) for b in range(w)]
+        packed = vals[0]
+        for b in range(1, w):
+            packed = packed | (vals[b] << Uint32(8 * b))
+        if w == 4:
+            _st_global_b32_pred(at, packed, _pred(ok & whole))
+        else:
+            _st_global_u16_pred(at, packed, _pred(ok & whole))
+        for b in range(w):
+            _st_global_u8_pred(at + b, vals[b], _pred(ok & (~whole) & (Int64(ct) * p["cta_cols"] + 32 * b < k_cols)))
+
+
+
+def _tile_rc(t, n_rt, n_ct, group_rows):
+    """Tile t -> (row tile, column tile): bands of group_rows row tiles, row tile fastest within a
+    band, bands one after another (1: column tile fastest; >= row tiles: row tile fastest). Tiles
+    running at the same time then cover a block of rows x columns: long runs of x rows read and of
+    transposed output rows written."""
+    span = group_rows * n_ct
+    band = t // span
+    rem = t - band * span
+    rows_in = cutlass.min(group_rows, n_rt - band * group_rows)
+    return band * group_rows + rem % rows_in, rem // rows_in
+
+
+@cute.kernel
+def fused2_kernel(
+    x: cute.Tensor, table: cute.Tensor, row_data: cute.Tensor, row_scale: cute.Tensor,
+    col_data: cute.Tensor, col_scale: cute.Tensor,
+    n_groups: Int32, steps: Int32, m_rows: Int64, k_cols: Int64, col_data_bytes: Int64, col_scale_bytes: Int64,
+    group_rows: Int32, rl: cutlass.Constexpr, warps: cutlass.Constexpr, ld: cutlass.Constexpr,
+    stage_rows: cutlass.Constexpr,
+):
+    lc = 8  # columns a lane
+    cl = 32 // (FUSED_ROWS // rl)  # lanes across a warp's columns
+    warp_cols = cl * lc
+    cta_cols = warp_cols * warps
+    tid = Int32(cute.arch.thread_idx()[0])
+    n_rt, n_ct, total_blocks = _tile_counts(table, n_groups, k_cols, 32, FUSED_ROWS, cta_cols)
+    n_rt32, n_ct32 = Int32(n_rt), Int32(n_ct)
+    n_tiles = n_rt32 * n_ct32
+    bid, _, _ = cute.arch.block_idx()
+    nb, _, _ = cute.arch.grid_dim()
+    b = Int32(bid)
+    count = _sel(b < n_tiles, (n_tiles - b + Int32(nb) - 1) // Int32(nb), 0, Int32)
+    p = dict(fmt="mxfp8", rl=rl, lc=lc, cl=cl, warp_cols=warp_cols, cta_cols=cta_cols, table=table, ld=ld,
+             n_groups=n_groups, steps=steps, total_blocks=total_blocks, m_rows=m_rows, k_cols=k_cols,
+             lane=tid % 32, warp=tid // 32, x_addr=x.iterator.toint(),
+             row_data_addr=row_data.iterator.toint(), row_scale_addr=row_scale.iterator.toint(),
+             col_data_addr=col_data.iterator.toint(), col_scale_addr=col_scale.iterator.toint(),
+             col_data_bytes=col_data_bytes, col_scale_bytes=col_scale_bytes, tid=tid, warps=warps,
+             stage_rows=stage_rows, rs_buf=Int32(0))
+    if cutlass.const_expr(stage_rows):
+        smem = cutlass.utils.SmemAllocator()
+        rs = smem.allocate_tensor(Uint8, cute.make_layout(2 * FUSED_ROWS * warps), byte_alignment=16)
+        rs0 = Int32(rs.iterator.toint())
+        for it in cutlass.range(count, unroll=1):
+            rt, ct = _tile_rc(b + it * Int32(nb), n_rt32, n_ct32, group_rows)
+            # two staging buffers by tile parity: one barrier a tile
+            pt = dict(p, rs_buf=rs0 + (it % 2) * (FUSED_ROWS * warps))
+            first_row, n_rows = _fused2_tile(pt, rt, ct)
+            cute.arch.sync_threads()
+            _fused2_flush_rows(pt, first_row, n_rows, ct)
+    else:
+        for it in cutlass.range(count, unroll=1):
+            rt, ct = _tile_rc(b + it * Int32(nb), n_rt32, n_ct32, group_rows)
+            _fused2_tile(p, rt, ct)
+
+
+@cute.jit
+def fused2_mxfp8_host(
+    x: cute.Tensor, table: cute.Tensor, row_data: cute.Tensor, row_scale: cute.Tensor,
+    col_data: cute.Tensor, col_scale: cute.Tensor,
+    n_groups: Int32, steps: Int32, m_rows: Int64, k_cols: Int64, col_data_bytes: Int64, col_scale_bytes: Int64,
+    group_rows: Int32, grid_ctas: Int32, rl: cutlass.Constexpr, warps: cutlass.Constexpr, ld: cutlass.Constexpr,
+    stage_rows: cutlass.Constexpr, stream,
+):
+    fused2_kernel(
+        x, table, row_data, row_scale, col_data, col_scale, n_groups, steps, m_rows, k_cols, col_data_bytes,
+        col_scale_bytes, group_rows, rl, warps, ld, stage_rows
+    ).launch(grid=(grid_ctas, 1, 1), block=(32 * warps, 1, 1), smem=(2 * FUSED_ROWS * warps + 64) if stage_rows else 0,
+             stream=stream)
+
+
+# ---- NVFP4 from bf16: per-warp shared-memory tiles, rolled loops ---------------------------------
+#
+# Unrolling a whole tile as fused2_kernel does takes ~12k instructions for NVFP4, more than the
+# instruction cache holds (an H200 then spent 74% of its stalls waiting for instruction fetch).
+# Here each warp runs on its own (no CTA barriers) over tiles of 128 rows x 64 columns: lane
+# (g, c) = (lane / 4, lane % 4) owns rows 16 g .. 16 g + 15 and columns 16 c .. 16 c + 15 of a
+# tile, one padded block both ways, kept in a 512-byte slot of shared memory. The four lanes of a
+# block row cp.async whole 64-byte runs of each row (whole sectors), a __syncwarp makes them
+# visible; ``stages`` 1: load, then quantize (12 one-warp CTAs an SM keep the loads in flight);
+# 2: the next tile loads while this one is quantized (only 6 warps fit; slower). Chunk k (row
+# k / 2, half k % 2) of a slot sits at (k & ~7) | ((k ^ lane) & 7): the lanes of a quarter-warp
+# meet different banks for 16-byte accesses; the 4-byte column reads of a column's eight lanes
+# meet 4-way conflicts, the price of 64-byte contiguous column stores. Rows (two a step) and
+# column pairs are rolled loops (~2.1k instructions in all). Scale bytes go through two small
+# staging areas: rowwise four bytes a row (one 4-byte store where K % 64 == 0), columnwise the
+# tile's eight blocks of a column (one 8-byte store where the eight blocks are one group's, 8-byte
+# aligned; else a byte a block, straight from the column pass).
+F3_STAGE = 16384  # bytes of one stage of one warp (32 lanes x 16 rows x 32 bytes)
+
+
+def _f3_warp_smem(stages: int) -> int:
+    return stages * F3_STAGE + 512 + 512  # stages, row-scale and column-scale staging
+
+
+def _f3_info(p, t):
+    """Tile t's facts for this lane's block: column tile, group, table row, j, valid rows of the
+    block, first x row, first column, real rows of the lane's piece (0 past K)."""
+    rt, ct = _tile_rc(t, p["n_rt"], p["n_ct"], p["group_rows"])
+    table = p["table"]
+    grp, trow, j, valid = _find_block(table, Int64(rt) * 8 + Int64(p["g"]), p["n_groups"], p["steps"],
+                                      p["total_blocks"], 16)
+    first = table[trow + ROW_START] + j * 16
+    col0 = Int64(ct) * 64 + Int64(p["c"] * 16)
+    n_rows = Int32(cutlass.max(cutlass.min(cutlass.min(valid, p["m_rows"] - first), Int64(16)), Int64(0)))
+    n_ok = _sel(col0 < p["k_cols"], n_rows, 0, Int32)
+    return dict(ct=ct, grp=grp, trow=trow, j=j, valid=valid, first=first, col0=col0, n_rows=n_rows, n_ok=n_ok)
+
+
+def _f3_dpos(k, lane7):
+    """Slot of chunk k (run-time) in a lane's 32 chunks."""
+    return (k & Int32(~7)) | ((k & Int32(7)) ^ lane7)
+
+
+def _f3_issue(p, t, stage):
+    """cp.async tile t into stage (zeros for rows not real and columns past K). The four lanes of a
+    block row load 64 contiguous bytes of each row an instruction (whole sectors): lane c takes
+    chunk 4 q + c of the row, which is chunk c & 1 of lane 2 q + c / 2's piece."""
+    info = _f3_info(p, t)
+    g, c = p["g"], p["c"]
+    warp_col0 = Int64(info["ct"]) * 64
+    src0 = p["x_addr"] + (info["first"] * p["k_cols"] + warp_col0) * 2
+    for q in range(2):
+        owner = g * 4 + q * 2 + (c >> 1)
+        base = stage + owner * 512
+        m = (c & 1) ^ (owner & 7)  # chunk 2 r + (c & 1) sits at (2 r & ~7) | ((2 r & 7) ^ m)
+        off = [((Int32(v) ^ m) * 16) + base for v in (0, 2, 4, 6)]
+        chunk_ok = warp_col0 + Int64(q * 32) + Int64(c * 8) < p["k_cols"]
+        n_rows = _sel(chunk_ok, info["n_rows"], 0, Int32)
+        src_q = src0 + Int64((q * 4 + c) * 16)
+        for r in range(16):
+            ok = Int32(r) < n_rows
+            src = _sel(ok, src_q + Int64(r) * p["row_pitch"], p["x_addr"], Int64)
+            _cp_async16(off[r % 4] + (2 * r & ~7) * 16, src, _sel(ok, 16, 0, Int32))
+
+
+def _f3_row_words(p, base, r):
+    return (_ld_shared(base + _f3_dpos(2 * r, p["lane7"]) * 16, 4)
+            + _ld_shared(base + _f3_dpos(2 * r + 1, p["lane7"]) * 16, 4))
+
+
+def _f3_col_words(p, base, h, wsel):
+    return [_ld_shared(base + _f3_dpos(h + 2 * r, p["lane7"]) * 16 + wsel * 4, 1)[0] for r in range(16)]
+
+
+def _f3_row_store(p, info, r, out):
+    at = p["row_data_addr"] + (info["first"] + Int64(r)) * (p["k_cols"] // 2) + info["col0"] // 2
+    _st_global_pred(at, out, _pred(r < info["n_ok"]))
+
+
+def _f3_col_store(p, info, pl, cc, out):
+    col = info["col0"] + Int64(cc)
+    vat = pl["d_off"] + col * pl["d_stride"] + info["j"] * 8
+    ok = pl["blk_ok"] & (vat >= Int64(0)) & (vat + 8 <= p["col_data_bytes"])
+    _st_global_pred(p["col_data_addr"] + vat, out, _pred(ok))
+
+
+def _f3_rows(p, info, base, s_grp, rp):
+    """Rows 2 rp, 2 rp + 1 of the lane's piece: rowwise blocks, data to memory, scales to staging.
+    Returns the fix-up bits of the two rows (bit r: r = inf)."""
+    rows = [rp * 2, rp * 2 + 1]
+    w = []
+    s_rows = []
+    for r in rows:
+        w.append(_f3_row_words(p, base, r))
+        ok = r < info["n_ok"]
+        loaded = _ld_global_b32_pred(p["s_row_addr"] + (info["first"] + Int64(r)) * 4, _pred(ok & p["per_row"]))
+        s_rows.append(_sel(p["per_row"], _f32(loaded), s_grp, Float32))
+    m0, m1 = _hmax_tree(w[0]), _hmax_tree(w[1])
+    mm = _hmax_abs(_prmt(m0, m1, 0x5410), _prmt(m0, m1, 0x7632))
+    scales = _nvfp4_scales2(_amax_halves(mm), s_rows)
+    fix = Uint32(0)
+    for h in range(2):
+        r = rows[h]
+        d, rr, skip, need = scales[h]
+        codes = _e2m1_bf16(w[h], "row", 0, rr)
+        _f3_row_store(p, info, r, [_sel(skip, 0, cw, Uint32) for cw in codes])
+        _st_shared_u8(p["rs_stage"] + (p["g"] * 16 + r) * 4 + p["c"], d)
+        fix = fix | (_sel(need, 1, 0, Uint32) << Uint32(r))
+    return fix
+
+
+def _f3_cols(p, info, pl, base, s_grp, t2):
+    """Column pair t2 of the lane's piece: two columnwise blocks (the 4-byte reads of the eight
+    lanes of a column group meet the same banks: 4-way conflicts, for stores of 64 contiguous bytes
+    a column). Returns their fix-up bits (bit 16 + column)."""
+    h = t2 >> 2
+    wsel = t2 & 3
+    kw = t2
+    words = _f3_col_words(p, base, h, wsel)
+    cm = _hmax_tree(words)
+    scales = _nvfp4_scales2(_amax_halves(cm), [s_grp, s_grp])
+    fix = Uint32(0)
+    for e in range(2):
+        d, rr, skip, need = scales[e]
+        cc = kw * 2 + e
+        codes = _e2m1_bf16(words, "col", e, rr)
+        _f3_col_store(p, info, pl, cc, [_sel(skip, 0, cw, Uint32) for cw in codes])
+        col = info["col0"] + Int64(cc)
+        sat = pl["s_off"] + col * pl["s_stride"] + info["j"]
+        sok = pl["blk_ok"] & (sat >= Int64(0)) & (sat < p["col_scale_bytes"]) & (~pl["oct_ok"])
+        _st_global_u8_pred(p["col_scale_addr"] + sat, d, _pred(sok))
+        _st_shared_u8(p["cs_stage"] + (p["c"] * 16 + cc) * 8 + p["g"], d)
+        fix = fix | (_sel(need, 1, 0, Uint32) << Uint32(16 + cc))
+    return fix
+
+
+def _f3_flush(p, info, pl):
+    """Staged scale bytes to memory: rowwise 4 bytes a row, columnwise 8 bytes a column."""
+    k_cols = p["k_cols"]
+    lane = p["lane"]
+    quad = (k_cols % 64) == Int64(0)
+    first_w = _split64(info["first"])
+    row_col0 = Int64(info["ct"]) * 64
+    for q in range(4):
+        big = lane + 32 * q  # row of the tile
+        src = (big >> 4) * 4  # a lane of the block holding it
+        first = _join64(_shfl_idx(first_w[0], src), _shfl_idx(first_w[1], src))
+        n_ok = Int32(_shfl_idx(Uint32(info["n_ok"]), src))
+        ok = (big & 15) < n_ok
+        word = _ld_shared(p["rs_stage"] + big * 4, 1)[0]
+        at = p["row_scale_addr"] + (first + Int64(big & 15)) * (k_cols // 16) + row_col0 // 16
+        _st_global_b32_pred(at, word, _pred(ok & quad))
+        for b in range(4):
+            _st_global_u8_pred(at + b, word >> Uint32(8 * b), _pred(ok & (~quad) & (row_col0 + 16 * b < k_cols)))
+    j0 = info["j"] - Int64(p["g"])
+    v = _ld_shared(p["cs_stage"] + lane * 16, 4)
+    for e in range(2):
+        col = row_col0 + Int64(lane * 2 + e)
+        sat = pl["s_off"] + col * pl["s_stride"] + j0
+        ok = pl["oct_ok"] & (col < k_cols) & (sat >= Int64(0)) & (sat + 8 <= p["col_scale_bytes"])
+        _st_global_pred(p["col_scale_addr"] + sat, v[2 * e:2 * e + 2], _pred(ok))
+
+
+@dsl_user_op
+def _vote_any(pred, *, loc=None, ip=None) -> Int32:
+    ptx = "{\n.reg .pred p;\nsetp.ne.b32 p, $1, 0;\nvote.sync.any.pred p, p, 0xffffffff;\nselp.b32 $0, 1, 0, p;\n}"
+    return Int32(_words_asm(1, ptx, "=r,r", [Int32(pred).ir_value(loc=loc, ip=ip)], loc, ip)[0])
+
+
+@cute.kernel
+def fused3_kernel(
+    x: cute.Tensor, table: cute.Tensor, row_data: cute.Tensor, row_scale: cute.Tensor,
+    col_data: cute.Tensor, col_scale: cute.Tensor, s_row: cute.Tensor, s_col: cute.Tensor,
+    n_groups: Int32, steps: Int32, m_rows: Int64, k_cols: Int64, row_s_mode: Int32,
+    col_data_bytes: Int64, col_scale_bytes: Int64, group_rows: Int32, warps: cutlass.Constexpr,
+    stages: cutlass.Constexpr,
+):
+    tid = Int32(cute.arch.thread_idx()[0])
+    lane = tid % 32
+    warp = tid // 32
+    warp_smem = _f3_warp_smem(stages)
+    smem = cutlass.utils.SmemAllocator()
+    buf = smem.allocate_tensor(Uint8, cute.make_layout(warps * warp_smem), byte_alignment=128)
+    wbase = Int32(buf.iterator.toint()) + warp * warp_smem
+    n_rt, n_ct, total_blocks = _tile_counts(table, n_groups, k_cols, 16, FUSED_ROWS, 64)
+    n_tiles = Int32(n_rt * n_ct)
+    bid, _, _ = cute.arch.block_idx()
+    nb, _, _ = cute.arch.grid_dim()
+    gw = Int32(bid) * warps + warp
+    tw = Int32(nb) * warps
+    count = _sel(gw < n_tiles, (n_tiles - gw + tw - 1) // tw, 0, Int32)
+    p = dict(table=table, n_groups=n_groups, steps=steps, total_blocks=total_blocks, m_rows=m_rows,
+             k_cols=k_cols, row_pitch=k_cols * 2, n_rt=Int32(n_rt), n_ct=Int32(n_ct), group_rows=group_rows,
+             lane=lane, lane7=lane & 7, g=lane >> 2, c=lane & 3, x_addr=x.iterator.toint(),
+             row_data_addr=row_data.iterator.toint(), row_scale_addr=row_scale.iterator.toint(),
+             col_data_addr=col_data.iterator.toint(), col_scale_addr=col_scale.iterator.toint(),
+             s_row_addr=s_row.iterator.toint(), per_row=row_s_mode != 0,
+             col_data_bytes=col_data_bytes, col_scale_bytes=col_scale_bytes,
+             rs_stage=wbase + stages * F3_STAGE, cs_stage=wbase + stages * F3_STAGE + 512)
+    if cutlass.const_expr(stages == 2):
+        if count > 0:
+            _f3_issue(p, gw, wbase)
+        cute.arch.cp_async_commit_group()
+    for it in cutlass.range(count, unroll=1):
+        t = gw + it * tw
+        cur = wbase
+        if cutlass.const_expr(stages == 2):
+            cur = wbase + (it % 2) * F3_STAGE
+            if it + 1 < count:
+                _f3_issue(p, t + tw, wbase + ((it + 1) % 2) * F3_STAGE)
+        else:
+            _f3_issue(p, t, wbase)
+        cute.arch.cp_async_commit_group()
+        info = _f3_info(p, t)
+        s_grp = s_col[info["grp"]]
+        trow = info["trow"]
+        s_off = table[trow + SCALE_OFFSET]
+        s_stride = table[trow + SCALE_STRIDE]
+        grp0 = Int32(_shfl_idx(Uint32(info["grp"]), 0))
+        oct_ok = _vote_all(_pred((info["valid"] > Int64(0)) & (info["grp"] == grp0)
+                                 & ((p["col_scale_addr"] + s_off + info["j"] - Int64(p["g"])) % 8 == Int64(0))
+                                 & (s_stride % 8 == Int64(0)))) != 0
+        pl = dict(d_off=table[trow + DATA_OFFSET], d_stride=table[trow + DATA_STRIDE], s_off=s_off,
+                  s_stride=s_stride, blk_ok=(info["col0"] < k_cols) & (info["valid"] > Int64(0)), oct_ok=oct_ok)
+        base = cur + lane * 512
+        cute.arch.cp_async_wait_group(stages - 1)
+        cute.arch.sync_warp()  # the piece of a lane was loaded by the four lanes of its block row
+        fix = Uint32(0)
+        for rp in cutlass.range(8, unroll=1):
+            fix = fix | _f3_rows(p, info, base, s_grp, rp)
+        for t2 in cutlass.range(8, unroll=1):
+            fix = fix | _f3_cols(p, info, pl, base, s_grp, t2)
+        # r = inf (S / d overflowed) with codes used: zero values must keep code 0 (rare: a group of
+        # subnormals); those blocks again, from the staged input still here
+        if _vote_any(_pred(fix != Uint32(0))) != 0:
+            for fr in cutlass.range(16, unroll=1):
+                if ((fix >> Uint32(fr)) & Uint32(1)) != Uint32(0):
+                    _f3_row_store(p, info, fr, _e2m1_bf16(_f3_row_words(p, base, fr), "row", 0, Float32(0.0), True))
+            for fc in cutlass.range(16, unroll=1):
+                if ((fix >> Uint32(16 + fc)) & Uint32(1)) != Uint32(0):
+                    fkw = fc >> 1
+                    fwords = _f3_col_words(p, base, fkw >> 2, fkw & 3)
+                    c0 = _e2m1_bf16(fwords, "col", 0, Float32(0.0), True)
+                    c1 = _e2m1_bf16(fwords, "col", 1, Float32(0.0), True)
+                    odd = (fc & 1) != 0
+                    _f3_col_store(p, info, pl, fc, [_sel(odd, c1[i], c0[i], Uint32) for i in range(2)])
+        cute.arch.sync_warp()
+        _f3_flush(p, info, pl)
+        cute.arch.sync_warp()
+
+
+@cute.jit
+def fused3_nvfp4_host(
+    x: cute.Tensor, table: cute.Tensor, row_data: cute.Tensor, row_scale: cute.Tensor,
+    col_data: cute.Tensor, col_scale: cute.Tensor, s_row: cute.Tensor, s_col: cute.Tensor,
+    n_groups: Int32, steps: Int32, m_rows: Int64, k_cols: Int64, row_s_mode: Int32,
+    col_data_bytes: Int64, col_scale_bytes: Int64, group_rows: Int32, grid_ctas: Int32, warps: cutlass.Constexpr,
+    stages: cutlass.Constexpr, stream,
+):
+    fused3_kernel(
+        x, table, row_data, row_scale, col_data, col_scale, s_row, s_col, n_groups, steps, m_rows, k_cols,
+        row_s_mode, col_data_bytes, col_scale_bytes, group_rows, warps, stages
+    ).launch(grid=(grid_ctas, 1, 1), block=(32 * warps, 1, 1), smem=warps * _f3_warp_smem(stages), stream=stream)

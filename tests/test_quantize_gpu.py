@@ -493,6 +493,34 @@ def test_both_larger(gen, fmt, dtype, grid, monkeypatch):
     check_both(qk, x, fmt, sizes)
 
 
+# Other configurations of the bf16 kernels (quantize.FUSED2 for MXFP8, FUSED3 for NVFP4), with the
+# width K: warps and row-scale staging (K / 32 a multiple of 4, or not), tile orders (column tile
+# fastest, row tile fastest, bands of 3), a persistent grid, two cp.async stages.
+BF16_CONFIGS = {
+    "mxfp8": [(dict(warps=4, group_rows=16), 1024), (dict(warps=4, group_rows=16), 1088),
+              (dict(stage_rows=False, group_rows=1), 544), (dict(rl=32, warps=2, group_rows=1 << 20), 1088),
+              (dict(ctas_per_sm=1, group_rows=3), 1024)],
+    "nvfp4": [(dict(warps=4, ctas_per_sm=3), 1024), (dict(stages=2, ctas_per_sm=6, group_rows=1), 1104),
+              (dict(warps=2, ctas_per_sm=1, group_rows=3), 208)],
+}
+
+
+@gpu
+@fmt_param
+@pytest.mark.parametrize("variant", range(5))
+def test_both_bf16_kernel_configs(gen, fmt, variant, monkeypatch):
+    """The bf16 kernels' other configurations give the same bytes."""
+    qk = _qk()
+    if variant >= len(BF16_CONFIGS[fmt]):
+        pytest.skip("no such configuration for this format")
+    config, k = BF16_CONFIGS[fmt][variant]
+    name = "FUSED2" if fmt == "mxfp8" else "FUSED3"
+    monkeypatch.setattr(qk, name, {**getattr(qk, name), **config})
+    sizes = [1000, 31, 17, 1, 0, 513, 777]
+    x = special(gen, sum(sizes) + 5, k).to(torch.bfloat16)
+    check_both(qk, x, fmt, sizes)
+
+
 @gpu
 @fmt_param
 @dtype_param
