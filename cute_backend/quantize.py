@@ -228,18 +228,9 @@ def can_implement_columnwise(x, fmt_name, data, scale, groups, col_scale=None) -
     reason = _check_x(x, fmt, rowwise=False)
     if reason:
         return reason
-    if not isinstance(groups, torch.Tensor):
-        return f"groups must be the (G, {TABLE_COLS}) int64 table of group_table(), got {type(groups).__name__}"
-    if (
-        groups.device != x.device or groups.dtype != torch.int64 or groups.dim() != 2
-        or groups.shape[1] != TABLE_COLS or not groups.is_contiguous()
-    ):
-        return (
-            f"groups must be a contiguous (G, {TABLE_COLS}) int64 tensor on {x.device} (see group_table), "
-            f"got shape {tuple(groups.shape)}, {groups.dtype} on {groups.device}"
-        )
-    if groups.data_ptr() % 16:
-        return "groups must start 16-byte aligned"
+    reason = _check_groups(groups, x)
+    if reason:
+        return reason
     reason = _check_bytes("data", data, (DATA_DTYPE[fmt], torch.uint8), x.device, align=16) or _check_bytes(
         "scale", scale, (SCALE_DTYPE[fmt], torch.uint8), x.device, align=1
     )

@@ -136,6 +136,24 @@ def _e4m3_to_f32(byte, *, loc=None, ip=None) -> Float32:
     return Float32(_asm(T.f32(), ptx, "=f,r", [Uint32(byte).ir_value(loc=loc, ip=ip)], loc, ip))
 
 
+
+def _e2m1_code_ptx(acc: str, i: int) -> list[str]:
+    """PTX: round the scaled magnitude in ``a`` (fp32, >= 0) to an E2M1 index (ties to even,
+    saturating at 6) and add it as nibble ``i`` of the word ``acc``: three correctly rounded
+    adds onto 2^23 put the candidates in the low bits, their integer min is the index."""
+    return [
+        "min.f32 a, a, 0f40C00000;",
+        "fma.rn.f32 c1, a, 0f40000000, 0f4B000000;",
+        "add.rn.f32 c2, a, 0f4B000002;",
+        "fma.rn.f32 c3, a, 0f3F000000, 0f4B000004;",
+        "mov.b32 t, c1;",
+        "mov.b32 u, c2;",
+        "mov.b32 v, c3;",
+        "min.u32 t, t, u;",
+        "min.u32 t, t, v;",
+        f"add.u32 {acc}, t, 0x05000000;" if i == 0 else f"mad.lo.u32 {acc}, t, {16 ** i}, {acc};",
+    ]
+
 def _e2m1_block_ptx() -> str:
     """PTX: 16 fp32 x ($2..$17) and r ($18) -> two words of the E2M1 nibbles of fp32(x * r) ($0, $1).
 
@@ -158,16 +176,7 @@ def _e2m1_block_ptx() -> str:
         lines += [
             f"abs.f32 a, {x};",
             "mul.rn.f32 a, a, $18;",
-            "min.f32 a, a, 0f40C00000;",
-            "fma.rn.f32 c1, a, 0f40000000, 0f4B000000;",
-            "add.rn.f32 c2, a, 0f4B000002;",
-            "fma.rn.f32 c3, a, 0f3F000000, 0f4B000004;",
-            "mov.b32 t, c1;",
-            "mov.b32 u, c2;",
-            "mov.b32 v, c3;",
-            "min.u32 t, t, u;",
-            "min.u32 t, t, v;",
-            f"add.u32 {acc}, t, 0x05000000;" if i == 0 else f"mad.lo.u32 {acc}, t, {16 ** i}, {acc};",
+            *_e2m1_code_ptx(acc, i),
             f"mov.b32 t, {x};",
             "shr.u32 t, t, 31;",
             f"mad.lo.u32 {acc}, t, {2 ** (4 * i + 3)}, {acc};",
@@ -1344,16 +1353,7 @@ def _e2m1_bf16_ptx(layout: str, half: int, inf: bool) -> str:
             lines += [f"and.b32 t, {w}, 0x7FFF0000;", "mov.b32 x, t;"]
         lines += [
             f"mul.rn.f32 a, x, {r_arg};",
-            "min.f32 a, a, 0f40C00000;",
-            "fma.rn.f32 c1, a, 0f40000000, 0f4B000000;",
-            "add.rn.f32 c2, a, 0f4B000002;",
-            "fma.rn.f32 c3, a, 0f3F000000, 0f4B000004;",
-            "mov.b32 t, c1;",
-            "mov.b32 u, c2;",
-            "mov.b32 v, c3;",
-            "min.u32 t, t, u;",
-            "min.u32 t, t, v;",
-            f"add.u32 {acc}, t, 0x05000000;" if i == 0 else f"mad.lo.u32 {acc}, t, {16 ** i}, {acc};",
+            *_e2m1_code_ptx(acc, i),
         ]
     for o in range(2):  # output word o: values 8o .. 8o + 7
         acc = f"acc{o}"
