@@ -4,7 +4,9 @@ The `gpu` marker is registered in pyproject.toml. Here:
 - tests marked `gpu` are skipped when CUDA is not available;
 - `seed` gives each test its own deterministic seed (derived from its node id), and
   `gen` a CPU torch.Generator seeded with it, so every test draws fresh, varied
-  random data that is still reproducible run to run.
+  random data that is still reproducible run to run;
+- every test starts with no GROUPED_* variable from the outer environment and an
+  empty backend-decision cache, so backend choice never depends on the caller.
 """
 
 import zlib
@@ -23,6 +25,17 @@ def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in gpu_items:
         item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _clean_grouped_env(monkeypatch):
+    import grouped
+
+    for name in grouped.env.ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    grouped.selector.clear_cache()
+    yield
+    grouped.selector.clear_cache()
 
 
 @pytest.fixture

@@ -32,16 +32,6 @@ SPLITS = {
 SPLIT_NAMES = list(SPLITS)
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch):
-    """No GROUPED_* variable from the outer environment changes backend choice here."""
-    for name in grouped.env.ENV_VARS:
-        monkeypatch.delenv(name, raising=False)
-    grouped.selector.clear_cache()
-    yield
-    grouped.selector.clear_cache()
-
-
 # ----------------------------------------------------------------------------- helpers
 
 

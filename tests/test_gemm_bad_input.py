@@ -13,15 +13,6 @@ SIZES = [10, 0, 25, 13]  # total 48
 M = 56  # rows past the total exist
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch):
-    for name in grouped.env.ENV_VARS:
-        monkeypatch.delenv(name, raising=False)
-    grouped.selector.clear_cache()
-    yield
-    grouped.selector.clear_cache()
-
-
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 

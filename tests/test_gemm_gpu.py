@@ -67,23 +67,6 @@ FP32_TOL = 1e-5  # normwise, bf16 inputs with fp32 accumulation and fp32 output
 BF16_TOL = 4e-3  # normwise, bf16 output
 PAD = 8  # extra elements per row of a caller buffer: keeps rows 16-byte aligned for bf16 and fp32
 
-ENV_VARS = (
-    "GROUPED_BACKEND",
-    "GROUPED_BACKEND_BF16",
-    "GROUPED_BACKEND_MXFP8",
-    "GROUPED_BACKEND_NVFP4",
-    "GROUPED_STRICT",
-    "GROUPED_LOG",
-)
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch):
-    """The automatic choice and fallbacks must not depend on the caller's environment."""
-    for name in ENV_VARS:
-        monkeypatch.delenv(name, raising=False)
-
-
 # ----------------------------------------------------------------------------- split sizes
 
 

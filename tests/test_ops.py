@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 import grouped
 from grouped import GroupedLinear, GroupedMLP
+from ops_reference import bounds, rel_err
 
 RECIPES = ["bf16", "mxfp8", "nvfp4"]
 QUANTIZED = ["mxfp8", "nvfp4"]
@@ -107,19 +108,7 @@ def stacked_weight(layer):
     return layer.weight.detach() if layer.single_weight else torch.stack([p.detach() for p in layer.weights()])
 
 
-def bounds(sizes):
-    start = 0
-    for m in sizes:
-        yield slice(start, start + m)
-        start += m
-
-
 # ----------------------------------------------------------------------------- checks
-
-
-def rel_err(out, ref):
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
 def _bf16_ulp(v):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from grouped import GroupedMLP
 from grouped.backends import BACKENDS
+from ops_reference import bounds, rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -33,18 +34,6 @@ NORMWISE_VS_FP64 = 2e-2  # bf16 intermediate (FC1 output, activation) and bf16 o
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def bounds(sizes):
-    start = 0
-    for m in sizes:
-        yield slice(start, start + m)
-        start += m
-
-
-def rel_err(out, ref):
-    out, ref = out.detach().cpu().double(), ref.detach().cpu().double()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
 def make_mlp(gen, device):

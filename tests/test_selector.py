@@ -17,14 +17,9 @@ BACKEND_NAMES = ("reference", "cublas", "torch", "cute", "cudnn")
 
 
 @pytest.fixture(autouse=True)
-def _clean(monkeypatch):
-    for name in grouped.env.ENV_VARS:
-        monkeypatch.delenv(name, raising=False)
+def _no_cudnn(monkeypatch):
     # These tests assume cuDNN frontend is absent (tests/test_cudnn.py covers it present).
     monkeypatch.setitem(sys.modules, "cudnn", None)
-    selector.clear_cache()
-    yield
-    selector.clear_cache()
 
 
 def _rand(gen, *shape):
