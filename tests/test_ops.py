@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 import grouped
 from grouped import GroupedLinear, GroupedMLP
-from ops_reference import bounds, rel_err
+from ops_reference import bounds, mlp_ref, rel_err
 
 RECIPES = ["bf16", "mxfp8", "nvfp4"]
 QUANTIZED = ["mxfp8", "nvfp4"]
@@ -189,24 +189,6 @@ def linear_ref(recipe, x, w, b, sizes, dy):
     if recipe == "bf16":
         return linear_ref_autograd(x, w, b, sizes, dy)
     return linear_ref_quantized(x, w, b, sizes, dy, recipe)
-
-
-def mlp_ref(x, w1, w2, sizes, probs, dy):
-    """fp64 autograd: per expert h = x W1^T, a = silu(gate) * up * probs, y = a W2^T."""
-    x64 = x.detach().double().requires_grad_()
-    w1 = w1.detach().double().requires_grad_()
-    w2 = w2.detach().double().requires_grad_()
-    p64 = probs.detach().double().requires_grad_() if probs is not None else None
-    parts = []
-    for g, r in enumerate(bounds(sizes)):
-        gate, up = F.linear(x64[r], w1[g]).chunk(2, dim=-1)
-        a = F.silu(gate) * up
-        if p64 is not None:
-            a = a * p64[r].unsqueeze(1)
-        parts.append(F.linear(a, w2[g]))
-    y = torch.cat(parts + [x64.new_zeros(x.shape[0] - sum(sizes), w2.shape[1])])
-    y.backward(dy.double())
-    return y.detach(), x64.grad, w1.grad, w2.grad, None if p64 is None else p64.grad
 
 
 def run_linear(layer, x, sizes, dy, **kw):

@@ -13,11 +13,10 @@ import importlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from grouped import GroupedMLP
 from grouped.backends import BACKENDS
-from ops_reference import bounds, rel_err
+from ops_reference import mlp_ref, rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -50,24 +49,6 @@ def draw(gen, device):
     dy = torch.randn(M, H, generator=gen).to(torch.bfloat16)
     probs = torch.rand(M, generator=gen)
     return x.to(device), dy.to(device), probs.to(device)
-
-
-def mlp_ref(x, w1, w2, sizes, probs, dy):
-    """fp64 autograd on the CPU: (y, dx, dW1, dW2, dprobs)."""
-    x64 = x.detach().cpu().double().requires_grad_()
-    w1 = w1.detach().cpu().double().requires_grad_()
-    w2 = w2.detach().cpu().double().requires_grad_()
-    p64 = probs.detach().cpu().double().requires_grad_() if probs is not None else None
-    parts = []
-    for g, r in enumerate(bounds(sizes)):
-        gate, up = F.linear(x64[r], w1[g]).chunk(2, dim=-1)
-        a = F.silu(gate) * up
-        if p64 is not None:
-            a = a * p64[r].unsqueeze(1)
-        parts.append(F.linear(a, w2[g]))
-    y = torch.cat(parts + [x64.new_zeros(x.shape[0] - sum(sizes), w2.shape[1])])
-    y.backward(dy.detach().cpu().double())
-    return y.detach(), x64.grad, w1.grad, w2.grad, None if p64 is None else p64.grad
 
 
 def run_eager(mlp, x, sizes, probs, dy):

@@ -317,6 +317,21 @@ def test_columnwise_nvfp4_midpoints(gen, dtype):
     assert_same_bytes(scale, ref.scale, "scale")
 
 
+def _region_table(qk, ref, sizes, fmt):
+    """The kernels' group table for a GroupedTensor's columnwise member regions."""
+    views = ref.split(columnwise=True)
+    base_d, base_s = ref.columnwise_data.data_ptr(), ref.columnwise_scale.data_ptr()
+    b, epb = BLOCK[fmt], EPB[fmt]
+    pad = [-(-m // b) * b for m in sizes]
+    return qk.group_table(
+        torch.tensor(sizes, device="cuda"), fmt,
+        data_offsets=[v.data.data_ptr() - base_d for v in views],
+        data_strides=[p // epb for p in pad],
+        scale_offsets=[v.scale.data_ptr() - base_s for v in views],
+        scale_strides=[p // b for p in pad],
+    )
+
+
 @gpu
 @fmt_param
 @dtype_param
@@ -327,17 +342,7 @@ def test_columnwise_grouped_tensor_regions(gen, fmt, dtype):
     k = 96
     x = special(gen, sum(sizes), k).to(dtype)
     ref = grouped.GroupedTensor.from_tensor(x, sizes, fmt, rowwise=False, columnwise=True)
-    views = ref.split(columnwise=True)
-    base_d, base_s = ref.columnwise_data.data_ptr(), ref.columnwise_scale.data_ptr()
-    b, epb = BLOCK[fmt], EPB[fmt]
-    pad = [-(-m // b) * b for m in sizes]
-    table = qk.group_table(
-        torch.tensor(sizes, device="cuda"), fmt,
-        data_offsets=[v.data.data_ptr() - base_d for v in views],
-        data_strides=[p // epb for p in pad],
-        scale_offsets=[v.scale.data_ptr() - base_s for v in views],
-        scale_strides=[p // b for p in pad],
-    )
+    table = _region_table(qk, ref, sizes, fmt)
     data = torch.zeros_like(ref.columnwise_data, device="cuda")
     scale = torch.zeros_like(ref.columnwise_scale, device="cuda")
     s = None if ref.global_scale is None else ref.global_scale.cuda()
@@ -571,18 +576,8 @@ def test_both_grouped_tensor_regions(gen, fmt, dtype):
     k = 512
     x = special(gen, sum(sizes), k).to(dtype)
     ref = grouped.GroupedTensor.from_tensor(x, sizes, fmt, rowwise=True, columnwise=True)
-    views = ref.split(columnwise=True)
-    base_d, base_s = ref.columnwise_data.data_ptr(), ref.columnwise_scale.data_ptr()
-    b, epb = BLOCK[fmt], EPB[fmt]
-    pad = [-(-m // b) * b for m in sizes]
-    table = qk.group_table(
-        torch.tensor(sizes, device="cuda"), fmt,
-        data_offsets=[v.data.data_ptr() - base_d for v in views],
-        data_strides=[p // epb for p in pad],
-        scale_offsets=[v.scale.data_ptr() - base_s for v in views],
-        scale_strides=[p // b for p in pad],
-    )
-    r = sum(sizes)
+    table = _region_table(qk, ref, sizes, fmt)
+    r, b, epb = sum(sizes), BLOCK[fmt], EPB[fmt]
     data = garbage_like(ref.data)
     scale = garbage_like(ref.scale)
     col_data = torch.zeros_like(ref.columnwise_data, device="cuda")
