@@ -10,5 +10,6 @@ module (checks, compile entry, launch; no cutlass import) and a device module
 def kernel_configs():
     """Every (KernelSpec, build) the library can pick, for CI's compile check."""
     from . import offsets, quantize
+    from .sm90 import grouped_gemm
 
-    return offsets.configs() + quantize.configs()
+    return offsets.configs() + quantize.configs() + grouped_gemm.configs()

@@ -53,7 +53,7 @@ class Problem:
     device_splits: bool  # split sizes (or offsets) given as a CUDA tensor
     capturing: bool  # inside CUDA graph capture
     caller_buffer: bool
-    aligned: bool  # every operand and output row 16-byte aligned
+    aligned: bool  # every operand and output row 16-byte aligned, base addresses too
     grouped_operands: bool  # an operand is a GroupedTensor (per-member buffers)
     large_experts: bool = False  # few experts averaging many rows (the LARGE_EXPERTS_* bounds), host sizes
 
@@ -265,8 +265,10 @@ def prepare(a, b, split_sizes, *, offsets, layout, out, accumulate, out_dtype) -
         buffers.check_buffer(out, name="out", shape=out_shape, dtype=dtype, device=device, inputs=owned)
 
     row_bytes_aligned = all(fmt_a.data_nbytes(d) % 16 == 0 for d in (n, k))
-    strides_aligned = all(
-        t.stride(0) * t.element_size() % 16 == 0 for t in (a, b) if isinstance(t, torch.Tensor) and t.dim() == 2
+    strides_aligned = all(  # caller buffers were checked by check_buffer
+        t.data_ptr() % 16 == 0 and (t.dim() != 2 or t.stride(0) * t.element_size() % 16 == 0)
+        for t in (a, b)
+        if isinstance(t, torch.Tensor)
     )
     problem = Problem(
         fmt=fmt_a.name,

@@ -291,6 +291,7 @@ class Contender:
     kind: str  # "ours", "peer" or "reference" (a speed reference, not a peer)
     build: Callable[[Case], Callable[[], torch.Tensor]]  # setup outside the timed region
     precision: str = "bf16"
+    grouped_result: bool = True  # False: a speed reference whose output is not the grouped GEMM's
 
 
 def per_expert_loop(a, b, sizes, layout) -> torch.Tensor:
@@ -346,6 +347,19 @@ def build_ours(name: str):
         a, b, layout = case.a, case.b, case.layout
         return lambda: grouped.gemm(a, b, layout=layout, backend=name, **kwargs)
     return build
+
+
+def build_dense_mm(case: Case):
+    """One dense cuBLAS GEMM with the same FLOPs (the tokens as one expert): the rate a grouped
+    GEMM would reach if grouping cost nothing."""
+    m, a, b = case.m_total, case.a, case.b
+    if case.layout == "forward":
+        lhs, rhs = a[:m], b[0].T
+    elif case.layout == "dgrad":
+        lhs, rhs = a[:m], b[0]
+    else:
+        lhs, rhs = a[:m].T, b[:m]
+    return lambda: torch.mm(lhs, rhs)
 
 
 def rowwise_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -467,6 +481,7 @@ def build_contenders(case: Case, include_reference: bool, quack: tuple) -> tuple
         Contender("per-expert mm loop", "peer", build_loop),
         Contender("quack varlen", "peer", build_quack(*quack)),
     ]
+    peers.append(Contender("dense mm, same FLOPs", "reference", build_dense_mm, grouped_result=False))
     if case.layout == "forward":
         peers.append(Contender("fp8 rowwise scaled_gmm", "reference", build_fp8_scaled, precision="fp8"))
     return ours + peers, skipped
@@ -493,6 +508,7 @@ class Row:
     floor_ms: float | None = None
     pct_floor: float | None = None
     speedup_vs_best_peer: float | None = None  # best peer ms / this ms (ours only)
+    vs_dense: float | None = None  # dense mm of the same FLOPs ms / this ms (ours only)
     rel_err: float | None = None
     first_call_s: float | None = None  # includes compilation / autotuning
     notes: list[str] = field(default_factory=list)
@@ -538,11 +554,12 @@ def run_contender(case: Case, c: Contender, ceilings: dict, device, flush, max_r
         row.first_call_s = time.perf_counter() - t0
         if row.first_call_s > 1.0:
             row.notes.append(f"first call {row.first_call_s:.1f} s")
-        err, note = check_output(out, case, ERR_LIMIT[c.precision])
-        row.rel_err = err if math.isfinite(err) else None
+        if c.grouped_result:
+            err, note = check_output(out, case, ERR_LIMIT[c.precision])
+            row.rel_err = err if math.isfinite(err) else None
+            if note:
+                row.notes.append(note)
         del out
-        if note:
-            row.notes.append(note)
         row.ms, row.reps = time_ms(fn, device, flush, max_reps)
     except Skip as e:
         row.status = f"skipped: {e}"
@@ -557,6 +574,10 @@ def run_contender(case: Case, c: Contender, ceilings: dict, device, flush, max_r
 
 
 def fill_peer_ratios(rows: list[Row]) -> None:
+    dense = next((r for r in rows if r.contender.startswith("dense mm") and r.ms), None)
+    for r in rows:
+        if dense is not None and r.kind == "ours" and r.ms:
+            r.vs_dense = dense.ms / r.ms
     peers = [r for r in rows if r.kind == "peer" and r.ms and not is_wrong(r)]
     if not peers:
         return
@@ -616,6 +637,13 @@ def direct_kernels(name: str, x, w, sizes, offs):
         return lambda: torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
     if name == "cublas":
         return lambda: per_expert_loop(x, w, sizes, "forward")
+    if name == "cute":
+        from cute_backend.sm90 import grouped_gemm as sm90
+
+        config = sm90.config_for("forward", torch.bfloat16, False)
+        out = torch.empty(x.shape[0], w.shape[1], dtype=torch.bfloat16, device=x.device)
+        bound = sm90.work_bound(config, x.shape[0], w.shape[0], x.shape[0], w.shape[1])
+        return lambda: sm90.launch(config, x, w, out, offs, bound)
     if name == "reference":
         def ref():
             a, b = x.double(), w.double()
@@ -674,7 +702,7 @@ class Table:
     """Prints rows as they are measured and keeps the text for table.txt."""
 
     HEADER = (f"{'shape':<34} {'split':<7} {'layout':<7} {'contender':<24} {'ms':>9} {'TFLOP/s':>8} "
-              f"{'%floor':>6} {'xpeer':>6} {'relerr':>8}  status/notes")
+              f"{'%floor':>6} {'xpeer':>6} {'xdense':>6} {'relerr':>8}  status/notes")
 
     def __init__(self):
         self.lines = []
@@ -686,8 +714,8 @@ class Table:
 
     def start(self) -> None:
         self.emit("")
-        self.emit("xpeer = best peer ms / our ms (>1: ours faster); %floor = floor ms / ms; "
-                  "relerr vs the per-expert loop")
+        self.emit("xpeer = best peer ms / our ms (>1: ours faster); xdense = ms of one dense mm of the same "
+                  "FLOPs / our ms; %floor = floor ms / ms; relerr vs the per-expert loop")
         self.emit(self.HEADER)
 
     def row(self, r: Row) -> None:
@@ -700,7 +728,8 @@ class Table:
         notes = "; ".join([status, *r.notes]).strip("; ")
         self.emit(f"{shape:<34} {r.split:<7} {r.layout:<7} {r.contender:<24} {fmt(r.ms, '9.3f'):>9} "
                   f"{fmt(r.tflops, '8.1f'):>8} {fmt(r.pct_floor, '5.0f'):>6} "
-                  f"{fmt(r.speedup_vs_best_peer, '6.2f'):>6} {fmt(r.rel_err, '8.1e'):>8}  {notes}")
+                  f"{fmt(r.speedup_vs_best_peer, '6.2f'):>6} {fmt(r.vs_dense, '6.2f'):>6} "
+                  f"{fmt(r.rel_err, '8.1e'):>8}  {notes}")
 
     def note(self, line: str) -> None:
         self.emit(line)
@@ -766,7 +795,7 @@ def print_summary(info, ceilings, rows, overhead, quack_log, elapsed_s, out_file
     print(f"quack: {quack_log[-1]}")
     print(f"fp8 API: {FP8_API_USED[0] or 'none worked (see fp8 rows)'}")
     print(f"{'case':<27} {'lay':<5} {'best ours':<22} {'%fl':>4} {'best peer':<20} {'xpeer':>5} "
-          f"{'fp8ms':>7}")
+          f"{'xdense':>6} {'fp8ms':>7}")
     cases = list(dict.fromkeys((r.shape, r.k, r.n, r.split, r.layout) for r in rows))
     wrong = [f"{r.contender}@{r.shape}K{r.k}N{r.n}/{r.split}/{r.layout}" for r in rows if is_wrong(r)]
     for key in cases:
@@ -775,14 +804,15 @@ def print_summary(info, ceilings, rows, overhead, quack_log, elapsed_s, out_file
         peers = [r for r in group if r.kind == "peer" and not is_wrong(r)]
         best_ours = min(ours, key=lambda r: r.ms) if ours else None
         best_peer = min(peers, key=lambda r: r.ms) if peers else None
-        fp8 = next((r.ms for r in group if r.kind == "reference"), None)
+        fp8 = next((r.ms for r in group if r.contender.startswith("fp8")), None)
         shape, k, n, split, layout = key
         ours_txt = f"{best_ours.contender[5:]} {best_ours.ms:.3f}" if best_ours else "-"
         peer_txt = f"{short(best_peer.contender)} {best_peer.ms:.3f}" if best_peer else "-"
         xpeer = best_peer.ms / best_ours.ms if best_ours and best_peer else None
         print(f"{shape + ' K' + str(k) + ' N' + str(n) + ' ' + split[:4]:<27} {layout[:5]:<5} {ours_txt:<22} "
               f"{fmt(best_ours.pct_floor if best_ours else None, '4.0f'):>4} {peer_txt:<20} "
-              f"{fmt(xpeer, '5.2f'):>5} {fmt(fp8, '7.3f'):>7}")
+              f"{fmt(xpeer, '5.2f'):>5} {fmt(best_ours.vs_dense if best_ours else None, '6.2f'):>6} "
+              f"{fmt(fp8, '7.3f'):>7}")
     for o in overhead:
         if o["status"] == "ok":
             print(f"host overhead [{o['call']}->{o['backend']}, {o['splits']}]: grouped.gemm "

@@ -5,8 +5,8 @@ Data is drawn on the CPU with the per-test ``gen`` generator, then moved to the 
 
 What is checked (DESIGN.md, "Numerics", "Backends", "Caller-provided buffers"):
 
-1. forward / dgrad / wgrad x out dtype x split shapes x G, on the cublas and
-   torch backends and the automatic choice, against a per-expert fp64 reference
+1. forward / dgrad / wgrad x out dtype x split shapes x G, on the cute, cublas
+   and torch backends and the automatic choice, against a per-expert fp64 reference
    computed on the GPU from the same bf16 inputs:
    - fp32 output: normwise relative error <= 1e-5;
    - bf16 output: normwise relative error <= 4e-3, and every element within one
@@ -46,6 +46,7 @@ LAYOUTS = ["forward", "dgrad", "wgrad"]
 
 # backend= values: a forced backend, or None for the automatic choice (id "auto").
 BACKEND_PARAMS = [
+    pytest.param("cute", id="cute"),
     pytest.param("cublas", id="cublas"),
     pytest.param("torch", id="torch"),
     pytest.param(None, id="auto"),
@@ -215,6 +216,16 @@ def to_cuda_splits(sizes, dtype=torch.int32):
     return torch.tensor(sizes, dtype=dtype).cuda()
 
 
+def gemm_on(backend, a, b, *args, **kwargs):
+    """grouped.gemm forced to ``backend`` (None: automatic); skips when that backend refuses the
+    call, so a forced-backend test never silently checks the fallback instead."""
+    if backend is not None:
+        decision = grouped.explain(a, b, *args, backend=backend, **kwargs)
+        if decision.backend != backend:
+            pytest.skip(f"{backend} refuses this call: {decision.reasons[backend]}")
+    return grouped.gemm(a, b, *args, backend=backend, **kwargs)
+
+
 # ----------------------------------------------------------------------------- 1. against fp64
 
 
@@ -232,7 +243,7 @@ def test_gemm_matches_fp64_reference(layout, out_dtype, splits, G, backend, gen)
     a, b = make_operands(layout, M, N, K, G, total, gen)
     shape = out_shape(layout, M, N, K, G)
 
-    out = grouped.gemm(a, b, sizes, layout=layout, out_dtype=out_dtype, backend=backend)
+    out = gemm_on(backend, a, b, sizes, layout=layout, out_dtype=out_dtype)
 
     assert tuple(out.shape) == shape and out.device == a.device
     ref = reference(layout, a, b, sizes, shape)
@@ -262,7 +273,7 @@ def test_caller_buffer_strided_view(layout, out_dtype, split_source, backend, ge
     assert not out.is_contiguous() and out.stride(-1) == 1
     before = big.clone()
 
-    result = grouped.gemm(a, b, splits, layout=layout, out=out, backend=backend)
+    result = gemm_on(backend, a, b, splits, layout=layout, out=out)
     torch.cuda.synchronize()
 
     assert result is out, "gemm must return the caller's buffer itself"
@@ -277,7 +288,7 @@ def test_caller_buffer_strided_view(layout, out_dtype, split_source, backend, ge
     assert_close(written, valid(layout, ref, total), out_dtype, f"{layout} into a caller buffer")
     assert_empty_experts_zero(layout, out, sizes, "caller buffer")
 
-    allocated = grouped.gemm(a, b, splits, layout=layout, out_dtype=out_dtype, backend=backend)
+    allocated = gemm_on(backend, a, b, splits, layout=layout, out_dtype=out_dtype)
     torch.cuda.synchronize()
     assert torch.equal(bits(written), bits(valid(layout, allocated, total))), (
         "the result in a caller buffer differs (bitwise) from the library-allocated result of the same backend"
@@ -301,7 +312,7 @@ def test_caller_buffer_rows_past_total_keep_values(layout, backend, gen):
     out = big[:, : shape[1]]
     before = big.clone()
 
-    grouped.gemm(a, b, to_cuda_splits(sizes), layout=layout, out=out, backend=backend)
+    gemm_on(backend, a, b, to_cuda_splits(sizes), layout=layout, out=out)
     torch.cuda.synchronize()
 
     assert torch.equal(bits(big[total:]), bits(before[total:])), "rows past the split total changed"
@@ -355,7 +366,7 @@ def test_wgrad_main_grad_and_empty_experts(dest, split_source, backend, gen):
     ref = reference("wgrad", dy, x, sizes, (G, N, K))
 
     if dest == "allocate":
-        out = grouped.gemm(dy, x, splits, layout="wgrad", out_dtype=torch.float32, backend=backend)
+        out = gemm_on(backend, dy, x, splits, layout="wgrad", out_dtype=torch.float32)
         torch.cuda.synchronize()
         assert tuple(out.shape) == (G, N, K)
         assert_empty_experts_zero("wgrad", out, sizes, "allocated")
@@ -368,9 +379,7 @@ def test_wgrad_main_grad_and_empty_experts(dest, split_source, backend, gen):
         main_grad = torch.full((G, N, K), float("nan"), dtype=torch.float32, device="cuda")
     before = main_grad.clone()
 
-    result = grouped.gemm(
-        dy, x, splits, layout="wgrad", out=main_grad, accumulate=dest == "accumulate", backend=backend
-    )
+    result = gemm_on(backend, dy, x, splits, layout="wgrad", out=main_grad, accumulate=dest == "accumulate")
     torch.cuda.synchronize()
 
     assert result is main_grad
@@ -411,7 +420,7 @@ def test_split_size_forms_agree(layout, backend, gen):
     first_of_backend = {}
     for name, kwargs in forms.items():
         chosen = grouped.explain(a, b, layout=layout, out_dtype=torch.bfloat16, backend=backend, **kwargs).backend
-        out = grouped.gemm(a, b, layout=layout, out_dtype=torch.bfloat16, backend=backend, **kwargs)
+        out = gemm_on(backend, a, b, layout=layout, out_dtype=torch.bfloat16, **kwargs)
         got = valid(layout, out, total)
         assert_close(got, ref, torch.bfloat16, f"split sizes as {name}")
         assert_empty_experts_zero(layout, out, sizes, name)
@@ -523,17 +532,17 @@ def test_mixed_devices_raise(layout, backend, gen):
     shape = out_shape(layout, M, N, K, G)
 
     with pytest.raises(ValueError, match="same device"):
-        grouped.gemm(a, b.cpu(), sizes, layout=layout, backend=backend)
+        gemm_on(backend, a, b.cpu(), sizes, layout=layout)
     with pytest.raises(ValueError, match="same device"):
-        grouped.gemm(a.cpu(), b, sizes, layout=layout, backend=backend)
+        gemm_on(backend, a.cpu(), b, sizes, layout=layout)
 
     out_cpu = torch.full(shape, 7.0, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="must be on"):
-        grouped.gemm(a, b, sizes, layout=layout, out=out_cpu, backend=backend)
+        gemm_on(backend, a, b, sizes, layout=layout, out=out_cpu)
     assert (out_cpu == 7.0).all(), "a refused buffer must be left unchanged"
 
     with pytest.raises(ValueError, match="split_sizes is on"):
-        grouped.gemm(a.cpu(), b.cpu(), to_cuda_splits(sizes), layout=layout, backend=backend)
+        gemm_on(backend, a.cpu(), b.cpu(), to_cuda_splits(sizes), layout=layout)
 
 
 # ----------------------------------------------------------------------------- 8. MXFP8 on CUDA

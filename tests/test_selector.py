@@ -10,10 +10,14 @@ import pytest
 import torch
 
 import grouped
-from grouped import selector
+from grouped import kernels, selector
 from grouped.problem import Problem
 
 BACKEND_NAMES = ("reference", "cublas", "torch", "cute", "cudnn")
+# Whether the cute kernels' packages are installed here: on a (simulated) Hopper GPU the cute
+# BF16 kernel is then the first choice for many/small experts or GPU split sizes, else torch.
+CUTE = kernels.unavailable("cuda", (9, 0)) is None
+SM90_BF16 = "cute" if CUTE else "torch"
 
 
 @pytest.fixture(autouse=True)
@@ -250,11 +254,11 @@ def test_bad_env_value_raises_even_after_a_cached_decision(monkeypatch, gen):
 
 def test_env_read_at_call_time(monkeypatch):
     p = _problem()
-    assert selector.decide(p).backend == "torch"
+    assert selector.decide(p).backend == SM90_BF16
     monkeypatch.setenv("GROUPED_BACKEND", "cublas")
     assert selector.decide(p).backend == "cublas"
     monkeypatch.delenv("GROUPED_BACKEND")
-    assert selector.decide(p).backend == "torch"
+    assert selector.decide(p).backend == SM90_BF16
 
 
 # ----------------------------------------------------------------------------- GROUPED_LOG
@@ -343,9 +347,11 @@ def _first_servable(problem):
 
 @pytest.mark.parametrize("layout", ["forward", "dgrad", "wgrad"])
 @pytest.mark.parametrize("cap", [(9, 0), (10, 0)])
-@pytest.mark.parametrize("large_experts, expected", [(False, "torch"), (True, "cublas")])
-def test_bf16_host_splits_follows_preference(layout, cap, large_experts, expected):
-    """A few large experts with host split sizes: the cuBLAS loop; otherwise torch._grouped_mm."""
+@pytest.mark.parametrize("large_experts", [False, True])
+def test_bf16_host_splits_follows_preference(layout, cap, large_experts):
+    """A few large experts with host split sizes: the cuBLAS loop; otherwise our cute kernel on
+    Hopper (when installed), torch._grouped_mm elsewhere."""
+    expected = "cublas" if large_experts else (SM90_BF16 if cap == (9, 0) else "torch")
     p = _problem(layout=layout, capability=cap, large_experts=large_experts)
     d = selector.decide(p)
     assert tuple(d.reasons) == BACKEND_NAMES
@@ -355,17 +361,20 @@ def test_bf16_host_splits_follows_preference(layout, cap, large_experts, expecte
     for name in order[: order.index(d.backend)]:
         assert d.reasons[name] is not None  # everything preferred over it said why not
     assert d.reasons[d.backend] is None
-    assert d.backend == expected  # cute's kernels have not landed
+    assert d.backend == expected
     assert d.reasons["cublas"] is None and d.reasons["reference"] is None
     assert "preference" in d.why
 
 
-def test_sm90_cute_is_first_preference_but_unavailable():
+def test_sm90_bf16_prefers_cute_except_for_a_few_large_experts():
     p = _problem()
     assert selector.preference(p)[0] == "cute"
+    assert selector.preference(_problem(large_experts=True))[:2] == ("cublas", "cute")
     d = selector.decide(p)
-    assert d.reasons["cute"] is not None
-    assert re.search(r"not landed|not installed", d.reasons["cute"])
+    if CUTE:
+        assert d.reasons["cute"] is None and d.backend == "cute"
+    else:
+        assert "not installed" in d.reasons["cute"]
 
 
 @pytest.mark.parametrize("cap", [(9, 0), (10, 0)])
@@ -375,7 +384,7 @@ def test_graph_capture_with_device_splits_excludes_host_sync_backends(cap):
     for name in ("cublas", "reference"):
         assert d.reasons[name] is not None and "graph" in d.reasons[name], name
     assert d.backend not in ("cublas", "reference")
-    assert d.backend == "torch"
+    assert d.backend == (SM90_BF16 if cap == (9, 0) else "torch")
     assert grouped.backends.BACKENDS[d.backend].graph_safe
 
 
@@ -391,7 +400,7 @@ def test_forced_cublas_under_capture_with_device_splits(monkeypatch):
     p = _problem(capturing=True, device_splits=True)
     monkeypatch.setenv("GROUPED_BACKEND", "cublas")
     d = selector.decide(p)
-    assert d.backend == "torch" and "cublas" in d.why and "graph" in d.why
+    assert d.backend == SM90_BF16 and "cublas" in d.why and "graph" in d.why
     monkeypatch.setenv("GROUPED_STRICT", "1")
     with pytest.raises(ValueError, match="graph"):
         selector.decide(p)
@@ -404,7 +413,7 @@ def test_device_splits_note_for_cublas(monkeypatch):
 
 
 def test_torch_caller_buffer_note():
-    d = selector.decide(_problem(caller_buffer=True))
+    d = selector.decide(_problem(caller_buffer=True), "torch")
     assert d.backend == "torch"
     assert d.note and "cop" in d.note  # "copies": not in place
     assert "note" in str(d)
@@ -421,7 +430,7 @@ def test_quantized_on_sm90(fmt):
     d = selector.decide(_problem(fmt=fmt, capability=(9, 0)))
     assert re.search(r"not landed|not installed", d.reasons["cute"])
     if "not installed" not in d.reasons["cute"]:
-        assert "kernels" in d.reasons["cute"]
+        assert fmt.upper() in d.reasons["cute"]
     assert "Blackwell" in d.reasons["cudnn"]
     assert fmt in d.reasons["cublas"] and fmt in d.reasons["torch"]
     assert d.backend == "reference"  # the only one left that serves the format
@@ -469,7 +478,7 @@ def test_decision_str_lists_every_backend_and_the_problem():
     assert "sm90" in text and "graph capture" in text and "GPU split sizes" in text
     for name in BACKEND_NAMES:
         assert re.search(rf"^\s*\*?\s*{name}\b", text, re.M), name
-    assert re.search(r"^\s*\*\s*torch\b", text, re.M)  # the chosen one is marked
+    assert re.search(rf"^\s*\*\s*{d.backend}\b", text, re.M)  # the chosen one is marked
 
 
 # ----------------------------------------------------------------------------- availability
@@ -492,6 +501,7 @@ def test_availability_hopper():
     table = selector.availability("cuda", (9, 0))
     assert table["bf16"]["cublas"] is None and table["bf16"]["torch"] is None
     assert table["bf16"]["reference"] is None
+    assert (table["bf16"]["cute"] is None) == CUTE
     assert table["mxfp8"]["cute"] is not None and "Blackwell" in table["mxfp8"]["cudnn"]
 
 
@@ -522,7 +532,7 @@ def test_decision_cache_separates_forced_backends(monkeypatch):
     p = _problem()
     auto = selector.decide(p)
     forced = selector.decide(p, "cublas")
-    assert forced is not auto and forced.backend == "cublas" and auto.backend == "torch"
+    assert forced is not auto and forced.backend == "cublas" and auto.backend == SM90_BF16
     assert selector.decide(p) is auto
     monkeypatch.setenv("GROUPED_BACKEND", "cublas")
     via_env = selector.decide(p)

@@ -19,6 +19,10 @@ class Backend:
         """Why this backend cannot run on such a device at all (None: it can)."""
         return None
 
+    def format_unavailable(self, fmt: str) -> str | None:
+        """Why a format this backend is registered for cannot run yet (None: it can)."""
+        return None
+
     def refuses(self, problem: Problem) -> str | None:
         """Why this backend cannot serve this problem on an available device (None: it can)."""
         return None
@@ -26,7 +30,11 @@ class Backend:
     def supports(self, problem: Problem) -> str | None:
         if problem.fmt not in self.formats:
             return f"serves {', '.join(self.formats)}, not {problem.fmt}"
-        return self.unavailable(problem.device_type, problem.capability) or self.refuses(problem)
+        return (
+            self.format_unavailable(problem.fmt)
+            or self.unavailable(problem.device_type, problem.capability)
+            or self.refuses(problem)
+        )
 
     def note(self, problem: Problem) -> str | None:
         """Something explain() should say about how this backend serves the problem."""

@@ -1,0 +1,1 @@
+"""Our sm_90a (Hopper) grouped GEMM kernels: host modules here, device code in *_kernel.py."""

@@ -1,0 +1,147 @@
+"""sm90 grouped GEMM (BF16): configs, checks, compile entry and launch (no cutlass import).
+
+Device code and the algorithm: grouped_gemm_kernel.py. One compile per
+``GemmConfig`` serves every token count, split, N, K, expert count and row
+stride (all symbolic); the group end offsets are read on the GPU.
+
+Argument conventions (torch tensors, as grouped/problem.py names them):
+=========  =================  ==========================  ===================
+ragged     a                  b                           c
+=========  =================  ==========================  ===================
+"m"        X or dY (T, K)     W (G, N_w, K_w) contiguous  Y or dX (T, N)
+"k"        dY (T, M)          X (T, N)                    dW (G, M, N)
+=========  =================  ==========================  ===================
+b_major "k" reads W as (N_w rows, K_w contraction) (forward); "mn" as
+(K_w rows, N_w contraction) (dgrad). TMA needs every row stride and base
+16-byte aligned, unit stride along the last dim and no empty operand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..cache import CACHE, KernelSpec
+
+ARCH = "sm_90a"
+OUT_DTYPES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    ragged: str  # "m" (forward, dgrad) or "k" (wgrad)
+    b_major: str  # "k" (forward), "mn" (dgrad, wgrad)
+    out: str  # "bf16" or "fp32"
+    accumulate: bool = False  # wgrad: add into an fp32 c
+    tile_m: int = 128
+    tile_n: int = 256
+
+
+def config_for(layout: str, out_dtype: torch.dtype, accumulate: bool) -> GemmConfig:
+    ragged, b_major = {"forward": ("m", "k"), "dgrad": ("m", "mn"), "wgrad": ("k", "mn")}[layout]
+    return GemmConfig(ragged, b_major, OUT_DTYPES[out_dtype], accumulate)
+
+
+def configs_for_layouts() -> list[GemmConfig]:
+    """Every config the backend can pick."""
+    out = []
+    for layout in ("forward", "dgrad", "wgrad"):
+        for dtype in OUT_DTYPES:
+            out.append(config_for(layout, dtype, False))
+    out.append(config_for("wgrad", torch.float32, True))
+    return out
+
+
+_SOURCES = (__file__, str(Path(__file__).with_name("grouped_gemm_kernel.py")))
+
+
+def _spec(config: GemmConfig) -> KernelSpec:
+    return KernelSpec("sm90_grouped_gemm", tuple(sorted(vars(config).items())), ARCH, _SOURCES)
+
+
+def compile_config(config: GemmConfig):
+    """Compile one config for sm_90a (no GPU needed when CUTE_DSL_ARCH is set)."""
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream, make_fake_tensor
+
+    from .grouped_gemm_kernel import GroupedGemmSm90
+
+    bf16 = cutlass.BFloat16
+    out_type = {"bf16": bf16, "fp32": cutlass.Float32}[config.out]
+    tokens, groups = cute.sym_int(), cute.sym_int()
+
+    def row_major(dtype, rows, cols):
+        elements = 16 // (dtype.width // 8)
+        stride = cute.sym_int64(divisibility=elements)
+        return make_fake_tensor(dtype, (rows, cols), (stride, 1), assumed_align=16)
+
+    if config.ragged == "m":
+        a = row_major(bf16, tokens, cute.sym_int())
+        n_w, k_w = cute.sym_int(), cute.sym_int()
+        b = make_fake_tensor(
+            bf16, (groups, n_w, k_w), (cute.sym_int64(divisibility=8), cute.sym_int64(divisibility=8), 1), assumed_align=16
+        )
+        c = row_major(out_type, tokens, cute.sym_int())
+    else:
+        a = row_major(bf16, tokens, cute.sym_int())
+        b = row_major(bf16, tokens, cute.sym_int())
+        elements = 16 // (out_type.width // 8)
+        c = make_fake_tensor(
+            out_type,
+            (groups, cute.sym_int(), cute.sym_int()),
+            (cute.sym_int64(divisibility=elements), cute.sym_int64(divisibility=elements), 1),
+            assumed_align=16,
+        )
+    ends = make_fake_compact_tensor(cutlass.Int32, (groups,))
+    gemm = GroupedGemmSm90(config.ragged, config.b_major, config.accumulate, config.tile_m, config.tile_n)
+    return cute.compile(
+        gemm, a, b, c, ends, cutlass.Int32(1), make_fake_stream(), options=f"--enable-tvm-ffi --gpu-arch {ARCH}"
+    )
+
+
+def configs() -> list:
+    """(spec, build) of every config, for CI's compile check."""
+    return [(_spec(c), (lambda c=c: compile_config(c))) for c in configs_for_layouts()]
+
+
+def kernel(config: GemmConfig):
+    return CACHE.get(_spec(config), lambda: compile_config(config))
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _tma_strides(t: torch.Tensor) -> torch.Tensor:
+    """The same elements with every size-1 dim given the stride of a packed dim: TMA checks the
+    alignment of all strides, and torch leaves any stride on a size-1 dim."""
+    if all(size > 1 for size in t.shape[:-1]):
+        return t
+    strides, inner = list(t.stride()), t.shape[-1]
+    for d in range(t.dim() - 2, -1, -1):
+        if t.shape[d] == 1:
+            strides[d] = inner
+        inner = strides[d] * t.shape[d]
+    return t.as_strided(t.shape, strides)
+
+
+def launch(config: GemmConfig, a, b, c, ends: torch.Tensor, max_work: int) -> None:
+    """Run one grouped GEMM on the current stream. ``ends``: (G,) int32 end offsets on the GPU;
+    ``max_work``: an upper bound on the number of output tiles (sizes the persistent grid).
+    Operands must be non-empty and pass ``unaligned`` (the cute backend checks)."""
+    device = a.device.index if a.device.index is not None else torch.cuda.current_device()
+    if device not in _SM_COUNT:
+        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    ctas = max(1, min(_SM_COUNT[device], max_work))
+    stream = torch.cuda.current_stream(a.device).cuda_stream
+    kernel(config)(_tma_strides(a), _tma_strides(b), _tma_strides(c), ends, ctas, stream)
+
+
+def work_bound(config: GemmConfig, tokens: int, groups: int, m: int, n: int) -> int:
+    """Output tiles of the call at most: ragged M (tokens + G (tile_m - 1)) / tile_m x N tiles."""
+    tiles_n = -(-n // config.tile_n)
+    if config.ragged == "m":
+        return (tokens + groups * (config.tile_m - 1)) // config.tile_m * tiles_n
+    return groups * -(-m // config.tile_m) * tiles_n

@@ -1,0 +1,399 @@
+"""Device code of the sm90 grouped GEMM (host side: grouped_gemm.py).
+
+One persistent, warp-specialized kernel serves the three GEMMs of a grouped
+linear layer (see grouped/problem.py), for group g with rows/tokens
+[start_g, start_g + len_g) of the token-major operands:
+
+- ragged M (forward, dgrad): C[start_g + i, :] = A[start_g + i, :] @ B_g^T
+  A (T, K) K-major; B (N, K, G) K-major (forward: W) or N-major (dgrad: W^T);
+  C (T, N) with any 16-byte aligned row stride.
+- ragged K (wgrad): C_g = A_g^T @ B_g over the group's tokens
+  A (T, M) and B (T, N) token-major (so M-/N-major operands); C (G, M, N),
+  written, or added to (fp32, TMA reduce-add) when accumulating.
+
+Warp roles (384 threads): warp 0 issues TMA loads into a ring of shared
+memory stages; two consumer warpgroups run wgmma on a 128 x tile_n tile (64
+rows each) and then store it through shared memory with TMA. Every role walks
+the same (group, tile) sequence: CTA b takes work items b, b + grid, ... and
+decodes each from the group end offsets in global memory (``_locate``), so one
+compile serves every split and nothing is read on the host (graph-safe).
+
+Group boundaries without per-group TMA descriptors: the ragged dim of a TMA
+view is re-expressed with extra dims so that the TMA bound check stops at the
+group's end (the "ragged TMA" encoding of Triton's ``ragged_tma.py``):
+- stores (ragged M output) use one extra dim and a base pointer moved back by
+  BIG rows: row r of group g is coordinate (BIG - len_g + r, ..., start_g + len_g),
+  in bounds exactly for r < len_g, so a tile never writes past its group;
+- loads (ragged K operands) use two extra dims whose strides wrap around the
+  64-bit address space instead of moving the base pointer (a moved pointer must
+  stay mapped for loads): tokens past the group's end read as zeros.
+Ragged M loads need neither: rows past a group's end only feed output rows
+that are never stored, and rows past T are zero-filled by TMA.
+
+The parts a block-scaled variant (MXFP8/NVFP4) replaces are ``_load_k_slice``
+(what one pipeline stage carries) and ``_mma_k_slice`` (the math on a stage).
+"""
+
+import cutlass
+import cutlass.cute as cute
+import cutlass.pipeline as pipeline
+import cutlass.utils.hopper_helpers as sm90_utils
+from cutlass import Boolean, Float32, Int32, Int64, const_expr
+from cutlass.cute.nvgpu import cpasync, warpgroup
+from cutlass.tensor_utils import LayoutEnum
+
+BIG = 2**30  # size of a ragged dim; past any real extent
+MAX = 2**31 - 1  # size of the extra dims
+WRAP = 2**64 // BIG  # BIG * WRAP == 2**64: addresses wrap to the true base
+TILE_K = 64
+BAND_M = 16  # row tiles per raster band (see _locate)
+THREADS_PER_WARPGROUP = 128
+CONSUMER_WARPGROUPS = 2
+LOAD_WARP = 0
+STORE_WARP = 4  # first consumer warp issues the TMA stores
+PRODUCER_REGISTERS, CONSUMER_REGISTERS = 40, 232
+SMEM_BYTES = 227 * 1024
+
+
+def ragged_store_view(t: cute.Tensor) -> cute.Tensor:
+    """(rows, cols) -> (BIG, cols, MAX) view for TMA stores that stop at a group's end."""
+    stride = t.stride[0]
+    base = cute.domain_offset((-BIG, 0), t).iterator  # BIG rows before the real base (never dereferenced)
+    return cute.make_tensor(base, cute.make_layout((BIG, t.shape[1], MAX), stride=(stride, 1, stride)))
+
+
+def ragged_load_view(t: cute.Tensor) -> cute.Tensor:
+    """Token-major (tokens, cols) -> (cols, BIG, MAX, MAX) view for TMA loads that read zeros
+    past a group's end (cols is the contiguous dim)."""
+    stride = t.stride[0]
+    layout = cute.make_layout((t.shape[1], BIG, MAX, MAX), stride=(1, stride, WRAP - stride, stride))
+    return cute.make_tensor(t.iterator, layout)
+
+
+def group_rows(view: cute.Tensor, start: Int32, length: Int32, ragged_mode: int) -> cute.Tensor:
+    """The 2-D coordinate view of one group's rows of a ragged TMA tensor (see the module doc)."""
+    if const_expr(cute.rank(view) == 3):  # store view: (BIG, cols, MAX)
+        return cute.domain_offset((BIG - length, 0), view[None, None, start + length])
+    offset = (0, BIG - length) if const_expr(ragged_mode == 1) else (BIG - length, 0)
+    return cute.domain_offset(offset, view[None, None, BIG, start + length])
+
+
+@cute.jit
+def warp_inclusive_sum(x: Int32, lane: Int32) -> Int32:
+    for i in cutlass.range_constexpr(5):
+        other = cute.arch.shuffle_sync_up(x, 1 << i)
+        if lane >= (1 << i):
+            x = x + other
+    return x
+
+
+class GroupedGemmSm90:
+    """Persistent warp-specialized grouped GEMM; see the module doc."""
+
+    def __init__(self, ragged: str, b_major: str, accumulate: bool, tile_m: int, tile_n: int):
+        assert ragged in ("m", "k") and b_major in ("k", "mn") and tile_m == 128 and tile_n in (128, 256)
+        self.ragged = ragged
+        self.b_major = b_major
+        self.accumulate = accumulate
+        self.tile_shape_mnk = (tile_m, tile_n, TILE_K)
+        self.acc_dtype = Float32
+        self.threads = (1 + CONSUMER_WARPGROUPS) * THREADS_PER_WARPGROUP
+        self.consumer_threads = CONSUMER_WARPGROUPS * THREADS_PER_WARPGROUP
+        self.epilogue_barrier = pipeline.NamedBarrier(barrier_id=1, num_threads=self.consumer_threads)
+
+    # ------------------------------------------------------------------ host
+
+    @cute.jit
+    def __call__(self, a: cute.Tensor, b: cute.Tensor, c: cute.Tensor, ends: cute.Tensor, max_ctas: Int32, stream):
+        """a, b, c as torch hands them (see grouped_gemm.py); ends: (G,) int32 group end offsets."""
+        self.a_dtype, self.b_dtype, self.c_dtype = a.element_type, b.element_type, c.element_type
+        if const_expr(self.ragged == "m"):
+            # a (T, K); b the weight (G, N_w, K_w); c (T, N)
+            g_s, r_s, c_s = b.stride
+            b_view = (b.shape[1], b.shape[2]) if self.b_major == "k" else (b.shape[2], b.shape[1])
+            b_stride = (r_s, c_s) if self.b_major == "k" else (c_s, r_s)
+            mB = cute.make_tensor(b.iterator, cute.make_layout((*b_view, b.shape[0]), stride=(*b_stride, g_s)))
+            mA, mC = a, ragged_store_view(c)
+            self.a_layout = LayoutEnum.ROW_MAJOR
+            self.b_layout = LayoutEnum.ROW_MAJOR if self.b_major == "k" else LayoutEnum.COL_MAJOR
+            problem_m, problem_n, problem_k = 0, c.shape[1], a.shape[1]
+        else:
+            # a (T, M), b (T, N) token-major; c (G, M, N)
+            mA, mB = ragged_load_view(a), ragged_load_view(b)
+            g_s, m_s, n_s = c.stride
+            mC = cute.make_tensor(c.iterator, cute.make_layout((c.shape[1], c.shape[2], c.shape[0]), stride=(m_s, n_s, g_s)))
+            self.a_layout = self.b_layout = LayoutEnum.COL_MAJOR
+            problem_m, problem_n, problem_k = c.shape[1], c.shape[2], 0
+        self.c_layout = LayoutEnum.ROW_MAJOR
+        self._setup()
+
+        tma_a, tma_tensor_a = self._tma_load(mA, self.a_smem_layout, (self.tile_shape_mnk[0], TILE_K))
+        tma_b, tma_tensor_b = self._tma_load(mB, self.b_smem_layout, (self.tile_shape_mnk[1], TILE_K))
+        store_op = cpasync.CopyReduceBulkTensorTileS2GOp() if const_expr(self.accumulate) else cpasync.CopyBulkTensorTileS2GOp()
+        tma_c, tma_tensor_c = cpasync.make_tiled_tma_atom(
+            store_op, mC, cute.slice_(self.epi_smem_layout, (None, None, 0)), self.epi_tile
+        )
+
+        @cute.struct
+        class SharedStorage:
+            ab_barriers: cute.struct.MemRange[Int64, self.ab_stages * 2]
+            sA: cute.struct.Align[cute.struct.MemRange[self.a_dtype, cute.cosize(self.a_smem_layout)], 1024]
+            sB: cute.struct.Align[cute.struct.MemRange[self.b_dtype, cute.cosize(self.b_smem_layout)], 1024]
+            sC: cute.struct.Align[cute.struct.MemRange[self.c_dtype, cute.cosize(self.epi_smem_layout)], 1024]
+
+        self.shared_storage = SharedStorage
+        self.kernel(
+            tma_a, tma_tensor_a, tma_b, tma_tensor_b, tma_c, tma_tensor_c, ends, problem_m, problem_n, problem_k,
+            self.tiled_mma, self.a_smem_layout, self.b_smem_layout, self.epi_smem_layout,
+        ).launch(grid=(max_ctas, 1, 1), block=(self.threads, 1, 1), min_blocks_per_mp=1, stream=stream)
+
+    def _setup(self):
+        tile_m, tile_n, _ = self.tile_shape_mnk
+        self.tiled_mma = sm90_utils.make_trivial_tiled_mma(
+            self.a_dtype, self.b_dtype, self.a_layout.sm90_mma_major_mode(), self.b_layout.sm90_mma_major_mode(),
+            self.acc_dtype, (CONSUMER_WARPGROUPS, 1, 1), tiler_mn=(64, tile_n),
+        )
+        self.epi_tile = (tile_m, 32)
+        self.epi_stages = 4 if self.c_dtype.width == 16 else 2
+        ab_bytes = (tile_m + tile_n) * TILE_K * self.a_dtype.width // 8
+        epi_bytes = tile_m * 32 * self.c_dtype.width // 8 * self.epi_stages
+        self.ab_stages = (SMEM_BYTES - 1024 - epi_bytes) // ab_bytes
+        self.a_smem_layout = sm90_utils.make_smem_layout_a(self.a_layout, self.tile_shape_mnk, self.a_dtype, self.ab_stages)
+        self.b_smem_layout = sm90_utils.make_smem_layout_b(self.b_layout, self.tile_shape_mnk, self.b_dtype, self.ab_stages)
+        self.epi_smem_layout = sm90_utils.make_smem_layout_epi(self.c_dtype, self.c_layout, self.epi_tile, self.epi_stages)
+
+    @staticmethod
+    def _tma_load(tensor, smem_layout_staged, tile):
+        return cpasync.make_tiled_tma_atom(
+            cpasync.CopyBulkTensorTileG2SOp(), tensor, cute.slice_(smem_layout_staged, (None, None, 0)), tile
+        )
+
+    # ------------------------------------------------------------------ work decoding
+
+    @cute.jit
+    def _locate(self, work: Int32, group_base: Int32, tiles_before: Int32, ends: cute.Tensor, problem_m: Int32, tiles_n: Int32):
+        """Decode work item ``work`` -> (valid, group, tile_m, tile_n, start, length, group_base,
+        tiles_before). Ragged M: groups have ceil(len/tile_m) x tiles_n tiles; one warp scans 32
+        groups at a time (prefix sum of tile counts, ballot), resuming from the window of the
+        previous item since a CTA's items only increase. Ragged K: every group has the same tiles."""
+        num_groups = cute.size(ends.shape[0])
+        tile_m = self.tile_shape_mnk[0]
+        group = Int32(num_groups)
+        tile_in_group = Int32(0)
+        if const_expr(self.ragged == "k"):
+            tiles_m = (problem_m + tile_m - 1) // tile_m
+            per_group = tiles_m * tiles_n
+            group = work // per_group
+            tile_in_group = work - group * per_group
+        else:
+            lane = cute.arch.lane_idx()
+            searching = group_base < num_groups
+            while searching:
+                g = group_base + lane
+                begin, end = Int32(0), Int32(0)
+                if g < num_groups:
+                    end = ends[g]
+                    if g > 0:
+                        begin = ends[g - 1]
+                tiles = (end - begin + tile_m - 1) // tile_m * tiles_n
+                inclusive = warp_inclusive_sum(tiles, lane)
+                window = cute.arch.shuffle_sync(inclusive, 31)
+                if work < tiles_before + window:
+                    before = cute.arch.popc(cute.arch.vote_ballot_sync(tiles_before + inclusive <= work))
+                    group = group_base + before
+                    tile_in_group = work - tiles_before - cute.arch.shuffle_sync(inclusive - tiles, before)
+                    searching = Boolean(False)
+                else:
+                    tiles_before = tiles_before + window
+                    group_base = group_base + 32
+                    searching = group_base < num_groups
+        valid = group < num_groups
+        start, length = Int32(0), Int32(0)
+        if valid:
+            end = ends[group]
+            if group > 0:
+                start = ends[group - 1]
+            length = end - start
+        # Raster inside a group: bands of BAND_M row tiles, row tile fastest inside a band, so the
+        # ~132 tiles in flight cover about 16 x 8 tiles (2048 x 2048 of the output) and read each
+        # operand tile from DRAM about once (walking a wide N first would re-read all of B[g]
+        # for every row of tiles).
+        rows = problem_m if const_expr(self.ragged == "k") else length
+        band = tile_in_group // (BAND_M * tiles_n)
+        in_band = tile_in_group - band * BAND_M * tiles_n
+        band_rows = cutlass.max(cutlass.min(BAND_M, (rows + tile_m - 1) // tile_m - band * BAND_M), 1)
+        tile_n_idx = in_band // band_rows
+        tile_m_idx = band * BAND_M + in_band - tile_n_idx * band_rows
+        return valid, group, tile_m_idx, tile_n_idx, start, length, group_base, tiles_before
+
+    def _k_tiles(self, length: Int32, problem_k: Int32) -> Int32:
+        contraction = length if const_expr(self.ragged == "k") else problem_k
+        return (contraction + TILE_K - 1) // TILE_K
+
+    def _operand_tiles(self, mA, mB, group, tile_m_idx, tile_n_idx, start, length):
+        """This tile's A (tile_m, TILE_K, k) and B (tile_n, TILE_K, k) coordinate tensors."""
+        tile_m, tile_n, _ = self.tile_shape_mnk
+        if const_expr(self.ragged == "m"):
+            a_rows = cute.domain_offset((start, 0), mA)
+            b_group = mB[None, None, group]
+        else:
+            a_rows = group_rows(mA, start, length, ragged_mode=1)
+            b_group = group_rows(mB, start, length, ragged_mode=1)
+        gA = cute.local_tile(a_rows, (tile_m, TILE_K), (tile_m_idx, None))
+        gB = cute.local_tile(b_group, (tile_n, TILE_K), (tile_n_idx, None))
+        return gA, gB
+
+    def _output_tile(self, mC, group, tile_m_idx, tile_n_idx, start, length):
+        tile_m, tile_n, _ = self.tile_shape_mnk
+        c_group = group_rows(mC, start, length, ragged_mode=0) if const_expr(self.ragged == "m") else mC[None, None, group]
+        return cute.local_tile(c_group, (tile_m, tile_n), (tile_m_idx, tile_n_idx))
+
+    # ------------------------------------------------------------------ per-K-slice hooks
+
+    def _load_k_slice(self, tma_a, tAgA, tAsA, tma_b, tBgB, tBsB, k_tile, stage, barrier):
+        cute.copy(tma_a, tAgA[(None, k_tile)], tAsA[(None, stage)], tma_bar_ptr=barrier)
+        cute.copy(tma_b, tBgB[(None, k_tile)], tBsB[(None, stage)], tma_bar_ptr=barrier)
+
+    @cute.jit
+    def _mma_k_slice(self, tiled_mma, acc, tCrA, tCrB, stage):
+        for k_block in cutlass.range_constexpr(cute.size(tCrA, mode=[2])):
+            coord = (None, None, k_block, stage)
+            cute.gemm(tiled_mma, acc, tCrA[coord], tCrB[coord], acc)
+
+    # ------------------------------------------------------------------ device
+
+    @cute.kernel
+    def kernel(
+        self, tma_a: cute.CopyAtom, mA: cute.Tensor, tma_b: cute.CopyAtom, mB: cute.Tensor,
+        tma_c: cute.CopyAtom, mC: cute.Tensor, ends: cute.Tensor, problem_m: Int32, problem_n: Int32, problem_k: Int32,
+        tiled_mma: cute.TiledMma, a_smem_layout: cute.ComposedLayout, b_smem_layout: cute.ComposedLayout,
+        epi_smem_layout: cute.ComposedLayout,
+    ):
+        tidx, _, _ = cute.arch.thread_idx()
+        warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        block, _, _ = cute.arch.block_idx()
+        grid, _, _ = cute.arch.grid_dim()
+        if warp_idx == LOAD_WARP:
+            cpasync.prefetch_descriptor(tma_a)
+            cpasync.prefetch_descriptor(tma_b)
+            cpasync.prefetch_descriptor(tma_c)
+
+        smem = cutlass.memory.SmemAllocator()
+        storage = smem.allocate(self.shared_storage)
+        stage_bytes = cute.size_in_bytes(self.a_dtype, cute.slice_(a_smem_layout, (None, None, 0))) + cute.size_in_bytes(
+            self.b_dtype, cute.slice_(b_smem_layout, (None, None, 0))
+        )
+        ab_pipeline = pipeline.PipelineTmaAsync.create(
+            barrier_storage=storage.ab_barriers.data_ptr(),
+            num_stages=self.ab_stages,
+            producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread),
+            consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, CONSUMER_WARPGROUPS * 4),
+            tx_count=stage_bytes,
+            cta_layout_vmnk=cute.make_layout((1, 1, 1, 1)),
+            defer_sync=True,
+        )
+        pipeline.pipeline_init_arrive(is_relaxed=True)
+        sA = storage.sA.get_tensor(a_smem_layout.outer, swizzle=a_smem_layout.inner)
+        sB = storage.sB.get_tensor(b_smem_layout.outer, swizzle=b_smem_layout.inner)
+        sC = storage.sC.get_tensor(epi_smem_layout.outer, swizzle=epi_smem_layout.inner)
+        tiles_n = (problem_n + self.tile_shape_mnk[1] - 1) // self.tile_shape_mnk[1]
+        pipeline.pipeline_init_wait()
+
+        warp_group = cute.arch.make_warp_uniform(tidx // THREADS_PER_WARPGROUP)
+        if warp_group == 0:
+            cute.arch.setmaxregister_decrease(PRODUCER_REGISTERS)
+        if warp_idx == LOAD_WARP:
+            state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.ab_stages)
+            work, group_base, tiles_before = block, Int32(0), Int32(0)
+            valid, group, tm, tn, start, length, group_base, tiles_before = self._locate(work, group_base, tiles_before, ends, problem_m, tiles_n)
+            while valid:
+                gA, gB = self._operand_tiles(mA, mB, group, tm, tn, start, length)
+                tAsA, tAgA = cpasync.tma_partition(tma_a, 0, cute.make_layout(1), cute.group_modes(sA, 0, 2), cute.group_modes(gA, 0, 2))
+                tBsB, tBgB = cpasync.tma_partition(tma_b, 0, cute.make_layout(1), cute.group_modes(sB, 0, 2), cute.group_modes(gB, 0, 2))
+                for k_tile in cutlass.range(self._k_tiles(length, problem_k), unroll=1):
+                    ab_pipeline.producer_acquire(state)
+                    self._load_k_slice(tma_a, tAgA, tAsA, tma_b, tBgB, tBsB, k_tile, state.index, ab_pipeline.producer_get_barrier(state))
+                    ab_pipeline.producer_commit(state)
+                    state.advance()
+                work += grid
+                valid, group, tm, tn, start, length, group_base, tiles_before = self._locate(work, group_base, tiles_before, ends, problem_m, tiles_n)
+            ab_pipeline.producer_tail(state)
+
+        if warp_group > 0:
+            cute.arch.setmaxregister_increase(CONSUMER_REGISTERS)
+            consumer_tidx = tidx - THREADS_PER_WARPGROUP
+            # wgmma partitions per warpgroup: slice by the warpgroup's first thread
+            thr_mma = tiled_mma.get_slice((warp_group - 1) * THREADS_PER_WARPGROUP)
+            tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
+            tCrB = tiled_mma.make_fragment_B(thr_mma.partition_B(sB))
+            acc = cute.make_rmem_tensor(thr_mma.partition_shape_C(self.tile_shape_mnk[:2]), self.acc_dtype)
+
+            # epilogue: registers -> shared memory (stmatrix for 16-bit) -> TMA store
+            # the stmatrix tiling fixes which accumulator values go to which epilogue subtile;
+            # fp32 output keeps that order and stores with plain shared-memory stores
+            r2s_atom = sm90_utils.get_smem_store_op(self.c_layout, self.c_dtype, self.acc_dtype)
+            c_order = cute.make_copy_atom(cute.nvgpu.warp.StMatrix8x8x16bOp(False, 4), cutlass.Float16)
+            tiled_r2s = cute.make_tiled_copy_S(r2s_atom, cute.make_tiled_copy_C_atom(c_order, tiled_mma))
+            thr_r2s = tiled_r2s.get_slice(consumer_tidx)
+            tRS_sC = thr_r2s.partition_D(sC)
+            tRS_acc = tiled_r2s.retile(acc)
+            fragment_shape = cute.shape(thr_r2s.partition_S(sC))[:3]
+            tRS_f32 = cute.make_rmem_tensor(fragment_shape, self.acc_dtype)
+            tRS_out = cute.make_rmem_tensor(fragment_shape, self.c_dtype)
+            fragment_size = cute.size(tRS_f32)
+            store_pipeline = pipeline.PipelineTmaStore.create(
+                num_stages=self.epi_stages,
+                producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, self.consumer_threads),
+            )
+
+            read_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.ab_stages)
+            release_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.ab_stages)
+            epi_count = Int32(0)
+            work, group_base, tiles_before = block, Int32(0), Int32(0)
+            valid, group, tm, tn, start, length, group_base, tiles_before = self._locate(work, group_base, tiles_before, ends, problem_m, tiles_n)
+            while valid:
+                k_tiles = self._k_tiles(length, problem_k)
+                acc.fill(0.0)
+                tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
+                warpgroup.fence()
+                for k_tile in cutlass.range(k_tiles, unroll=1):
+                    ab_pipeline.consumer_wait(read_state)
+                    self._mma_k_slice(tiled_mma, acc, tCrA, tCrB, read_state.index)
+                    warpgroup.commit_group()
+                    warpgroup.wait_group(1)  # the previous slice's wgmma is done: free its stage
+                    if k_tile > 0:
+                        ab_pipeline.consumer_release(release_state)
+                        release_state.advance()
+                    read_state.advance()
+                warpgroup.wait_group(0)
+                if k_tiles > 0:
+                    ab_pipeline.consumer_release(release_state)
+                    release_state.advance()
+
+                # accumulating into an expert with no tokens changes nothing: skip its store
+                store = Boolean(True)
+                if const_expr(self.accumulate):
+                    store = k_tiles > 0
+                if store:
+                    gC = self._output_tile(mC, group, tm, tn, start, length)
+                    gC_epi = cute.zipped_divide(gC, self.epi_tile)
+                    bSG_sC, bSG_gC = cpasync.tma_partition(tma_c, 0, cute.make_layout(1), cute.group_modes(sC, 0, 2), gC_epi)
+                    epi_tiles = cute.size(gC_epi, mode=[1])
+                    epi_grid = cute.make_layout(gC_epi.shape[1], stride=(gC_epi.shape[1][1], 1))
+                    for epi in cutlass.range_constexpr(epi_tiles):
+                        for v in cutlass.range_constexpr(fragment_size):
+                            tRS_f32[v] = tRS_acc[epi * fragment_size + v]
+                        tRS_out.store(tRS_f32.load().to(self.c_dtype))
+                        buffer = (epi_count + epi) % self.epi_stages
+                        cute.copy(tiled_r2s, tRS_out, tRS_sC[(None, None, None, buffer)])
+                        cute.arch.fence_proxy("async.shared", space="cta")
+                        self.epilogue_barrier.arrive_and_wait()
+                        if warp_idx == STORE_WARP:
+                            cute.copy(tma_c, bSG_sC[(None, buffer)], bSG_gC[(None, epi_grid.get_hier_coord(epi))])
+                            store_pipeline.producer_commit()
+                            store_pipeline.producer_acquire()
+                        self.epilogue_barrier.arrive_and_wait()
+                    epi_count += epi_tiles
+                work += grid
+                valid, group, tm, tn, start, length, group_base, tiles_before = self._locate(work, group_base, tiles_before, ends, problem_m, tiles_n)
+            store_pipeline.producer_tail()
