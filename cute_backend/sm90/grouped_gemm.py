@@ -18,6 +18,7 @@ b_major "k" reads W as (N_w rows, K_w contraction) (forward); "mn" as
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,7 @@ class GemmConfig:
     tile_n: int = 256
 
 
+@functools.lru_cache(maxsize=None)
 def config_for(layout: str, out_dtype: torch.dtype, accumulate: bool) -> GemmConfig:
     ragged, b_major = {"forward": ("m", "k"), "dgrad": ("m", "mn"), "wgrad": ("k", "mn")}[layout]
     return GemmConfig(ragged, b_major, OUT_DTYPES[out_dtype], accumulate)
@@ -107,8 +109,14 @@ def configs() -> list:
     return [(_spec(c), (lambda c=c: compile_config(c))) for c in configs_for_layouts()]
 
 
+_KERNELS: dict[GemmConfig, object] = {}  # a dict hit costs less than building the cache key a call
+
+
 def kernel(config: GemmConfig):
-    return CACHE.get(_spec(config), lambda: compile_config(config))
+    function = _KERNELS.get(config)
+    if function is None:
+        function = _KERNELS[config] = CACHE.get(_spec(config), lambda: compile_config(config))
+    return function
 
 
 _SM_COUNT: dict[int, int] = {}

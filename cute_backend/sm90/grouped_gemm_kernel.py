@@ -153,10 +153,12 @@ class GroupedGemmSm90:
             self.a_dtype, self.b_dtype, self.a_layout.sm90_mma_major_mode(), self.b_layout.sm90_mma_major_mode(),
             self.acc_dtype, (CONSUMER_WARPGROUPS, 1, 1), tiler_mn=(64, tile_n),
         )
+        # 128 x 32 epilogue subtiles (4 stages for bf16, 2 for fp32) leave room for 4 A/B stages;
+        # 128 x 64 double-buffered subtiles measured 1.3% slower (geomean of the bench, H200)
         self.epi_tile = (tile_m, 32)
         self.epi_stages = 4 if self.c_dtype.width == 16 else 2
         ab_bytes = (tile_m + tile_n) * TILE_K * self.a_dtype.width // 8
-        epi_bytes = tile_m * 32 * self.c_dtype.width // 8 * self.epi_stages
+        epi_bytes = cute.size(self.epi_tile) * self.c_dtype.width // 8 * self.epi_stages
         self.ab_stages = (SMEM_BYTES - 1024 - epi_bytes) // ab_bytes
         self.a_smem_layout = sm90_utils.make_smem_layout_a(self.a_layout, self.tile_shape_mnk, self.a_dtype, self.ab_stages)
         self.b_smem_layout = sm90_utils.make_smem_layout_b(self.b_layout, self.tile_shape_mnk, self.b_dtype, self.ab_stages)
