@@ -38,10 +38,10 @@ class CuteBackend(Backend):
     def run(self, call: GemmCall) -> torch.Tensor:
         from cute_backend.sm90 import grouped_gemm as sm90
 
-        out = call.output()
-        a, b, layout = call.a, call.b, call.layout
         if call.m_total >= MAX_TOKENS:
             raise ValueError(f"a has {call.m_total} rows; the cute backend takes fewer than {MAX_TOKENS}")
+        out = call.output()
+        a, b, layout = call.a, call.b, call.layout
         problem = call.problem
         ends = call.end_offsets(torch.int32)
         if out.numel() == 0:
