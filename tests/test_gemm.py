@@ -13,6 +13,7 @@ import torch
 
 import grouped
 from grouped import GroupedTensor
+from gemm_operands import layout_operands
 
 FORMATS = ["bf16", "mxfp8", "nvfp4"]
 QUANTIZED = ["mxfp8", "nvfp4"]
@@ -45,19 +46,6 @@ def _rand(gen, *shape):
 def _data(gen, m, n, k, g=4):
     """x (M, K), dy (M, N), w (G, N, K), fp32."""
     return _rand(gen, m, k), _rand(gen, m, n), _rand(gen, g, n, k)
-
-
-def _operands(layout, fmt, x, dy, w, sizes):
-    """(a, b) for a layout, built as the brief/DESIGN say for each format."""
-    if fmt == "bf16":
-        x, dy, w = x.bfloat16(), dy.bfloat16(), w.bfloat16()
-        return {"forward": (x, w), "dgrad": (dy, w), "wgrad": (dy, x)}[layout]
-    q = grouped.quantize
-    if layout == "forward":
-        return q(x, fmt), q(w, fmt)
-    if layout == "dgrad":
-        return q(dy, fmt), q(w, fmt, axis=1)
-    return q(dy, fmt, axis=0, split_sizes=sizes), q(x, fmt, axis=0, split_sizes=sizes)
 
 
 def _value(op) -> torch.Tensor:
@@ -140,7 +128,7 @@ def test_matches_fp64_reference(layout, fmt, split, out_dtype, gen):
     sizes, m = SPLITS[split]
     n, k = 64, 96
     x, dy, w = _data(gen, m, n, k)
-    a, b = _operands(layout, fmt, x, dy, w, sizes)
+    a, b = layout_operands(layout, fmt, x, dy, w, sizes)
     out = grouped.gemm(a, b, sizes, layout=layout, out_dtype=out_dtype)
     assert out.dtype == out_dtype
     assert tuple(out.shape) == _out_shape(layout, m, n, k)
@@ -156,7 +144,7 @@ def test_other_shapes_default_dtype(layout, fmt, nk, gen):
     sizes, m = [7, 0, 33, 64, 1], 120
     n, k = nk
     x, dy, w = _data(gen, m, n, k, g=5)
-    a, b = _operands(layout, fmt, x, dy, w, sizes)
+    a, b = layout_operands(layout, fmt, x, dy, w, sizes)
     out = grouped.gemm(a, b, sizes, layout=layout)
     assert out.dtype == torch.bfloat16
     ref = _reference(layout, a, b, sizes, m)
@@ -176,7 +164,7 @@ def test_rows_past_total_are_never_read(layout, fmt, gen):
     x[total:] = float("nan")
     dy[total:] = float("inf")
     dy[total + 1 :: 2] = float("nan")
-    a, b = _operands(layout, fmt, x, dy, w, sizes)
+    a, b = layout_operands(layout, fmt, x, dy, w, sizes)
     out = grouped.gemm(a, b, sizes, layout=layout, out_dtype=torch.float32)
     ref = _reference(layout, a, b, sizes, m)
     assert_matches(_valid(layout, out, sizes), _valid(layout, ref, sizes), fmt)
@@ -193,7 +181,7 @@ def test_poisoned_out_is_written_inside_total_only(layout, fmt, split, out_dtype
     sizes, m = SPLITS[split]
     n, k = 32, 64
     x, dy, w = _data(gen, m, n, k)
-    a, b = _operands(layout, fmt, x, dy, w, sizes)
+    a, b = layout_operands(layout, fmt, x, dy, w, sizes)
     out = torch.full(_out_shape(layout, m, n, k), float("nan"), dtype=out_dtype)
     before = _bits(out)
     result = grouped.gemm(a, b, sizes, layout=layout, out=out)
@@ -221,7 +209,7 @@ def test_strided_caller_buffer(layout, fmt, out_dtype, gen):
     sizes, m = [17, 0, 40, 6], 70
     n, k = 64, 32
     x, dy, w = _data(gen, m, n, k)
-    a, b = _operands(layout, fmt, x, dy, w, sizes)
+    a, b = layout_operands(layout, fmt, x, dy, w, sizes)
     shape = _out_shape(layout, m, n, k)
     pad = 16 // torch.empty((), dtype=out_dtype).element_size() * 3  # 48 bytes more a row
     big = torch.full((*shape[:-1], shape[-1] + pad), -7.25, dtype=out_dtype)
@@ -250,7 +238,7 @@ def test_wgrad_accumulate_into_main_grad(fmt, split, explicit_dtype, gen):
     sizes, m = SPLITS[split]
     n, k = 32, 64
     x, dy, w = _data(gen, m, n, k)
-    a, b = _operands("wgrad", fmt, x, dy, w, sizes)
+    a, b = layout_operands("wgrad", fmt, x, dy, w, sizes)
     main_grad = _rand(gen, 4, n, k)
     main_before = main_grad.clone()
     kw = {"out_dtype": torch.float32} if explicit_dtype else {}
@@ -272,7 +260,7 @@ def test_wgrad_accumulate_twice_adds_twice(fmt, gen):
     sizes, m = [10, 30, 0, 24], 64
     n, k = 32, 32
     x, dy, w = _data(gen, m, n, k)
-    a, b = _operands("wgrad", fmt, x, dy, w, sizes)
+    a, b = layout_operands("wgrad", fmt, x, dy, w, sizes)
     main_grad = _rand(gen, 4, n, k)
     start = main_grad.double().clone()
     grouped.gemm(a, b, sizes, layout="wgrad", out=main_grad, accumulate=True)
@@ -288,7 +276,7 @@ def test_wgrad_empty_expert_gives_zeros_without_accumulate(fmt, out_dtype, gen):
     sizes, m = [0, 25, 0, 39], 64
     n, k = 32, 32
     x, dy, w = _data(gen, m, n, k)
-    a, b = _operands("wgrad", fmt, x, dy, w, sizes)
+    a, b = layout_operands("wgrad", fmt, x, dy, w, sizes)
     out = _rand(gen, 4, n, k).to(out_dtype)  # stale values, as in a reused buffer
     grouped.gemm(a, b, sizes, layout="wgrad", out=out)
     for g in (0, 2):
@@ -319,7 +307,7 @@ def test_split_size_forms_agree(layout, fmt, gen):
     sizes, m = [12, 0, 31, 5], 60
     n, k = 32, 64
     x, dy, w = _data(gen, m, n, k)
-    a, b = _operands(layout, fmt, x, dy, w, sizes)
+    a, b = layout_operands(layout, fmt, x, dy, w, sizes)
     results = {}
     for name, kw in _split_forms(sizes).items():
         out = torch.full(_out_shape(layout, m, n, k), float("nan"), dtype=torch.float32)

@@ -7,6 +7,7 @@ import torch
 
 import grouped
 from grouped import GroupedTensor
+from gemm_operands import layout_operands
 
 G, N, K = 4, 32, 64
 SIZES = [10, 0, 25, 13]  # total 48
@@ -43,12 +44,7 @@ def _q_operands(gen, layout, fmt, sizes=SIZES, m=M, n=N, k=K, g=G):
     x, dy, w = _rand(gen, m, k, dtype=torch.float32), _rand(gen, m, n, dtype=torch.float32), _rand(
         gen, g, n, k, dtype=torch.float32
     )
-    q = grouped.quantize
-    if layout == "forward":
-        return q(x, fmt), q(w, fmt)
-    if layout == "dgrad":
-        return q(dy, fmt), q(w, fmt, axis=1)
-    return q(dy, fmt, axis=0, split_sizes=sizes), q(x, fmt, axis=0, split_sizes=sizes)
+    return layout_operands(layout, fmt, x, dy, w, sizes)
 
 
 def _refuses(match, a, b, split_sizes=SIZES, *, out=None, keep=None, **kw):

@@ -12,6 +12,7 @@ import torch
 import grouped
 from grouped import kernels, selector
 from grouped.problem import Problem
+from gemm_operands import layout_operands
 
 BACKEND_NAMES = ("reference", "cublas", "torch", "cute", "cudnn")
 # Whether the cute kernels' packages are installed here: on a (simulated) Hopper GPU the cute
@@ -35,15 +36,7 @@ def _call(gen, fmt="bf16", layout="forward", sizes=(10, 0, 22), n=32, k=64):
     sizes = list(sizes)
     m = sum(sizes) + 3
     x, dy, w = _rand(gen, m, k), _rand(gen, m, n), _rand(gen, len(sizes), n, k)
-    if fmt == "bf16":
-        x, dy, w = x.bfloat16(), dy.bfloat16(), w.bfloat16()
-        return {"forward": (x, w), "dgrad": (dy, w), "wgrad": (dy, x)}[layout] + (sizes,)
-    q = grouped.quantize
-    if layout == "forward":
-        return q(x, fmt), q(w, fmt), sizes
-    if layout == "dgrad":
-        return q(dy, fmt), q(w, fmt, axis=1), sizes
-    return q(dy, fmt, axis=0, split_sizes=sizes), q(x, fmt, axis=0, split_sizes=sizes), sizes
+    return (*layout_operands(layout, fmt, x, dy, w, sizes), sizes)
 
 
 def _problem(**kw) -> Problem:
