@@ -13,8 +13,8 @@ the first call costs milliseconds, not the second it takes to import the DSL.
 
 On disk, under ``GROUPED_CACHE_DIR`` (default ``$XDG_CACHE_HOME/grouped`` or
 ``~/.cache/grouped``), each entry is ``<key>.so`` plus ``<key>.sha256``:
-- a library whose checksum does not match (corrupt, truncated, tampered) is
-  deleted and rebuilt;
+- a library whose checksum does not match (corrupt, truncated, tampered), or
+  that no longer loads (its CuTe DSL / TVM-FFI runtimes moved), is rebuilt;
 - the directory is created private to the user (0700); one that another user
   owns or that group/others can write is refused, since loading a library from
   it would run whatever was put there;
@@ -119,18 +119,22 @@ class KernelCache:
         return self._functions[key]
 
     def _load_or_build(self, spec: KernelSpec, key: str, build):
+        import tvm_ffi
+
         directory = cache_dir()
         library, checksum = directory / f"{key}.so", directory / f"{key}.sha256"
         with open(directory / f"{key}.lock", "w") as lock_file:
             fcntl.flock(lock_file, fcntl.LOCK_EX)  # another process may be building it
-            if not _valid(library, checksum):
-                self._build(spec, build, library, checksum)
-                self.compiles += 1
-            else:
-                self.disk_loads += 1
-        import tvm_ffi
-
-        return tvm_ffi.load_module(str(library))[spec.symbol]
+            if _valid(library, checksum):
+                try:
+                    module = tvm_ffi.load_module(str(library))
+                    self.disk_loads += 1
+                    return module[spec.symbol]
+                except RuntimeError:
+                    pass  # linked against runtimes that are not where they were (a moved environment): relink
+            self._build(spec, build, library, checksum)
+            self.compiles += 1
+            return tvm_ffi.load_module(str(library))[spec.symbol]
 
     def _build(self, spec: KernelSpec, build, library: Path, checksum: Path) -> None:
         compiled = build()

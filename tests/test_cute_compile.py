@@ -88,6 +88,28 @@ def test_tampered_library_is_rebuilt(warm_dir, tmp_path):
     assert hashlib.sha256(victim.read_bytes()).hexdigest() == victim.with_suffix(".sha256").read_text().strip()
 
 
+def test_library_whose_runtime_moved_is_relinked(warm_dir, tmp_path):
+    """An entry linked against a runtime library that is no longer where it was (a moved or
+    recreated environment) fails to load: it is rebuilt, not an error."""
+    import hashlib
+    import shutil
+
+    directory = tmp_path / "cache"
+    shutil.copytree(warm_dir, directory)
+    runtime = tmp_path / "gone" / "libgrouped_moved_runtime.so"
+    runtime.parent.mkdir()
+    subprocess.run(["cc", "-shared", "-o", str(runtime), "-x", "c", "/dev/null"], check=True)
+    victim = sorted(directory.glob("*.so"))[0]
+    subprocess.run(
+        ["cc", "-shared", "-o", str(victim), "-x", "c", "/dev/null", "-Wl,--no-as-needed", f"-L{runtime.parent}",
+         f"-l:{runtime.name}", f"-Wl,-rpath,{runtime.parent}"], check=True,
+    )
+    victim.with_suffix(".sha256").write_text(hashlib.sha256(victim.read_bytes()).hexdigest())
+    shutil.rmtree(runtime.parent)
+    report = _run_probe(directory)
+    assert report["compiles"] == 1, "exactly the entry that no longer loads is rebuilt"
+
+
 def test_racing_processes_compile_an_entry_once(tmp_path):
     procs = [_probe(tmp_path) for _ in range(3)]
     reports = []
