@@ -25,16 +25,16 @@ from .formats import FORMATS
 from .problem import Problem
 
 # Order of preference per (format, arch, problem class); "sm90" = Hopper,
-# "sm100" = Blackwell, "cuda" = any other GPU, "cpu". The BF16 classes come from
-# scripts/bench.py on an H200 (README, "Benchmark"): for a few large experts with
-# split sizes on the host (DeepSeek-V3-, Mixtral-like) the per-expert cuBLAS loop
-# is ahead of our cute kernel (0.77x to 1.08x its time, mostly ahead); for
-# everything else (many or small experts, split sizes on the GPU) the cute kernel
-# is one graph-safe launch that writes in place and beats torch._grouped_mm in
-# 38 of 42 bench cases (the rest within 10%), so it goes first on Hopper.
+# "sm100" = Blackwell, "cuda" = any other GPU, "cpu". The BF16 order comes from
+# scripts/bench.py on an H200 (README, "Benchmark"): on Hopper our cute kernel is
+# one graph-safe launch that writes in place, within a few percent of the faster of
+# torch._grouped_mm and quack or ahead (geomean 1.02x over 42 cases) and ahead of
+# the per-expert cuBLAS loop even for a few large experts (0.98x-1.13x its speed),
+# so it goes first; the cuBLAS loop stays next for a few large experts with host
+# split sizes (the classes still split elsewhere, where there is no cute kernel).
 _LARGE, _OTHER = "a few large experts, host split sizes", "many or small experts, or GPU split sizes"
 _PREFERENCE: dict[tuple[str, str, str], tuple[str, ...]] = {
-    ("bf16", "sm90", _LARGE): ("cublas", "cute", "torch", "reference"),
+    ("bf16", "sm90", _LARGE): ("cute", "cublas", "torch", "reference"),
     ("bf16", "sm90", _OTHER): ("cute", "torch", "cublas", "reference"),
     ("bf16", "sm100", _LARGE): ("cublas", "torch", "reference"),
     ("bf16", "sm100", _OTHER): ("torch", "cublas", "reference"),

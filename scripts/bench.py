@@ -10,9 +10,12 @@ What it does, in order:
    dense bf16 matmul rate (8192^3 torch.mm) and the device copy bandwidth (2 GB
    copy, bytes read + written);
 2. for every shape x split (uniform, skewed) x layout (forward, dgrad, wgrad)
-   times each contender with CUDA events (warmup, then the median of up to 20
-   repetitions or ~100 ms, L2 flushed before each) and checks its output
-   against the per-expert loop (normwise relative error);
+   checks each contender's output against the per-expert loop (normwise
+   relative error), then times all of them with CUDA events in interleaved
+   rounds, one call of each per round (L2 flushed before each), and reports
+   each one's median over up to 20 rounds (~100 ms a contender): the GPU's
+   clocks drift under sustained load, and interleaving makes every contender
+   see the same drift instead of favouring whichever ran first;
 3. contenders: our backends through ``grouped.gemm(..., backend=name)`` (each
    one whose explain() reason is None; ``reference`` only in --quick/--dry-run),
    and the peers ``torch._grouped_mm``,
@@ -150,14 +153,22 @@ def _one_time_ms(fn, device, flush) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+def time_interleaved(fns: list[Callable], device: torch.device, flush, max_reps: int = MAX_REPS) -> list[tuple[float, int]]:
+    """(median ms, rounds) of each warmed-up fn, timed in rounds of one call each (~BUDGET_MS a fn)."""
+    estimates = [min(_one_time_ms(fn, device, flush) for _ in range(2)) for fn in fns]
+    rounds = max(MIN_REPS, min(max_reps, math.ceil(BUDGET_MS * len(fns) / max(sum(estimates), 1e-3))))
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, samples in zip(fns, times):
+            samples.append(_one_time_ms(fn, device, flush))
+    return [(statistics.median(samples), rounds) for samples in times]
+
+
 def time_ms(fn: Callable, device: torch.device, flush, max_reps: int = MAX_REPS) -> tuple[float, int]:
-    """do_bench-like: warmup, then the median of up to max_reps timed calls (~BUDGET_MS)."""
+    """do_bench-like: a warmup call, then the median of up to max_reps timed calls (~BUDGET_MS)."""
     fn()  # first call: compiles, autotunes, warms allocator and cuBLAS heuristics
     synchronize(device)
-    estimate = min(_one_time_ms(fn, device, flush) for _ in range(2))
-    reps = max(MIN_REPS, min(max_reps, math.ceil(BUDGET_MS / max(estimate, 1e-3))))
-    times = [_one_time_ms(fn, device, flush) for _ in range(reps)]
-    return statistics.median(times), reps
+    return time_interleaved([fn], device, flush, max_reps)[0]
 
 
 def host_us_per_call(fn: Callable, device: torch.device, calls: int) -> float:
@@ -542,7 +553,9 @@ def is_wrong(r: "Row") -> bool:
     return any(n.startswith("WRONG") for n in r.notes)
 
 
-def run_contender(case: Case, c: Contender, ceilings: dict, device, flush, max_reps) -> Row:
+def prepare_contender(case: Case, c: Contender, ceilings: dict, device) -> tuple[Row, Callable | None]:
+    """Build the contender, make its first call (compiles, warms up) and check its output; the
+    callable is None when it cannot run."""
     s = case.shape
     row = Row(s.name, case.split, case.layout, s.experts, case.m_total, s.n, s.k, c.name, c.kind)
     row.floor_ms = case.floor_ms(ceilings)
@@ -560,17 +573,30 @@ def run_contender(case: Case, c: Contender, ceilings: dict, device, flush, max_r
             if note:
                 row.notes.append(note)
         del out
-        row.ms, row.reps = time_ms(fn, device, flush, max_reps)
+        return row, fn
     except Skip as e:
         row.status = f"skipped: {e}"
     except Exception as e:  # noqa: BLE001 - one contender failing must not stop the run
         row.status = f"error: {one_line(e)}"
         if device.type == "cuda" and isinstance(e, torch.cuda.OutOfMemoryError):
             free_memory(device)
-    if row.ms:
-        row.tflops = case.flops / (row.ms * 1e-3) / 1e12
-        row.pct_floor = 100.0 * row.floor_ms / row.ms
-    return row
+    return row, None
+
+
+def run_case(case: Case, contenders: list[Contender], ceilings: dict, device, flush, max_reps) -> list[Row]:
+    prepared = [prepare_contender(case, c, ceilings, device) for c in contenders]
+    timed = [(row, fn) for row, fn in prepared if fn is not None]
+    try:
+        results = time_interleaved([fn for _, fn in timed], device, flush, max_reps)
+    except Exception as e:  # noqa: BLE001
+        for row, _ in timed:
+            row.status = f"error: timing failed: {one_line(e)}"
+        results = []
+    for (row, _), (ms, reps) in zip(timed, results):
+        row.ms, row.reps = ms, reps
+        row.tflops = case.flops / (ms * 1e-3) / 1e12
+        row.pct_floor = 100.0 * row.floor_ms / ms
+    return [row for row, _ in prepared]
 
 
 def fill_peer_ratios(rows: list[Row]) -> None:
@@ -602,7 +628,7 @@ def run_all(plan, ceilings, device, flush, include_reference, quack, max_reps, t
                 case = make_case(shape, split, layout, sizes, ops, offs)
                 case.expected = per_expert_loop(case.a, case.b, sizes, layout)
                 contenders, skipped = build_contenders(case, include_reference, quack)
-                case_rows = [run_contender(case, c, ceilings, device, flush, max_reps) for c in contenders]
+                case_rows = run_case(case, contenders, ceilings, device, flush, max_reps)
                 fill_peer_ratios(case_rows)
                 for r in case_rows:
                     table.row(r)

@@ -3,8 +3,10 @@
 test_gemm_gpu.py runs the cute backend through every small case (split kinds,
 1/8/256 experts, caller buffers, wgrad destinations, graph replay). Here: shapes
 with many more output tiles than SMs, so each persistent CTA walks several
-(group, tile) items across group boundaries and reuses its pipeline and
-epilogue buffers; N and K that are not tile multiples; group sizes around the
+(group, tile) items across group boundaries, its two consumer warpgroups taking
+turns and each skipping the other's pipeline stages (K spans several turns of
+the stage ring), and reuses its pipeline and epilogue buffers; N and K that are
+not tile multiples; group sizes around the
 tile size (1, 127, 128, 129 rows, empty groups) in one call. Outputs go into
 NaN-poisoned strided caller buffers: every element inside the split total must
 be written and match the fp64 reference, nothing past it may change.
@@ -18,7 +20,7 @@ import torch
 import grouped
 from test_gemm_gpu import assert_close, bits, caller_buffer, make_operands, out_shape, reference, valid
 
-G, M, N, K = 9, 12000, 1000, 1000  # N, K not multiples of the 128 x 256 x 64 tile
+G, M, N, K = 9, 12000, 1000, 1000  # N, K not multiples of the 128 x 192 x 64 tile
 # sum 9885 < M: a tail of rows in no group. Groups stay <= 4000 tokens: wgmma's fp32
 # accumulation error grows like sqrt(tokens) in wgrad (1.35e-5 normwise at 12000 tokens
 # in one expert, over DESIGN.md's 1e-5; cuBLAS 6.6e-6 there, H200), see the README.

@@ -342,9 +342,12 @@ def _first_servable(problem):
 @pytest.mark.parametrize("cap", [(9, 0), (10, 0)])
 @pytest.mark.parametrize("large_experts", [False, True])
 def test_bf16_host_splits_follows_preference(layout, cap, large_experts):
-    """A few large experts with host split sizes: the cuBLAS loop; otherwise our cute kernel on
-    Hopper (when installed), torch._grouped_mm elsewhere."""
-    expected = "cublas" if large_experts else (SM90_BF16 if cap == (9, 0) else "torch")
+    """Our cute kernel on Hopper when installed; otherwise the cuBLAS loop for a few large experts
+    with host split sizes and torch._grouped_mm for the rest."""
+    if cap == (9, 0) and CUTE:
+        expected = "cute"
+    else:
+        expected = "cublas" if large_experts else "torch"
     p = _problem(layout=layout, capability=cap, large_experts=large_experts)
     d = selector.decide(p)
     assert tuple(d.reasons) == BACKEND_NAMES
@@ -359,10 +362,10 @@ def test_bf16_host_splits_follows_preference(layout, cap, large_experts):
     assert "preference" in d.why
 
 
-def test_sm90_bf16_prefers_cute_except_for_a_few_large_experts():
+def test_sm90_bf16_prefers_cute():
     p = _problem()
-    assert selector.preference(p)[0] == "cute"
-    assert selector.preference(_problem(large_experts=True))[:2] == ("cublas", "cute")
+    assert selector.preference(p)[:2] == ("cute", "torch")
+    assert selector.preference(_problem(large_experts=True))[:2] == ("cute", "cublas")
     d = selector.decide(p)
     if CUTE:
         assert d.reasons["cute"] is None and d.backend == "cute"

@@ -37,7 +37,7 @@ class GemmConfig:
     out: str  # "bf16" or "fp32"
     accumulate: bool = False  # wgrad: add into an fp32 c
     tile_m: int = 128
-    tile_n: int = 256
+    tile_n: int = 192
 
 
 @functools.lru_cache(maxsize=None)

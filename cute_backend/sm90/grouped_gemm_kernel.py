@@ -12,10 +12,13 @@ linear layer (see grouped/problem.py), for group g with rows/tokens
   written, or added to (fp32, TMA reduce-add) when accumulating.
 
 Warp roles (384 threads): warp 0 issues TMA loads into a ring of shared
-memory stages; two consumer warpgroups run wgmma on a 128 x tile_n tile (64
-rows each) and then store it through shared memory with TMA. Every role walks
-the same (group, tile) sequence: CTA b takes work items b, b + grid, ... and
-decodes each from the group end offsets in global memory (``_locate``), so one
+memory stages; two consumer warpgroups take turns ("pingpong"): each runs
+wgmma on every other 128 x tile_n tile of its CTA and then stores it through
+its own shared memory buffers with TMA, so one warpgroup's epilogue overlaps
+the other's mainloop (short-K tiles, e.g. wgrad with many experts, spend a
+large share of their time in the epilogue). Every role walks the same
+(group, tile) sequence: CTA b takes work items b, b + grid, ... and decodes
+each from the group end offsets in global memory (``_locate``), so one
 compile serves every split and nothing is read on the host (graph-safe).
 
 Group boundaries without per-group TMA descriptors: the ragged dim of a TMA
@@ -50,8 +53,9 @@ BAND_M = 16  # row tiles per raster band (see _locate)
 THREADS_PER_WARPGROUP = 128
 CONSUMER_WARPGROUPS = 2
 LOAD_WARP = 0
-STORE_WARP = 4  # first consumer warp issues the TMA stores
 PRODUCER_REGISTERS, CONSUMER_REGISTERS = 40, 232
+EPI_COLUMNS = 32  # the epilogue stores 128 x 32 subtiles
+EPI_BUFFERS = 2  # per warpgroup: one subtile is written while the other's store reads it
 SMEM_BYTES = 227 * 1024
 
 
@@ -78,6 +82,19 @@ def group_rows(view: cute.Tensor, start: Int32, length: Int32, ragged_mode: int)
     return cute.domain_offset(offset, view[None, None, BIG, start + length])
 
 
+def accumulator_subtiles(acc: cute.Tensor, columns: int) -> cute.Tensor:
+    """A wgmma accumulator ((2, 2, N/8), M, 1) viewed as ((2, 2, 2), M, (columns/16, N/columns)):
+    the last mode picks the epilogue subtile of ``columns`` columns (all rows of the tile)."""
+    (s_col, s_row, s_n8), s_m = acc.layout.stride[0], acc.layout.stride[1]
+    per_subtile = columns // 16
+    subtiles = acc.layout.shape[0][2] // (2 * per_subtile)
+    layout = cute.make_layout(
+        ((2, 2, 2), acc.layout.shape[1], (per_subtile, subtiles)),
+        stride=((s_col, s_row, s_n8), s_m, (2 * s_n8, 2 * per_subtile * s_n8)),
+    )
+    return cute.make_tensor(acc.iterator, layout)
+
+
 @cute.jit
 def warp_inclusive_sum(x: Int32, lane: Int32) -> Int32:
     for i in cutlass.range_constexpr(5):
@@ -91,7 +108,8 @@ class GroupedGemmSm90:
     """Persistent warp-specialized grouped GEMM; see the module doc."""
 
     def __init__(self, ragged: str, b_major: str, accumulate: bool, tile_m: int, tile_n: int):
-        assert ragged in ("m", "k") and b_major in ("k", "mn") and tile_m == 128 and tile_n in (128, 256)
+        # a warpgroup holds a whole tile's fp32 accumulator: tile_n registers a thread
+        assert ragged in ("m", "k") and b_major in ("k", "mn") and tile_m == 128 and tile_n in (128, 192)
         self.ragged = ragged
         self.b_major = b_major
         self.accumulate = accumulate
@@ -99,7 +117,6 @@ class GroupedGemmSm90:
         self.acc_dtype = Float32
         self.threads = (1 + CONSUMER_WARPGROUPS) * THREADS_PER_WARPGROUP
         self.consumer_threads = CONSUMER_WARPGROUPS * THREADS_PER_WARPGROUP
-        self.epilogue_barrier = pipeline.NamedBarrier(barrier_id=1, num_threads=self.consumer_threads)
 
     # ------------------------------------------------------------------ host
 
@@ -151,18 +168,17 @@ class GroupedGemmSm90:
         tile_m, tile_n, _ = self.tile_shape_mnk
         self.tiled_mma = sm90_utils.make_trivial_tiled_mma(
             self.a_dtype, self.b_dtype, self.a_layout.sm90_mma_major_mode(), self.b_layout.sm90_mma_major_mode(),
-            self.acc_dtype, (CONSUMER_WARPGROUPS, 1, 1), tiler_mn=(64, tile_n),
+            self.acc_dtype, (1, 1, 1), tiler_mn=(64, tile_n),
         )
-        # 128 x 32 epilogue subtiles (4 stages for bf16, 2 for fp32) leave room for 4 A/B stages;
-        # 128 x 64 double-buffered subtiles measured 1.3% slower (geomean of the bench, H200)
-        self.epi_tile = (tile_m, 32)
-        self.epi_stages = 4 if self.c_dtype.width == 16 else 2
+        self.epi_tile = (tile_m, EPI_COLUMNS)
         ab_bytes = (tile_m + tile_n) * TILE_K * self.a_dtype.width // 8
-        epi_bytes = cute.size(self.epi_tile) * self.c_dtype.width // 8 * self.epi_stages
+        epi_bytes = cute.size(self.epi_tile) * self.c_dtype.width // 8 * EPI_BUFFERS * CONSUMER_WARPGROUPS
         self.ab_stages = (SMEM_BYTES - 1024 - epi_bytes) // ab_bytes
         self.a_smem_layout = sm90_utils.make_smem_layout_a(self.a_layout, self.tile_shape_mnk, self.a_dtype, self.ab_stages)
         self.b_smem_layout = sm90_utils.make_smem_layout_b(self.b_layout, self.tile_shape_mnk, self.b_dtype, self.ab_stages)
-        self.epi_smem_layout = sm90_utils.make_smem_layout_epi(self.c_dtype, self.c_layout, self.epi_tile, self.epi_stages)
+        self.epi_smem_layout = sm90_utils.make_smem_layout_epi(
+            self.c_dtype, self.c_layout, self.epi_tile, EPI_BUFFERS * CONSUMER_WARPGROUPS
+        )
 
     @staticmethod
     def _tma_load(tensor, smem_layout_staged, tile):
@@ -289,7 +305,7 @@ class GroupedGemmSm90:
             barrier_storage=storage.ab_barriers.data_ptr(),
             num_stages=self.ab_stages,
             producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread),
-            consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, CONSUMER_WARPGROUPS * 4),
+            consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 4),  # the warps of one warpgroup
             tx_count=stage_bytes,
             cta_layout_vmnk=cute.make_layout((1, 1, 1, 1)),
             defer_sync=True,
@@ -323,79 +339,87 @@ class GroupedGemmSm90:
 
         if warp_group > 0:
             cute.arch.setmaxregister_increase(CONSUMER_REGISTERS)
-            consumer_tidx = tidx - THREADS_PER_WARPGROUP
-            # wgmma partitions per warpgroup: slice by the warpgroup's first thread
-            thr_mma = tiled_mma.get_slice((warp_group - 1) * THREADS_PER_WARPGROUP)
+            consumer = warp_group - 1  # runs work items consumer, consumer + 2, ... of this CTA
+            wg_tidx = tidx % THREADS_PER_WARPGROUP
+            store_warp = warp_group * 4  # its first warp issues its TMA stores
+            epilogue_barrier = pipeline.NamedBarrier(barrier_id=1 + consumer, num_threads=THREADS_PER_WARPGROUP)
+            first_buffer = consumer * EPI_BUFFERS
+            # Mainloops take turns: a warpgroup starts a tile once the other has issued all of its
+            # own, so the stages it skips are at most one ring phase ahead of the producer (mbarrier
+            # waits only tell phase parity). The epilogues need no order: separate buffers.
+            my_turn = pipeline.NamedBarrier(barrier_id=3 + consumer, num_threads=self.consumer_threads)
+            next_turn = pipeline.NamedBarrier(barrier_id=4 - consumer, num_threads=self.consumer_threads)
+            if consumer == 1:
+                next_turn.arrive()  # warpgroup 0 goes first
+
+            thr_mma = tiled_mma.get_slice(0)  # one warpgroup's tiled MMA
             tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
             tCrB = tiled_mma.make_fragment_B(thr_mma.partition_B(sB))
             acc = cute.make_rmem_tensor(thr_mma.partition_shape_C(self.tile_shape_mnk[:2]), self.acc_dtype)
 
-            # epilogue: registers -> shared memory (stmatrix for 16-bit) -> TMA store
-            # the stmatrix tiling fixes which accumulator values go to which epilogue subtile;
-            # fp32 output keeps that order and stores with plain shared-memory stores
+            # epilogue: registers -> shared memory (stmatrix for 16-bit) -> TMA store; fp32 output
+            # keeps the stmatrix partition and stores with plain shared-memory stores
             r2s_atom = sm90_utils.get_smem_store_op(self.c_layout, self.c_dtype, self.acc_dtype)
             c_order = cute.make_copy_atom(cute.nvgpu.warp.StMatrix8x8x16bOp(False, 4), cutlass.Float16)
             tiled_r2s = cute.make_tiled_copy_S(r2s_atom, cute.make_tiled_copy_C_atom(c_order, tiled_mma))
-            thr_r2s = tiled_r2s.get_slice(consumer_tidx)
+            thr_r2s = tiled_r2s.get_slice(wg_tidx)
             tRS_sC = thr_r2s.partition_D(sC)
-            tRS_acc = tiled_r2s.retile(acc)
+            acc_subtiles = accumulator_subtiles(acc, EPI_COLUMNS)
             fragment_shape = cute.shape(thr_r2s.partition_S(sC))[:3]
             tRS_f32 = cute.make_rmem_tensor(fragment_shape, self.acc_dtype)
             tRS_out = cute.make_rmem_tensor(fragment_shape, self.c_dtype)
-            fragment_size = cute.size(tRS_f32)
-            store_pipeline = pipeline.PipelineTmaStore.create(
-                num_stages=self.epi_stages,
-                producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, self.consumer_threads),
-            )
-
             read_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.ab_stages)
             release_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.ab_stages)
-            epi_count = Int32(0)
-            work, group_base, tiles_before = block, Int32(0), Int32(0)
+            work, group_base, tiles_before, item = block, Int32(0), Int32(0), Int32(0)
             valid, group, tm, tn, start, length, group_base, tiles_before = self._locate(work, group_base, tiles_before, ends, problem_m, tiles_n)
             while valid:
                 k_tiles = self._k_tiles(length, problem_k)
-                acc.fill(0.0)
-                tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
-                warpgroup.fence()
-                for k_tile in cutlass.range(k_tiles, unroll=1):
-                    ab_pipeline.consumer_wait(read_state)
-                    self._mma_k_slice(tiled_mma, acc, tCrA, tCrB, read_state.index)
-                    warpgroup.commit_group()
-                    warpgroup.wait_group(1)  # the previous slice's wgmma is done: free its stage
-                    if k_tile > 0:
+                if item % CONSUMER_WARPGROUPS == consumer:
+                    my_turn.arrive_and_wait()
+                    acc.fill(0.0)
+                    tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
+                    warpgroup.fence()
+                    for k_tile in cutlass.range(k_tiles, unroll=1):
+                        ab_pipeline.consumer_wait(read_state)
+                        self._mma_k_slice(tiled_mma, acc, tCrA, tCrB, read_state.index)
+                        warpgroup.commit_group()
+                        warpgroup.wait_group(1)  # the previous slice's wgmma is done: free its stage
+                        if k_tile > 0:
+                            ab_pipeline.consumer_release(release_state)
+                            release_state.advance()
+                        read_state.advance()
+                    next_turn.arrive()
+                    warpgroup.wait_group(0)
+                    if k_tiles > 0:
                         ab_pipeline.consumer_release(release_state)
                         release_state.advance()
-                    read_state.advance()
-                warpgroup.wait_group(0)
-                if k_tiles > 0:
-                    ab_pipeline.consumer_release(release_state)
-                    release_state.advance()
 
-                # accumulating into an expert with no tokens changes nothing: skip its store
-                store = Boolean(True)
-                if const_expr(self.accumulate):
-                    store = k_tiles > 0
-                if store:
-                    gC = self._output_tile(mC, group, tm, tn, start, length)
-                    gC_epi = cute.zipped_divide(gC, self.epi_tile)
-                    bSG_sC, bSG_gC = cpasync.tma_partition(tma_c, 0, cute.make_layout(1), cute.group_modes(sC, 0, 2), gC_epi)
-                    epi_tiles = cute.size(gC_epi, mode=[1])
-                    epi_grid = cute.make_layout(gC_epi.shape[1], stride=(gC_epi.shape[1][1], 1))
-                    for epi in cutlass.range_constexpr(epi_tiles):
-                        for v in cutlass.range_constexpr(fragment_size):
-                            tRS_f32[v] = tRS_acc[epi * fragment_size + v]
-                        tRS_out.store(tRS_f32.load().to(self.c_dtype))
-                        buffer = (epi_count + epi) % self.epi_stages
-                        cute.copy(tiled_r2s, tRS_out, tRS_sC[(None, None, None, buffer)])
-                        cute.arch.fence_proxy("async.shared", space="cta")
-                        self.epilogue_barrier.arrive_and_wait()
-                        if warp_idx == STORE_WARP:
-                            cute.copy(tma_c, bSG_sC[(None, buffer)], bSG_gC[(None, epi_grid.get_hier_coord(epi))])
-                            store_pipeline.producer_commit()
-                            store_pipeline.producer_acquire()
-                        self.epilogue_barrier.arrive_and_wait()
-                    epi_count += epi_tiles
+                    # accumulating into an expert with no tokens changes nothing: skip its store
+                    store = Boolean(True)
+                    if const_expr(self.accumulate):
+                        store = k_tiles > 0
+                    if store:
+                        gC = self._output_tile(mC, group, tm, tn, start, length)
+                        gC_epi = cute.zipped_divide(gC, self.epi_tile)
+                        bSG_sC, bSG_gC = cpasync.tma_partition(tma_c, 0, cute.make_layout(1), cute.group_modes(sC, 0, 2), gC_epi)
+                        for epi in cutlass.range_constexpr(cute.size(gC_epi, mode=[1])):
+                            buffer = first_buffer + epi % EPI_BUFFERS
+                            if warp_idx == store_warp:  # this buffer's previous store has read it
+                                cute.arch.cp_async_bulk_wait_group(EPI_BUFFERS - 1, read=True)
+                            epilogue_barrier.arrive_and_wait()
+                            cute.autovec_copy(tiled_r2s.retile(acc_subtiles[None, None, (None, epi)]), tRS_f32)
+                            tRS_out.store(tRS_f32.load().to(self.c_dtype))
+                            cute.copy(tiled_r2s, tRS_out, tRS_sC[(None, None, None, buffer)])
+                            cute.arch.fence_proxy("async.shared", space="cta")
+                            epilogue_barrier.arrive_and_wait()
+                            if warp_idx == store_warp:
+                                cute.copy(tma_c, bSG_sC[(None, buffer)], bSG_gC[(None, (0, epi))])
+                                cute.arch.cp_async_bulk_commit_group()
+                else:  # the other warpgroup's tile: skip its stages
+                    read_state.advance(k_tiles)
+                    release_state.advance(k_tiles)
+                item += 1
                 work += grid
                 valid, group, tm, tn, start, length, group_base, tiles_before = self._locate(work, group_base, tiles_before, ends, problem_m, tiles_n)
-            store_pipeline.producer_tail()
+            if warp_idx == store_warp:
+                cute.arch.cp_async_bulk_wait_group(0, read=True)
