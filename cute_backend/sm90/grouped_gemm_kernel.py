@@ -166,6 +166,7 @@ class GroupedGemmSm90:
 
     def _setup(self):
         tile_m, tile_n, _ = self.tile_shape_mnk
+        # one warpgroup's MMA: it covers the 128-row tile as two rows of 64 x tile_n wgmma
         self.tiled_mma = sm90_utils.make_trivial_tiled_mma(
             self.a_dtype, self.b_dtype, self.a_layout.sm90_mma_major_mode(), self.b_layout.sm90_mma_major_mode(),
             self.acc_dtype, (1, 1, 1), tiler_mn=(64, tile_n),
