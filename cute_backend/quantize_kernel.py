@@ -335,17 +335,7 @@ def columnwise_kernel(
     padded_block = Int64(b)
     col = Int64(col_tile) * COL_THREADS + Int64(tid)
 
-    # the group holding this padded block: the last g with BLOCK_START[g] <= padded_block
-    lo = Int32(0)
-    hi = n_groups
-    for _ in cutlass.range(steps, unroll=1):
-        mid = (lo + hi) // 2
-        if mid > lo:
-            if table[Int64(mid) * TABLE_COLS + BLOCK_START] <= padded_block:
-                lo = mid
-            else:
-                hi = mid
-    row = Int64(lo) * TABLE_COLS
+    lo, row = _group_of_block(table, padded_block, n_groups, steps)
     rows = table[row + ROWS]
     j = padded_block - table[row + BLOCK_START]
     if j >= 0 and j * n < rows and col < k_cols:
@@ -536,13 +526,9 @@ def _packed_amax(words, first: int, count: int) -> Uint32:
 
 
 @cute.jit
-def _find_block(table: cute.Tensor, b: Int64, n_groups: Int32, steps: Int32, total_blocks: Int64,
-                n: cutlass.Constexpr):
-    """Padded block b -> (group, table row offset, block index j in the group, rows of it that are real).
-
-    The group is the last g with BLOCK_START[g] <= b; ``valid`` is 0 for a
-    block past the table's last block or past its group's rows.
-    """
+def _group_of_block(table: cute.Tensor, b: Int64, n_groups: Int32, steps: Int32):
+    """(group, its table row offset) of padded block b: the last g with BLOCK_START[g] <= b,
+    by a binary search of ``steps`` halvings."""
     lo = Int32(0)
     hi = n_groups
     for _ in cutlass.range(steps, unroll=1):
@@ -552,7 +538,17 @@ def _find_block(table: cute.Tensor, b: Int64, n_groups: Int32, steps: Int32, tot
                 lo = mid
             else:
                 hi = mid
-    row = Int64(lo) * TABLE_COLS
+    return lo, Int64(lo) * TABLE_COLS
+
+
+@cute.jit
+def _find_block(table: cute.Tensor, b: Int64, n_groups: Int32, steps: Int32, total_blocks: Int64,
+                n: cutlass.Constexpr):
+    """Padded block b -> (group, table row offset, block index j in the group, rows of it that are real).
+
+    ``valid`` is 0 for a block past the table's last block or past its group's rows.
+    """
+    lo, row = _group_of_block(table, b, n_groups, steps)
     j = b - table[row + BLOCK_START]
     valid = cutlass.min(table[row + ROWS] - j * n, Int64(n))
     ok = (b < total_blocks) & (j >= Int64(0)) & (valid > Int64(0))

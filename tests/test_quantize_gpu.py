@@ -120,6 +120,12 @@ def assert_same_bytes(got, want, what):
         raise AssertionError(f"{what}: {len(diff)} of {g.numel()} bytes differ, first at {first}: (got, want) {pairs}")
 
 
+def assert_same_quantized(data, scale, ref):
+    """The kernel's data and scale bytes equal those of the reference QuantizedTensor."""
+    assert_same_bytes(data, ref.data, "data")
+    assert_same_bytes(scale, ref.scale, "scale")
+
+
 def garbage_like(t):
     """A CUDA tensor like t filled with 0xA5 bytes, so a byte the kernel skips shows up."""
     out = torch.empty(t.shape, dtype=t.dtype, device="cuda")
@@ -166,8 +172,7 @@ def test_rowwise_matches_quantize(gen, fmt, dtype, shape):
     ref = grouped.quantize(x, fmt)
     row_scale = None if ref.global_scale is None else ref.global_scale.expand(shape[0])
     data, scale = run_rowwise(qk, x, fmt, row_scale)
-    assert_same_bytes(data, ref.data, "data")
-    assert_same_bytes(scale, ref.scale, "scale")
+    assert_same_quantized(data, scale, ref)
 
 
 @gpu
@@ -209,8 +214,7 @@ def test_rowwise_nvfp4_midpoints(gen, dtype):
     ref = grouped.quantize(x, "nvfp4")
     assert float(ref.global_scale) == 448.0
     data, scale = run_rowwise(qk, x, "nvfp4", ref.global_scale.expand(64))
-    assert_same_bytes(data, ref.data, "data")
-    assert_same_bytes(scale, ref.scale, "scale")
+    assert_same_quantized(data, scale, ref)
     assert (ref.scale.float() == 448).any() and (ref.scale.float() == 224).any()
 
 
@@ -230,8 +234,7 @@ def test_rowwise_mxfp8_at_448(gen, dtype):
     x = (x * torch.exp2(k)).reshape(rows, cols).to(dtype)
     ref = grouped.quantize(x, "mxfp8")
     data, scale = run_rowwise(qk, x, "mxfp8")
-    assert_same_bytes(data, ref.data, "data")
-    assert_same_bytes(scale, ref.scale, "scale")
+    assert_same_quantized(data, scale, ref)
 
 
 @gpu
@@ -251,8 +254,7 @@ def test_rowwise_nonfinite_and_zero_blocks(gen, fmt, dtype):
     ref = grouped.quantize(x, fmt)
     s = None if ref.global_scale is None else ref.global_scale.expand(8)
     data, scale = run_rowwise(qk, x, fmt, s)
-    assert_same_bytes(data, ref.data, "data")
-    assert_same_bytes(scale, ref.scale, "scale")
+    assert_same_quantized(data, scale, ref)
     nan_scale = 0xFF if fmt == "mxfp8" else 0x7F
     assert as_bytes(scale)[2, 0] == nan_scale and as_bytes(scale)[3, 1] == nan_scale
     assert as_bytes(scale)[4, 2] == nan_scale
@@ -272,8 +274,7 @@ def test_columnwise_matches_quantize(gen, fmt, dtype, sizes, cols):
     x = special(gen, rows, cols).to(dtype)
     ref = grouped.quantize(x, fmt, axis=0, split_sizes=sizes)
     data, scale = run_columnwise(qk, x, fmt, sizes, ref, ref.global_scale)
-    assert_same_bytes(data, ref.data, "data")
-    assert_same_bytes(scale, ref.scale, "scale")
+    assert_same_quantized(data, scale, ref)
 
 
 @gpu
@@ -287,8 +288,7 @@ def test_columnwise_many_groups(gen, fmt, dtype):
     x = special(gen, sum(sizes), 256).to(dtype)
     ref = grouped.quantize(x, fmt, axis=0, split_sizes=sizes)
     data, scale = run_columnwise(qk, x, fmt, sizes, ref, ref.global_scale)
-    assert_same_bytes(data, ref.data, "data")
-    assert_same_bytes(scale, ref.scale, "scale")
+    assert_same_quantized(data, scale, ref)
 
 
 @gpu
@@ -301,8 +301,7 @@ def test_columnwise_subnormal_and_tiny_groups(gen, fmt, dtype):
     x = torch.cat([special(gen, 40, 128), subnormal_rows(gen, 21, 128), special(gen, 64, 128)]).to(dtype)
     ref = grouped.quantize(x, fmt, axis=0, split_sizes=sizes)
     data, scale = run_columnwise(qk, x, fmt, sizes, ref, ref.global_scale)
-    assert_same_bytes(data, ref.data, "data")
-    assert_same_bytes(scale, ref.scale, "scale")
+    assert_same_quantized(data, scale, ref)
 
 
 @gpu
@@ -313,8 +312,7 @@ def test_columnwise_nvfp4_midpoints(gen, dtype):
     x = midpoint_rows(gen, 256, 96, 16).t().contiguous().to(dtype)  # blocks of 16 down each column
     ref = grouped.quantize(x, "nvfp4", axis=0, split_sizes=sizes)
     data, scale = run_columnwise(qk, x, "nvfp4", sizes, ref, ref.global_scale)
-    assert_same_bytes(data, ref.data, "data")
-    assert_same_bytes(scale, ref.scale, "scale")
+    assert_same_quantized(data, scale, ref)
 
 
 def _region_table(qk, ref, sizes, fmt):
@@ -585,8 +583,7 @@ def test_both_grouped_tensor_regions(gen, fmt, dtype):
     s = None if ref.global_scale is None else ref.global_scale.cuda()
     qk.quantize_both(x.cuda(), fmt, data[: r * k // epb].view(r, -1), scale[: r * k // b].view(r, -1),
                      col_data, col_scale, table, None, s)
-    assert_same_bytes(data, ref.data, "data")
-    assert_same_bytes(scale, ref.scale, "scale")
+    assert_same_quantized(data, scale, ref)
     assert_same_bytes(col_data, ref.columnwise_data, "columnwise_data")
     assert_same_bytes(col_scale, ref.columnwise_scale, "columnwise_scale")
 
