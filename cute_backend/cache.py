@@ -6,10 +6,11 @@ versions of the toolchain (nvidia-cutlass-dsl, apache-tvm-ffi) and the text of
 the sources, so a change to any of them compiles anew.
 
 On a miss the kernel is compiled with the TVM-FFI calling convention
-(``--enable-tvm-ffi``: torch tensors go straight in, microseconds a call),
-exported to an object file and linked into a shared library. A warm process
-loads that library with ``tvm_ffi.load_module`` and never imports cutlass, so
-the first call costs milliseconds, not the second it takes to import the DSL.
+(``--enable-tvm-ffi``: its entry point checks its arguments itself), exported
+to an object file and linked into a shared library. A warm process loads that
+library with ctypes (``ffi.LibraryFunction``) and imports neither cutlass nor
+tvm_ffi, so the first call costs milliseconds, not the second it takes to
+import the DSL.
 
 On disk, under ``GROUPED_CACHE_DIR`` (default ``$XDG_CACHE_HOME/grouped`` or
 ``~/.cache/grouped``), each entry is ``<key>.so`` plus ``<key>.sha256``:
@@ -38,6 +39,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
+
+from .ffi import LibraryFunction
 
 CACHE_FORMAT = 1  # bump when the on-disk layout changes
 
@@ -119,22 +122,20 @@ class KernelCache:
         return self._functions[key]
 
     def _load_or_build(self, spec: KernelSpec, key: str, build):
-        import tvm_ffi
-
         directory = cache_dir()
         library, checksum = directory / f"{key}.so", directory / f"{key}.sha256"
         with open(directory / f"{key}.lock", "w") as lock_file:
             fcntl.flock(lock_file, fcntl.LOCK_EX)  # another process may be building it
             if _valid(library, checksum):
                 try:
-                    module = tvm_ffi.load_module(str(library))
+                    function = LibraryFunction(str(library), spec.symbol)
                     self.disk_loads += 1
-                    return module[spec.symbol]
-                except RuntimeError:
+                    return function
+                except OSError:
                     pass  # linked against runtimes that are not where they were (a moved environment): relink
             self._build(spec, build, library, checksum)
             self.compiles += 1
-            return tvm_ffi.load_module(str(library))[spec.symbol]
+            return LibraryFunction(str(library), spec.symbol)
 
     def _build(self, spec: KernelSpec, build, library: Path, checksum: Path) -> None:
         compiled = build()

@@ -29,7 +29,7 @@ from cute_backend.cache import CACHE
 for spec, build in cute_backend.kernel_configs():
     CACHE.get(spec, build)
 print(json.dumps({"compiles": CACHE.compiles, "disk_loads": CACHE.disk_loads,
-                  "cutlass_imported": "cutlass" in sys.modules}))
+                  "cutlass_imported": "cutlass" in sys.modules, "tvm_ffi_imported": "tvm_ffi" in sys.modules}))
 """
 
 
@@ -70,6 +70,45 @@ def test_second_process_loads_without_compiling(warm_dir):
     second = _run_probe(warm_dir)
     assert second["compiles"] == 0 and second["disk_loads"] == len(cute_backend.kernel_configs())
     assert not second["cutlass_imported"], "a warm cache must not import the DSL"
+    assert not second["tvm_ffi_imported"], "a warm cache calls the libraries through ctypes"
+
+
+def _offsets_function(directory: Path):
+    """The int32 splits_to_offsets library of a warm cache directory, loaded through ctypes."""
+    import torch
+
+    from cute_backend import cache, offsets
+    from cute_backend.ffi import LibraryFunction
+
+    spec = offsets._spec(torch.int32)
+    return LibraryFunction(str(directory / f"{cache.cache_key(spec)}.so"), spec.symbol)
+
+
+def test_library_function_arguments_reach_the_library(warm_dir):
+    """The packed TVMFFIAny / DLTensor block is what the library decodes: its own checks name the
+    argument that is wrong (no GPU here, so every call stops at a check)."""
+    import torch
+
+    function = _offsets_function(warm_dir)
+    sizes = torch.ones(8, dtype=torch.int32)
+    outs = [torch.zeros(9, dtype=torch.int32) for _ in range(offsets_outputs())]
+    scalars = [1] * offsets_outputs() + [1, 0, 0]
+    with pytest.raises(RuntimeError, match=r"argument #0.*expected device_type=cuda"):
+        function(sizes, *outs, *scalars)  # a CPU tensor, decoded as one: its device is checked
+    with pytest.raises(RuntimeError, match=r"Mismatched type on argument #0"):
+        function(7, *outs, *scalars)  # an int where a tensor goes
+    with pytest.raises(RuntimeError, match=r"argument #0.*ndim"):
+        function(sizes.view(2, 4), *outs, *scalars)
+    with pytest.raises(RuntimeError, match=r"Expects 20 parameters"):
+        function(sizes, *outs, *scalars[:-1])
+    with pytest.raises(TypeError, match="float64"):
+        function(sizes.double(), *outs, *scalars)  # refused before the call: no DLPack code kept for it
+
+
+def offsets_outputs() -> int:
+    from cute_backend.offsets import MAX_OUTPUTS
+
+    return MAX_OUTPUTS
 
 
 def test_tampered_library_is_rebuilt(warm_dir, tmp_path):
