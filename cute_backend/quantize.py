@@ -116,17 +116,19 @@ FUSED_CTAS_PER_SM = {("mxfp8", 16): 3, ("nvfp4", 16): 4, ("mxfp8", 32): 2, ("nvf
 FUSED_CT_GROUP = {("mxfp8", 16): 2, ("nvfp4", 16): 2, ("mxfp8", 32): 2, ("nvfp4", 32): 2}
 _GRID_LIMIT: int | None = None  # tests cap the persistent grid, so each CTA runs a long pipeline
 # bf16 x (quantize_both): MXFP8 by the register-tile kernel (quantize_kernel.fused2_kernel): rows
-# a lane (16 or 32), warps a CTA (side by side in columns), load flavour (0 plain, 1 no L1
-# allocation, 2 that and a 256-byte L2 prefetch), CTAs an SM of a persistent grid (0: one CTA a
-# tile), the tile order (bands of group_rows row tiles, quantize_kernel._tile_rc) and whether a
-# row's block scales of the CTA's warps are staged into one store (rl 16, 2 or 4 warps).
-# 32768 x 7168 on an H200, same run, shared-memory kernel 0.421 ms: this 0.374 ms; warps=4,
-# group_rows=16 0.362 ms; no staging 0.375; rl 32 0.476; group_rows 1 (column tile fastest) 0.426,
-# 2^20 (row tile fastest) 0.425; ld 2 0.399.
-FUSED2 = dict(rl=16, warps=2, ld=0, ctas_per_sm=0, group_rows=32, stage_rows=True)
+# a lane (16 or 32), warps a CTA (side by side in columns), the load instruction, CTAs an SM of a
+# persistent grid (0: one CTA a tile), the tile order (bands of group_rows row tiles,
+# quantize_kernel._tile_rc) and whether a row's block scales of the CTA's warps are staged into
+# one store (rl 16, 2 or 4 warps). 32768 x 7168 on an H200, one run (copy 4213 GB/s): this 0.322
+# ms (70.4% of copy); group_rows 4 0.323, 16 0.330, 32 0.350; 2 warps 0.345; loads ld.global.cg
+# 0.325, ld.global.nc 0.357, ld.global.L1::no_allocate 0.369, ld.global.lu with st.global.cs
+# stores 0.329; a persistent grid of 3 CTAs an SM 0.339. Earlier (read-only loads): rl 32 0.476,
+# group_rows 1 (column tile fastest) 0.426, 2^20 (row tile fastest) 0.425; the shared-memory
+# kernel 0.421.
+FUSED2 = dict(rl=16, warps=4, ld="ld.global", ctas_per_sm=0, group_rows=8, stage_rows=True)
 # NVFP4 by the per-warp shared-memory kernel (quantize_kernel.fused3_kernel): warps a CTA, CTAs an
 # SM (a warp takes 17 KB of shared memory with one stage, 33 KB with two), the same tile order,
-# and the stages. Same run, shared-memory kernel 0.463 ms: this 0.387 ms; warps 4 x 3 CTAs 0.384;
+# and the stages. An earlier H200 run, shared-memory kernel 0.463 ms: this 0.387 ms; warps 4 x 3 CTAs 0.384;
 # 8 or 10 one-warp CTAs 0.44; two stages (6 warps an SM) 0.518.
 FUSED3 = dict(warps=1, ctas_per_sm=12, group_rows=16, stages=1)
 AMAX_ROWS = 32  # group_amax's tile: rows (two NVFP4 blocks) ...

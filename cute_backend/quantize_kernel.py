@@ -434,19 +434,16 @@ def _ld_shared(smem_addr, n: int, *, loc=None, ip=None):
     return _words_asm(n, ptx, ",".join(["=r"] * n) + ",r", [Int32(smem_addr).ir_value(loc=loc, ip=ip)], loc, ip)
 
 
-_LD_FLAVOUR = {0: "ld.global.nc", 1: "ld.global.nc.L1::no_allocate", 2: "ld.global.nc.L1::no_allocate.L2::256B"}
-
-
 @dsl_user_op
-def _ld_global_pred(gmem_addr, pred, ld: int = 0, *, loc=None, ip=None):
-    """4 words (16 bytes, read-only path) from global memory where pred != 0, zeros elsewhere.
+def _ld_global_pred(gmem_addr, pred, ld: str = "ld.global.nc", *, loc=None, ip=None):
+    """4 words (16 bytes) from global memory where pred != 0, zeros elsewhere.
 
-    ld: 0 plain, 1 not kept in L1, 2 not kept in L1 and a 256-byte L2 prefetch.
+    ld: the load instruction with its cache operators (default: the read-only path).
     """
     ptx = (
         "{\n.reg .pred p;\nsetp.ne.b32 p, $5, 0;\n"
         "mov.b32 $0, 0;\nmov.b32 $1, 0;\nmov.b32 $2, 0;\nmov.b32 $3, 0;\n"
-        f"@p {_LD_FLAVOUR[ld]}.v4.b32 {{$0, $1, $2, $3}}, [$4];\n}}"
+        f"@p {ld}.v4.b32 {{$0, $1, $2, $3}}, [$4];\n}}"
     )
     args = [Int64(gmem_addr).ir_value(loc=loc, ip=ip), Int32(pred).ir_value(loc=loc, ip=ip)]
     return _words_asm(4, ptx, "=r,=r,=r,=r,l,r", args, loc, ip)
@@ -1115,8 +1112,9 @@ def amax_host(x: cute.Tensor, table: cute.Tensor, out: cute.Tensor, n_groups: In
 # 4-byte store, and (stage_rows, rows_per_lane 16, 2 or 4 warps) a row's block scales of the CTA's
 # warps go through a small shared staging area (one barrier a tile) into one 2- / 4-byte store:
 # byte-sized scale stores cost as much L2 bandwidth as whole sectors. The whole tile is unrolled
-# (~1.9k instructions; all of it fits the instruction cache). Loads: ld.global.nc (``ld`` 1 / 2:
-# no L1 allocation / and an L2 prefetch, both slower on an H200). The unrolled code shares no
+# (~1.9k instructions; all of it fits the instruction cache). Loads: the instruction ``ld``
+# (FUSED2 in quantize.py: plain ld.global, L1-allocating, measured fastest on an H200). The
+# unrolled code shares no
 # unpacked value between the two directions (the columnwise pass unpacks by byte permutes), else
 # ptxas keeps all 256 unpacked floats live.
 # NVFP4 (fused3_kernel, below): shared memory per warp, rolled loops.
