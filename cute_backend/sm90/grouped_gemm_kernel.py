@@ -17,7 +17,8 @@ wgmma on every other 128 x tile_n tile of its CTA and then stores it through
 its own shared memory buffers with TMA, so one warpgroup's epilogue overlaps
 the other's mainloop (short-K tiles, e.g. wgrad with many experts, spend a
 large share of their time in the epilogue). Every role walks the same
-(group, tile) sequence: CTA b takes work items b, b + grid, ... and decodes
+(group, tile) sequence: CTA b takes one work item a round of grid items, item
+b on even rounds and grid - 1 - b on odd ones (``_work``), and decodes
 each from the group end offsets in global memory (``_locate``), so one
 compile serves every split and nothing is read on the host (graph-safe).
 
@@ -245,6 +246,13 @@ class GroupedGemmSm90:
         tile_m_idx = band * BAND_M + in_band - tile_n_idx * band_rows
         return valid, group, tile_m_idx, tile_n_idx, start, length, group_base, tiles_before
 
+    def _work(self, item: Int32, block: Int32, grid: Int32) -> Int32:
+        """The CTA's item-th work item: rounds of ``grid`` items, the CTAs in order on even rounds and
+        in reverse on odd ones, so a run of costly tiles (an expert with many tokens, wgrad) is
+        spread over the CTAs rather than stacked on the first ones each round. Items of one CTA only
+        increase, as ``_locate`` needs."""
+        return item * grid + block + (item % 2) * (grid - 1 - 2 * block)
+
     def _k_tiles(self, length: Int32, problem_k: Int32) -> Int32:
         contraction = length if const_expr(self.ragged == "k") else problem_k
         return (contraction + TILE_K - 1) // TILE_K
@@ -323,8 +331,8 @@ class GroupedGemmSm90:
             cute.arch.setmaxregister_decrease(PRODUCER_REGISTERS)
         if warp_idx == LOAD_WARP:
             state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.ab_stages)
-            work, group_base, tiles_before = block, Int32(0), Int32(0)
-            valid, group, tm, tn, start, length, group_base, tiles_before = self._locate(work, group_base, tiles_before, ends, problem_m, tiles_n)
+            item, group_base, tiles_before = Int32(0), Int32(0), Int32(0)
+            valid, group, tm, tn, start, length, group_base, tiles_before = self._locate(self._work(item, block, grid), group_base, tiles_before, ends, problem_m, tiles_n)
             while valid:
                 gA, gB = self._operand_tiles(mA, mB, group, tm, tn, start, length)
                 tAsA, tAgA = cpasync.tma_partition(tma_a, 0, cute.make_layout(1), cute.group_modes(sA, 0, 2), cute.group_modes(gA, 0, 2))
@@ -334,8 +342,8 @@ class GroupedGemmSm90:
                     self._load_k_slice(tma_a, tAgA, tAsA, tma_b, tBgB, tBsB, k_tile, state.index, ab_pipeline.producer_get_barrier(state))
                     ab_pipeline.producer_commit(state)
                     state.advance()
-                work += grid
-                valid, group, tm, tn, start, length, group_base, tiles_before = self._locate(work, group_base, tiles_before, ends, problem_m, tiles_n)
+                item += 1
+                valid, group, tm, tn, start, length, group_base, tiles_before = self._locate(self._work(item, block, grid), group_base, tiles_before, ends, problem_m, tiles_n)
             ab_pipeline.producer_tail(state)
 
         if warp_group > 0:
@@ -371,8 +379,8 @@ class GroupedGemmSm90:
             tRS_out = cute.make_rmem_tensor(fragment_shape, self.c_dtype)
             read_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.ab_stages)
             release_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.ab_stages)
-            work, group_base, tiles_before, item = block, Int32(0), Int32(0), Int32(0)
-            valid, group, tm, tn, start, length, group_base, tiles_before = self._locate(work, group_base, tiles_before, ends, problem_m, tiles_n)
+            item, group_base, tiles_before = Int32(0), Int32(0), Int32(0)
+            valid, group, tm, tn, start, length, group_base, tiles_before = self._locate(self._work(item, block, grid), group_base, tiles_before, ends, problem_m, tiles_n)
             while valid:
                 k_tiles = self._k_tiles(length, problem_k)
                 if item % CONSUMER_WARPGROUPS == consumer:
@@ -420,7 +428,6 @@ class GroupedGemmSm90:
                     read_state.advance(k_tiles)
                     release_state.advance(k_tiles)
                 item += 1
-                work += grid
-                valid, group, tm, tn, start, length, group_base, tiles_before = self._locate(work, group_base, tiles_before, ends, problem_m, tiles_n)
+                valid, group, tm, tn, start, length, group_base, tiles_before = self._locate(self._work(item, block, grid), group_base, tiles_before, ends, problem_m, tiles_n)
             if warp_idx == store_warp:
                 cute.arch.cp_async_bulk_wait_group(0, read=True)
