@@ -205,21 +205,26 @@ def can_implement_rowwise(x, fmt_name, data, scale, row_scale=None) -> str | Non
     fmt = _fmt_name(fmt_name)
     if fmt is None:
         return f"fmt must be one of {FORMATS}, got {fmt_name!r}"
-    reason = _check_x(x, fmt, rowwise=True)
+    reason = _check_x(x, fmt, rowwise=True) or _check_rowwise_outputs(x, fmt, ("data", data), ("scale", scale), 1)
     if reason:
         return reason
+    return _check_global_scale("row_scale", row_scale, x.shape[0], x.device, fmt)
+
+
+def _check_rowwise_outputs(x, fmt: str, data: tuple, scale: tuple, scale_align: int) -> str | None:
+    """The rowwise data and scale buffers ((name, tensor) each) for x: dtype (or uint8), device,
+    alignment (data 16 bytes, scale ``scale_align``) and shape."""
     rows, k = x.shape
-    block, epb = BLOCK[fmt], ELEMENTS_PER_BYTE[fmt]
-    for name, t, dtype, shape in (
-        ("data", data, DATA_DTYPE[fmt], (rows, k // epb)),
-        ("scale", scale, SCALE_DTYPE[fmt], (rows, k // block)),
+    for (name, t), dtype, shape, align in (
+        (data, DATA_DTYPE[fmt], (rows, k // ELEMENTS_PER_BYTE[fmt]), 16),
+        (scale, SCALE_DTYPE[fmt], (rows, k // BLOCK[fmt]), scale_align),
     ):
-        reason = _check_bytes(name, t, (dtype, torch.uint8), x.device, align=16 if name == "data" else 1)
+        reason = _check_bytes(name, t, (dtype, torch.uint8), x.device, align=align)
         if reason:
             return reason
         if tuple(t.shape) != shape:
             return f"{name} must have shape {shape} for x of shape {tuple(x.shape)} ({fmt}), got {tuple(t.shape)}"
-    return _check_global_scale("row_scale", row_scale, rows, x.device, fmt)
+    return None
 
 
 def can_implement_columnwise(x, fmt_name, data, scale, groups, col_scale=None) -> str | None:
@@ -500,20 +505,12 @@ def can_implement_both(x, fmt_name, row_data, row_scale, col_data, col_scale, gr
     fmt = _fmt_name(fmt_name)
     if fmt is None:
         return f"fmt must be one of {FORMATS}, got {fmt_name!r}"
-    reason = _check_x(x, fmt, rowwise=True) or _check_groups(groups, x)
+    reason = _check_x(x, fmt, rowwise=True) or _check_groups(groups, x) or _check_rowwise_outputs(
+        x, fmt, ("row_data", row_data), ("row_scale", row_scale), 4
+    )
     if reason:
         return reason
     rows, k = x.shape
-    block, epb = BLOCK[fmt], ELEMENTS_PER_BYTE[fmt]
-    for name, t, dtype, shape, align in (
-        ("row_data", row_data, DATA_DTYPE[fmt], (rows, k // epb), 16),
-        ("row_scale", row_scale, SCALE_DTYPE[fmt], (rows, k // block), 4),
-    ):
-        reason = _check_bytes(name, t, (dtype, torch.uint8), x.device, align=align)
-        if reason:
-            return reason
-        if tuple(t.shape) != shape:
-            return f"{name} must have shape {shape} for x of shape {tuple(x.shape)} ({fmt}), got {tuple(t.shape)}"
     reason = _check_bytes("col_data", col_data, (DATA_DTYPE[fmt], torch.uint8), x.device, align=16) or _check_bytes(
         "col_scale", col_scale, (SCALE_DTYPE[fmt], torch.uint8), x.device, align=1
     )
