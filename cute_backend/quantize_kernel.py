@@ -417,83 +417,65 @@ def _words_asm(n: int, ptx: str, constraints: str, args, loc, ip):
     return [Uint32(llvm.extractvalue(T.i32(), res, [i], loc=loc, ip=ip)) for i in range(n)]
 
 
+_ADDRESS = {"global": ("l", Int64), "shared": ("r", Int32)}  # constraint and type of an address
+
+
+def _guarded(pred, first: int, loc, ip):
+    """(operands, constraints, PTX lines, guard) of an optional predicate, operand ``first``."""
+    if pred is None:
+        return [], [], [], ""
+    return [Int32(pred).ir_value(loc=loc, ip=ip)], ["r"], [".reg .pred p;", f"setp.ne.b32 p, ${first}, 0;"], "@p "
+
+
+@dsl_user_op
+def _st(space: str, addr, values, bits: int = 32, pred=None, *, loc=None, ip=None):
+    """Store to ``space`` ("global" or "shared") at addr: ``values`` one word, or a list of 1, 2 or 4
+    words (a vector store, n * 4-byte aligned); ``bits`` 8 or 16 store the low byte / half of one
+    word. With ``pred``, only where it is nonzero."""
+    words = list(values) if isinstance(values, (list, tuple)) else [values]
+    n = len(words)
+    assert bits == 32 or n == 1
+    constraint, addr_type = _ADDRESS[space]
+    p_args, p_cons, lines, guard = _guarded(pred, 1, loc, ip)
+    srcs = [f"${1 + len(p_args) + i}" for i in range(n)]
+    if bits == 32:
+        vec = {1: "", 2: ".v2", 4: ".v4"}[n]
+        lines.append(f"{guard}st.{space}{vec}.b32 [$0], {srcs[0] if n == 1 else '{' + ', '.join(srcs) + '}'};")
+    else:
+        lines += [".reg .b16 v;", f"cvt.u16.u32 v, {srcs[0]};", f"{guard}st.{space}.b{bits} [$0], v;"]
+    args = [addr_type(addr).ir_value(loc=loc, ip=ip)] + p_args + [Uint32(w).ir_value(loc=loc, ip=ip) for w in words]
+    _void_asm("{\n" + "\n".join(lines) + "\n}", ",".join([constraint] + p_cons + ["r"] * n), args, loc, ip)
+
+
+@dsl_user_op
+def _ld(space: str, addr, n: int = 1, bits: int = 32, pred=None, ld: str | None = None, *, loc=None, ip=None):
+    """n (1, 2 or 4) consecutive words from ``space`` at addr (n * 4-byte aligned), or with ``bits`` 8
+    one byte zero-extended. With ``pred``, loaded only where it is nonzero, zeros elsewhere. ``ld``:
+    the load instruction with its cache operators (default ld.global.nc, the read-only path, or
+    ld.shared)."""
+    assert bits == 32 or n == 1
+    ld = ld or ("ld.global.nc" if space == "global" else "ld.shared")
+    constraint, addr_type = _ADDRESS[space]
+    p_args, p_cons, lines, guard = _guarded(pred, n + 1, loc, ip)
+    outs = [f"${i}" for i in range(n)]
+    if pred is not None:
+        lines += [f"mov.b32 {o}, 0;" for o in outs]
+    if bits == 32:
+        vec = {1: "", 2: ".v2", 4: ".v4"}[n]
+        lines.append(f"{guard}{ld}{vec}.b32 {outs[0] if n == 1 else '{' + ', '.join(outs) + '}'}, [${n}];")
+    else:
+        lines += [".reg .b16 v;", "mov.b16 v, 0;", f"{guard}{ld}.b8 v, [${n}];", "cvt.u32.u16 $0, v;"]
+    args = [addr_type(addr).ir_value(loc=loc, ip=ip)] + p_args
+    return _words_asm(n, "{\n" + "\n".join(lines) + "\n}", ",".join(["=r"] * n + [constraint] + p_cons), args,
+                      loc, ip)
+
+
 @dsl_user_op
 def _cp_async16(smem_addr, gmem_addr, src_bytes, *, loc=None, ip=None):
     """16 bytes global -> shared, asynchronously; src_bytes 0 writes zeros and reads nothing."""
     args = [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int64(gmem_addr).ir_value(loc=loc, ip=ip),
             Int32(src_bytes).ir_value(loc=loc, ip=ip)]
     _void_asm("cp.async.cg.shared.global [$0], [$1], 16, $2;", "r,l,r", args, loc, ip)
-
-
-@dsl_user_op
-def _ld_shared(smem_addr, n: int, *, loc=None, ip=None):
-    """n (1, 2 or 4) consecutive 32-bit words from shared memory (n * 4-byte aligned)."""
-    outs = ", ".join(f"${i}" for i in range(n))
-    vec = {1: "", 2: ".v2", 4: ".v4"}[n]
-    ptx = f"ld.shared{vec}.b32 {{{outs}}}, [${n}];" if n > 1 else "ld.shared.b32 $0, [$1];"
-    return _words_asm(n, ptx, ",".join(["=r"] * n) + ",r", [Int32(smem_addr).ir_value(loc=loc, ip=ip)], loc, ip)
-
-
-@dsl_user_op
-def _ld_global_pred(gmem_addr, pred, ld: str = "ld.global.nc", *, loc=None, ip=None):
-    """4 words (16 bytes) from global memory where pred != 0, zeros elsewhere.
-
-    ld: the load instruction with its cache operators (default: the read-only path).
-    """
-    ptx = (
-        "{\n.reg .pred p;\nsetp.ne.b32 p, $5, 0;\n"
-        "mov.b32 $0, 0;\nmov.b32 $1, 0;\nmov.b32 $2, 0;\nmov.b32 $3, 0;\n"
-        f"@p {ld}.v4.b32 {{$0, $1, $2, $3}}, [$4];\n}}"
-    )
-    args = [Int64(gmem_addr).ir_value(loc=loc, ip=ip), Int32(pred).ir_value(loc=loc, ip=ip)]
-    return _words_asm(4, ptx, "=r,=r,=r,=r,l,r", args, loc, ip)
-
-
-@dsl_user_op
-def _st_global(gmem_addr, words, *, loc=None, ip=None):
-    """1, 2 or 4 words to global memory (vector store: n * 4-byte aligned)."""
-    n = len(words)
-    vec = {1: "", 2: ".v2", 4: ".v4"}[n]
-    srcs = ", ".join(f"${i + 1}" for i in range(n))
-    ptx = f"st.global{vec}.b32 [$0], {{{srcs}}};" if n > 1 else "st.global.b32 [$0], $1;"
-    args = [Int64(gmem_addr).ir_value(loc=loc, ip=ip)] + [Uint32(w).ir_value(loc=loc, ip=ip) for w in words]
-    _void_asm(ptx, "l" + ",r" * n, args, loc, ip)
-
-
-@dsl_user_op
-def _st_global_u16(gmem_addr, value, *, loc=None, ip=None):
-    args = [Int64(gmem_addr).ir_value(loc=loc, ip=ip), Uint32(value).ir_value(loc=loc, ip=ip)]
-    _void_asm("{\n.reg .b16 v;\ncvt.u16.u32 v, $1;\nst.global.b16 [$0], v;\n}", "l,r", args, loc, ip)
-
-
-@dsl_user_op
-def _st_global_u8(gmem_addr, value, *, loc=None, ip=None):
-    args = [Int64(gmem_addr).ir_value(loc=loc, ip=ip), Uint32(value).ir_value(loc=loc, ip=ip)]
-    _void_asm("{\n.reg .b16 v;\ncvt.u16.u32 v, $1;\nst.global.b8 [$0], v;\n}", "l,r", args, loc, ip)
-
-
-@dsl_user_op
-def _st_shared_v4(smem_addr, words, *, loc=None, ip=None):
-    args = [Int32(smem_addr).ir_value(loc=loc, ip=ip)] + [Uint32(w).ir_value(loc=loc, ip=ip) for w in words]
-    _void_asm("st.shared.v4.b32 [$0], {$1, $2, $3, $4};", "r,r,r,r,r", args, loc, ip)
-
-
-@dsl_user_op
-def _st_shared_v2(smem_addr, words, *, loc=None, ip=None):
-    args = [Int32(smem_addr).ir_value(loc=loc, ip=ip)] + [Uint32(w).ir_value(loc=loc, ip=ip) for w in words]
-    _void_asm("st.shared.v2.b32 [$0], {$1, $2};", "r,r,r", args, loc, ip)
-
-
-@dsl_user_op
-def _st_shared_u8(smem_addr, value, *, loc=None, ip=None):
-    args = [Int32(smem_addr).ir_value(loc=loc, ip=ip), Uint32(value).ir_value(loc=loc, ip=ip)]
-    _void_asm("{\n.reg .b16 v;\ncvt.u16.u32 v, $1;\nst.shared.b8 [$0], v;\n}", "r,r", args, loc, ip)
-
-
-@dsl_user_op
-def _ld_shared_u8(smem_addr, *, loc=None, ip=None) -> Uint32:
-    ptx = "{\n.reg .b16 v;\nld.shared.b8 v, [$1];\ncvt.u32.u16 $0, v;\n}"
-    return _words_asm(1, ptx, "=r,r", [Int32(smem_addr).ir_value(loc=loc, ip=ip)], loc, ip)[0]
 
 
 @dsl_user_op
@@ -647,24 +629,24 @@ def _write_info(table, s_col, slot_addr: Int32, tid: Int32, rt: Int32, n_groups,
     if nvfp4:
         s_bits = _u32(s_col[g])
     at = slot_addr + tid * INFO_BYTES
-    _st_shared_v4(at, _split64(first) + _split64(j))
-    _st_shared_v4(at + 16, _split64(table[row + DATA_OFFSET]) + _split64(table[row + DATA_STRIDE]))
-    _st_shared_v4(at + 32, _split64(table[row + SCALE_OFFSET]) + _split64(table[row + SCALE_STRIDE]))
-    _st_shared_v4(at + 48, [Uint32(valid), Uint32(g), s_bits, Uint32(0)])
+    _st("shared", at, _split64(first) + _split64(j))
+    _st("shared", at + 16, _split64(table[row + DATA_OFFSET]) + _split64(table[row + DATA_STRIDE]))
+    _st("shared", at + 32, _split64(table[row + SCALE_OFFSET]) + _split64(table[row + SCALE_STRIDE]))
+    _st("shared", at + 48, [Uint32(valid), Uint32(g), s_bits, Uint32(0)])
 
 
 def _read_first_valid(slot_addr: Int32, bi):
     """(first x row, valid rows, group S bits) of block bi's record."""
-    w = _ld_shared(slot_addr + bi * INFO_BYTES, 2)
-    v = _ld_shared(slot_addr + bi * INFO_BYTES + _I_VALID, 4)
+    w = _ld("shared", slot_addr + bi * INFO_BYTES, 2)
+    v = _ld("shared", slot_addr + bi * INFO_BYTES + _I_VALID, 4)
     return _join64(w[0], w[1]), Int64(Int32(v[0])), v[2]
 
 
 def _read_placement(slot_addr: Int32, bi, data: bool):
     """(j, offset, stride, valid rows) of block bi's record: data's or scale's."""
-    w = _ld_shared(slot_addr + bi * INFO_BYTES + _I_J, 2)
-    p = _ld_shared(slot_addr + bi * INFO_BYTES + (_I_DO if data else _I_SO), 4)
-    v = _ld_shared(slot_addr + bi * INFO_BYTES + _I_VALID, 1)
+    w = _ld("shared", slot_addr + bi * INFO_BYTES + _I_J, 2)
+    p = _ld("shared", slot_addr + bi * INFO_BYTES + (_I_DO if data else _I_SO), 4)
+    v = _ld("shared", slot_addr + bi * INFO_BYTES + _I_VALID, 1)
     return _join64(w[0], w[1]), _join64(p[0], p[1]), _join64(p[2], p[3]), Int64(Int32(v[0]))
 
 
@@ -814,7 +796,7 @@ def fused_kernel(
                 rxb = cute.make_rmem_tensor(32, Uint32)
                 rpacked = cute.make_rmem_tensor(16, Uint32)
                 for rc in cutlass.range_constexpr(seg_chunks):
-                    w4 = _ld_shared(rsrc + ((seg * seg_chunks + rc) ^ (tid & 7)) * 16, 4)
+                    w4 = _ld("shared", rsrc + ((seg * seg_chunks + rc) ^ (tid & 7)) * 16, 4)
                     for rq in cutlass.range_constexpr(4):
                         if cutlass.const_expr(bf16):
                             rpacked[4 * rc + rq] = w4[rq]
@@ -832,8 +814,8 @@ def fused_kernel(
                     rbyte = _mxfp8_block(rxb, rwords, ramax)
                     # 32 bytes = chunks 2 seg, 2 seg + 1 of the row's 4; slot k ^ ((row >> 1) & 3)
                     for rk in cutlass.range_constexpr(2):
-                        _st_shared_v4(rout + ((2 * seg + rk) ^ ((tid >> 1) & 3)) * 16,
-                                      [rwords[4 * rk], rwords[4 * rk + 1], rwords[4 * rk + 2], rwords[4 * rk + 3]])
+                        _st("shared", rout + ((2 * seg + rk) ^ ((tid >> 1) & 3)) * 16,
+                            [rwords[4 * rk + i] for i in range(4)])
                     rscales = rscales | (rbyte << Uint32(8 * seg))
                 else:
                     rwords = cute.make_rmem_tensor(4, Uint32)
@@ -851,24 +833,24 @@ def fused_kernel(
                         rwords[2 * rh + 1] = rwh[1]
                         rscales = rscales | (rhbyte << Uint32(8 * (2 * seg + rh)))
                     # 16 bytes = chunk seg of the row's 2; slot seg ^ ((row >> 2) & 1)
-                    _st_shared_v4(rout + (seg ^ ((tid >> 2) & 1)) * 16, [rwords[0], rwords[1], rwords[2], rwords[3]])
+                    _st("shared", rout + (seg ^ ((tid >> 2) & 1)) * 16, [rwords[0], rwords[1], rwords[2], rwords[3]])
             # scales: 2 (MXFP8) / 4 (NVFP4) bytes of this row, straight to memory
             rsat = row_scale_addr + xrow * (k_cols // n) + col0 // n
             rfull = col0 + FUSED_COLS <= k_cols
             if cutlass.const_expr(not nvfp4):
                 if rfull and k64:
-                    _st_global_u16(rsat, rscales)
+                    _st("global", rsat, rscales, 16)
                 else:
-                    _st_global_u8(rsat, rscales)
+                    _st("global", rsat, rscales, 8)
                     if col0 + 32 < k_cols:
-                        _st_global_u8(rsat + 1, rscales >> Uint32(8))
+                        _st("global", rsat + 1, rscales >> Uint32(8), 8)
             else:
                 if rfull and k64:
-                    _st_global(rsat, [rscales])
+                    _st("global", rsat, [rscales])
                 else:
                     for rb in cutlass.range_constexpr(4):
                         if col0 + 16 * rb < k_cols:
-                            _st_global_u8(rsat + rb, rscales >> Uint32(8 * rb))
+                            _st("global", rsat + rb, rscales >> Uint32(8 * rb), 8)
 
         # ---- columnwise: columns 2 cpair, 2 cpair + 1 of rows 32 quarter .. 32 quarter + 31
         lo = cute.make_rmem_tensor(32, Uint32)  # bf16: both columns packed; fp32: column 2 cpair
@@ -877,9 +859,9 @@ def fused_kernel(
             crow = 32 * quarter + rr
             caddr = stage_addr + crow * row_bytes + (((col_byte // 16) ^ (rr & 7)) * 16) + col_byte % 16
             if cutlass.const_expr(bf16):
-                lo[rr] = _ld_shared(caddr, 1)[0]
+                lo[rr] = _ld("shared", caddr, 1)[0]
             else:
-                pair = _ld_shared(caddr, 2)
+                pair = _ld("shared", caddr, 2)
                 lo[rr] = pair[0]
                 hi[rr] = pair[1]
         for cb in cutlass.range_constexpr(32 // n):
@@ -909,14 +891,13 @@ def fused_kernel(
                         cbyte = _mxfp8_block(cxb, cwords, camax)
                         # 32 bytes = chunks 2 quarter, 2 quarter + 1 of the column's 8; slot k ^ (cpair & 7)
                         for ck in cutlass.range_constexpr(2):
-                            _st_shared_v4(cbase + cc * col_out + ((2 * quarter + ck) ^ (cpair & 7)) * 16,
-                                          [cwords[4 * ck], cwords[4 * ck + 1], cwords[4 * ck + 2], cwords[4 * ck + 3]])
+                            _st("shared", cbase + cc * col_out + ((2 * quarter + ck) ^ (cpair & 7)) * 16,
+                                [cwords[4 * ck + i] for i in range(4)])
                     else:
                         cbyte = _nvfp4_block(cxb, cwords, cs, camax)
                         # 8 bytes = half cb of chunk quarter of the column's 4; slot quarter ^ (cpair & 3)
-                        _st_shared_v2(cbase + cc * col_out + (quarter ^ (cpair & 3)) * 16 + 8 * cb,
-                                      [cwords[0], cwords[1]])
-                    _st_shared_u8(csbase + cc * tb + cbi, cbyte)
+                        _st("shared", cbase + cc * col_out + (quarter ^ (cpair & 3)) * 16 + 8 * cb, [cwords[0], cwords[1]])
+                    _st("shared", csbase + cc * tb + cbi, cbyte, 8)
         cute.arch.sync_threads()
 
         # ---- write the staged tile out: every warp store covers whole runs of an output row
@@ -930,18 +911,18 @@ def fused_kernel(
             wseg_col = col0 + Int64((16 if not nvfp4 else 32) * wq)  # first column of the chunk
             if wlocal < wvalid and wseg_col < k_cols:
                 wsw = ((wr >> 1) & 3) if not nvfp4 else ((wr >> 2) & 1)
-                ww = _ld_shared(rbase + wr * row_out + (wq ^ wsw) * 16, 4)
+                ww = _ld("shared", rbase + wr * row_out + (wq ^ wsw) * 16, 4)
                 wxrow = wfirst + wlocal
                 if cutlass.const_expr(not nvfp4):
-                    _st_global(row_data_addr + wxrow * k_cols + wseg_col, ww)
+                    _st("global", row_data_addr + wxrow * k_cols + wseg_col, ww)
                 else:
                     wat = row_data_addr + wxrow * (k_cols // 2) + wseg_col // 2
                     if k32 and wseg_col + 16 < k_cols:
-                        _st_global(wat, ww)
+                        _st("global", wat, ww)
                     else:
-                        _st_global(wat, [ww[0], ww[1]])
+                        _st("global", wat, [ww[0], ww[1]])
                         if wseg_col + 16 < k_cols:
-                            _st_global(wat + 8, [ww[2], ww[3]])
+                            _st("global", wat + 8, [ww[2], ww[3]])
         # column data: FUSED_COLS columns x col_out bytes
         for vi in cutlass.range_constexpr(FUSED_COLS * col_chunks // FUSED_THREADS):
             vk = tid + FUSED_THREADS * vi
@@ -949,7 +930,7 @@ def fused_kernel(
             vq = vk % col_chunks
             vcol = col0 + Int64(vc)
             vsw = ((vc >> 1) & 7) if not nvfp4 else ((vc >> 1) & 3)
-            vw = _ld_shared(cbase + vc * col_out + (vq ^ vsw) * 16, 4)
+            vw = _ld("shared", cbase + vc * col_out + (vq ^ vsw) * 16, 4)
             for vh in cutlass.range_constexpr(2 if nvfp4 else 1):
                 vbi = (vq // 2) if not nvfp4 else (2 * vq + vh)
                 vj, voff, vstride, vvalid = _read_placement(slot, vbi, True)
@@ -957,9 +938,9 @@ def fused_kernel(
                     vat = voff + vcol * vstride + vj * block_bytes
                     if vat >= Int64(0) and vat + block_bytes <= col_data_bytes:
                         if cutlass.const_expr(not nvfp4):
-                            _st_global(col_data_addr + vat + 16 * (vq % 2), vw)
+                            _st("global", col_data_addr + vat + 16 * (vq % 2), vw)
                         else:
-                            _st_global(col_data_addr + vat, [vw[2 * vh], vw[2 * vh + 1]])
+                            _st("global", col_data_addr + vat, [vw[2 * vh], vw[2 * vh + 1]])
         # column scales: FUSED_COLS columns x tb bytes
         for si in cutlass.range_constexpr(FUSED_COLS * tb // FUSED_THREADS):
             sk = tid + FUSED_THREADS * si
@@ -970,7 +951,7 @@ def fused_kernel(
             if svalid > Int64(0) and scol < k_cols:
                 sat = soff + scol * sstride + sj
                 if sat >= Int64(0) and sat < col_scale_bytes:
-                    _st_global_u8(col_scale_addr + sat, _ld_shared_u8(csbase + sk))
+                    _st("global", col_scale_addr + sat, _ld("shared", csbase + sk, bits=8)[0], 8)
 
 
 def _fused_launch(x, table, row_data, row_scale, col_data, col_scale, s_row, s_col, scalars, grid_ctas, stream,
@@ -1023,20 +1004,14 @@ def _amax_flush(acc: Uint32, group: Int32, out_addr: Int64, reduce_addr: Int32, 
     """CTA max of acc -> one atomic max into out[group] (every thread calls; group is CTA-uniform)."""
     m = _warp_max_u32(acc)
     if tid % 32 == 0:
-        _st_shared(reduce_addr + (tid // 32) * 4, m)
+        _st("shared", reduce_addr + (tid // 32) * 4, m)
     cute.arch.sync_threads()
     if tid == 0 and group >= 0:
-        w = _ld_shared(reduce_addr, 4)
+        w = _ld("shared", reduce_addr, 4)
         total = cutlass.max(cutlass.max(w[0], w[1]), cutlass.max(w[2], w[3]))
         if total > Uint32(0):
             _red_max_u32(out_addr + Int64(group) * 4, total)
     cute.arch.sync_threads()
-
-
-@dsl_user_op
-def _st_shared(smem_addr, value, *, loc=None, ip=None):
-    args = [Int32(smem_addr).ir_value(loc=loc, ip=ip), Uint32(value).ir_value(loc=loc, ip=ip)]
-    _void_asm("st.shared.b32 [$0], $1;", "r,r", args, loc, ip)
 
 
 @cute.kernel
@@ -1071,7 +1046,7 @@ def amax_kernel(x: cute.Tensor, table: cute.Tensor, out: cute.Tensor, n_groups: 
             src_row = blocks[bi][4] + local
             ok = col_ok & (local < blocks[bi][3]) & (src_row < m_rows)
             src = _sel(ok, x_addr + (src_row * k_cols + chunk_col) * eb, x_addr, Int64)
-            loaded.append(_ld_global_pred(src, _sel(ok, 1, 0, Int32)))
+            loaded.append(_ld("global", src, 4, pred=_sel(ok, 1, 0, Int32)))
         for gbi in cutlass.range_constexpr(AMAX_ROWS // n):
             if blocks[gbi][0] != current:
                 _amax_flush(acc, current, out_addr, reduce_addr, tid)
@@ -1161,48 +1136,6 @@ def _vote_all(pred, *, loc=None, ip=None) -> Int32:
 def _shfl_idx(value, src_lane, *, loc=None, ip=None) -> Uint32:
     args = [Uint32(value).ir_value(loc=loc, ip=ip), Int32(src_lane).ir_value(loc=loc, ip=ip)]
     return _words_asm(1, "shfl.sync.idx.b32 $0, $1, $2, 31, 0xffffffff;", "=r,r,r", args, loc, ip)[0]
-
-
-@dsl_user_op
-def _st_global_u16_pred(gmem_addr, value, pred, *, loc=None, ip=None):
-    ptx = "{\n.reg .pred p;\n.reg .b16 v;\nsetp.ne.b32 p, $1, 0;\ncvt.u16.u32 v, $2;\n@p st.global.b16 [$0], v;\n}"
-    args = [Int64(gmem_addr).ir_value(loc=loc, ip=ip), Int32(pred).ir_value(loc=loc, ip=ip),
-            Uint32(value).ir_value(loc=loc, ip=ip)]
-    _void_asm(ptx, "l,r,r", args, loc, ip)
-
-
-@dsl_user_op
-def _st_global_b32_pred(gmem_addr, value, pred, *, loc=None, ip=None):
-    ptx = "{\n.reg .pred p;\nsetp.ne.b32 p, $1, 0;\n@p st.global.b32 [$0], $2;\n}"
-    args = [Int64(gmem_addr).ir_value(loc=loc, ip=ip), Int32(pred).ir_value(loc=loc, ip=ip),
-            Uint32(value).ir_value(loc=loc, ip=ip)]
-    _void_asm(ptx, "l,r,r", args, loc, ip)
-
-
-@dsl_user_op
-def _st_global_pred(gmem_addr, words, pred, *, loc=None, ip=None):
-    """2 or 4 words to global memory where pred != 0 (vector store: n * 4-byte aligned)."""
-    n = len(words)
-    srcs = ", ".join(f"${i + 2}" for i in range(n))
-    ptx = f"{{\n.reg .pred p;\nsetp.ne.b32 p, $1, 0;\n@p st.global.v{n}.b32 [$0], {{{srcs}}};\n}}"
-    args = [Int64(gmem_addr).ir_value(loc=loc, ip=ip), Int32(pred).ir_value(loc=loc, ip=ip)]
-    args += [Uint32(w).ir_value(loc=loc, ip=ip) for w in words]
-    _void_asm(ptx, "l,r" + ",r" * n, args, loc, ip)
-
-
-@dsl_user_op
-def _st_global_u8_pred(gmem_addr, value, pred, *, loc=None, ip=None):
-    ptx = "{\n.reg .pred p;\n.reg .b16 v;\nsetp.ne.b32 p, $1, 0;\ncvt.u16.u32 v, $2;\n@p st.global.b8 [$0], v;\n}"
-    args = [Int64(gmem_addr).ir_value(loc=loc, ip=ip), Int32(pred).ir_value(loc=loc, ip=ip),
-            Uint32(value).ir_value(loc=loc, ip=ip)]
-    _void_asm(ptx, "l,r,r", args, loc, ip)
-
-
-@dsl_user_op
-def _ld_global_b32_pred(gmem_addr, pred, *, loc=None, ip=None) -> Uint32:
-    ptx = "{\n.reg .pred p;\nsetp.ne.b32 p, $2, 0;\nmov.b32 $0, 0;\n@p ld.global.nc.b32 $0, [$1];\n}"
-    args = [Int64(gmem_addr).ir_value(loc=loc, ip=ip), Int32(pred).ir_value(loc=loc, ip=ip)]
-    return _words_asm(1, ptx, "=r,l,r", args, loc, ip)[0]
 
 
 @dsl_user_op
@@ -1418,7 +1351,7 @@ def _fused2_tile(p, rt: Int32, ct: Int32):
         at = x_row0 + Int64(i) * row_pitch
         words = []
         for v in range(n_words // 4):
-            words += _ld_global_pred(at + 16 * v, _pred(row_ok[i]), p["ld"])
+            words += _ld("global", at + 16 * v, 4, pred=_pred(row_ok[i]), ld=p["ld"])
         w.append(words)
     blk_ok = col_ok & (valid > Int64(0))
     d_off, d_stride = table[trow + DATA_OFFSET], table[trow + DATA_STRIDE]
@@ -1445,22 +1378,22 @@ def _fused2_tile(p, rt: Int32, ct: Int32):
                 bytes2.append(byte)
                 out = [_sel(bad, 0x7F7F7F7F, _mxfp8_word(w[r][2 * q:2 * q + 2], "row", 0, inv), Uint32)
                        for q in range(2)]
-                _st_global_pred(rd + Int64(r) * k_cols, out, _pred(row_ok[r]))
+                _st("global", rd + Int64(r) * k_cols, out, 32, _pred(row_ok[r]))
             if pair_rows:
                 other = _shfl_bfly(bytes2[0] | (bytes2[1] << Uint32(16)), 4)  # lane c ^ 4: the other block
                 for h in range(2):
                     r = i + h
                     two = bytes2[h] | (((other >> Uint32(16 * h)) & Uint32(0xFF)) << Uint32(8))
-                    _st_global_u16_pred(rsc + Int64(r) * (k_cols // 32), two, _pred(row_ok[r] & pair_ok & (c == 0)))
-                    _st_global_u8_pred(rsc + Int64(r) * (k_cols // 32), bytes2[h],
-                                       _pred(row_ok[r] & (~pair_ok) & ((c & 3) == 0)))
+                    _st("global", rsc + Int64(r) * (k_cols // 32), two, 16, _pred(row_ok[r] & pair_ok & (c == 0)))
+                    _st("global", rsc + Int64(r) * (k_cols // 32), bytes2[h], 8,
+                        _pred(row_ok[r] & (~pair_ok) & ((c & 3) == 0)))
             elif p["stage_rows"]:  # to the CTA's staging area, [tile row][warp]: one store a row after
                 for h in range(2):
-                    _st_shared_u8(p["rs_buf"] + (Int32(g * rl + i + h) * p["warps"] + p["warp"]), bytes2[h])
+                    _st("shared", p["rs_buf"] + (Int32(g * rl + i + h) * p["warps"] + p["warp"]), bytes2[h], 8)
             else:
                 for h in range(2):
                     r = i + h
-                    _st_global_u8_pred(rsc + Int64(r) * (k_cols // 32), bytes2[h], _pred(row_ok[r] & ((c & 3) == 0)))
+                    _st("global", rsc + Int64(r) * (k_cols // 32), bytes2[h], 8, _pred(row_ok[r] & ((c & 3) == 0)))
         # column scales: the tile's 4 blocks of a column in one 4-byte store where they are one
         # group's consecutive blocks, 4-byte aligned (warp-uniform), else a byte a block
         bslot = Uint32(slot)
@@ -1482,17 +1415,17 @@ def _fused2_tile(p, rt: Int32, ct: Int32):
                 ok = blk_ok & (vat >= Int64(0)) & (vat + 32 <= p["col_data_bytes"])
                 at = p["col_data_addr"] + vat + local0
                 for q in range(rl // 16):
-                    _st_global_pred(at + 16 * q, out[4 * q:4 * q + 4], _pred(ok))
+                    _st("global", at + 16 * q, out[4 * q:4 * q + 4], 32, _pred(ok))
                 sat = s_off + col * s_stride + j
                 sok = blk_ok & (sat >= Int64(0)) & (sat < p["col_scale_bytes"])
                 if rl == 16:
                     sok = sok & ((g % 2) == 0)
-                _st_global_u8_pred(p["col_scale_addr"] + sat, byte, _pred(sok & (~quad_ok)))
+                _st("global", p["col_scale_addr"] + sat, byte, 8, _pred(sok & (~quad_ok)))
                 quad = byte << (Uint32(8) * bslot)
                 quad = quad | _shfl_bfly(quad, 8)  # lanes of the neighbouring block of this column
                 quad = quad | _shfl_bfly(quad, 16)
                 qok = quad_ok & (g == 0) & col_ok & (sat >= Int64(0)) & (sat + 4 <= p["col_scale_bytes"])
-                _st_global_b32_pred(p["col_scale_addr"] + sat, quad, _pred(qok))
+                _st("global", p["col_scale_addr"] + sat, quad, 32, _pred(qok))
     return first + local0, n_rows
 
 
@@ -1512,16 +1445,16 @@ def _fused2_flush_rows(p, first_row, n_rows, ct):
         first = _join64(_shfl_idx(fw[0], src), _shfl_idx(fw[1], src))
         ok = (big & 15) < Int32(_shfl_idx(Uint32(n_rows), src))
         at = p["row_scale_addr"] + (first + Int64(big & 15)) * (k_cols // 32) + blk0
-        vals = [_ld_shared_u8(p["rs_buf"] + big * w + b) for b in range(w)]
+        vals = [_ld("shared", p["rs_buf"] + big * w + b, bits=8)[0] for b in range(w)]
         packed = vals[0]
         for b in range(1, w):
             packed = packed | (vals[b] << Uint32(8 * b))
         if w == 4:
-            _st_global_b32_pred(at, packed, _pred(ok & whole))
+            _st("global", at, packed, 32, _pred(ok & whole))
         else:
-            _st_global_u16_pred(at, packed, _pred(ok & whole))
+            _st("global", at, packed, 16, _pred(ok & whole))
         for b in range(w):
-            _st_global_u8_pred(at + b, vals[b], _pred(ok & (~whole) & (Int64(ct) * p["cta_cols"] + 32 * b < k_cols)))
+            _st("global", at + b, vals[b], 8, _pred(ok & (~whole) & (Int64(ct) * p["cta_cols"] + 32 * b < k_cols)))
 
 
 
@@ -1662,24 +1595,24 @@ def _f3_issue(p, t, stage):
 
 
 def _f3_row_words(p, base, r):
-    return (_ld_shared(base + _f3_dpos(2 * r, p["lane7"]) * 16, 4)
-            + _ld_shared(base + _f3_dpos(2 * r + 1, p["lane7"]) * 16, 4))
+    return (_ld("shared", base + _f3_dpos(2 * r, p["lane7"]) * 16, 4)
+            + _ld("shared", base + _f3_dpos(2 * r + 1, p["lane7"]) * 16, 4))
 
 
 def _f3_col_words(p, base, h, wsel):
-    return [_ld_shared(base + _f3_dpos(h + 2 * r, p["lane7"]) * 16 + wsel * 4, 1)[0] for r in range(16)]
+    return [_ld("shared", base + _f3_dpos(h + 2 * r, p["lane7"]) * 16 + wsel * 4, 1)[0] for r in range(16)]
 
 
 def _f3_row_store(p, info, r, out):
     at = p["row_data_addr"] + (info["first"] + Int64(r)) * (p["k_cols"] // 2) + info["col0"] // 2
-    _st_global_pred(at, out, _pred(r < info["n_ok"]))
+    _st("global", at, out, 32, _pred(r < info["n_ok"]))
 
 
 def _f3_col_store(p, info, pl, cc, out):
     col = info["col0"] + Int64(cc)
     vat = pl["d_off"] + col * pl["d_stride"] + info["j"] * 8
     ok = pl["blk_ok"] & (vat >= Int64(0)) & (vat + 8 <= p["col_data_bytes"])
-    _st_global_pred(p["col_data_addr"] + vat, out, _pred(ok))
+    _st("global", p["col_data_addr"] + vat, out, 32, _pred(ok))
 
 
 def _f3_rows(p, info, base, s_grp, rp):
@@ -1691,7 +1624,7 @@ def _f3_rows(p, info, base, s_grp, rp):
     for r in rows:
         w.append(_f3_row_words(p, base, r))
         ok = r < info["n_ok"]
-        loaded = _ld_global_b32_pred(p["s_row_addr"] + (info["first"] + Int64(r)) * 4, _pred(ok & p["per_row"]))
+        loaded = _ld("global", p["s_row_addr"] + (info["first"] + Int64(r)) * 4, pred=_pred(ok & p["per_row"]))[0]
         s_rows.append(_sel(p["per_row"], _f32(loaded), s_grp, Float32))
     m0, m1 = _hmax_tree(w[0]), _hmax_tree(w[1])
     mm = _hmax_abs(_prmt(m0, m1, 0x5410), _prmt(m0, m1, 0x7632))
@@ -1702,7 +1635,7 @@ def _f3_rows(p, info, base, s_grp, rp):
         d, rr, skip, need = scales[h]
         codes = _e2m1_bf16(w[h], "row", 0, rr)
         _f3_row_store(p, info, r, [_sel(skip, 0, cw, Uint32) for cw in codes])
-        _st_shared_u8(p["rs_stage"] + (p["g"] * 16 + r) * 4 + p["c"], d)
+        _st("shared", p["rs_stage"] + (p["g"] * 16 + r) * 4 + p["c"], d, 8)
         fix = fix | (_sel(need, 1, 0, Uint32) << Uint32(r))
     return fix
 
@@ -1726,8 +1659,8 @@ def _f3_cols(p, info, pl, base, s_grp, t2):
         col = info["col0"] + Int64(cc)
         sat = pl["s_off"] + col * pl["s_stride"] + info["j"]
         sok = pl["blk_ok"] & (sat >= Int64(0)) & (sat < p["col_scale_bytes"]) & (~pl["oct_ok"])
-        _st_global_u8_pred(p["col_scale_addr"] + sat, d, _pred(sok))
-        _st_shared_u8(p["cs_stage"] + (p["c"] * 16 + cc) * 8 + p["g"], d)
+        _st("global", p["col_scale_addr"] + sat, d, 8, _pred(sok))
+        _st("shared", p["cs_stage"] + (p["c"] * 16 + cc) * 8 + p["g"], d, 8)
         fix = fix | (_sel(need, 1, 0, Uint32) << Uint32(16 + cc))
     return fix
 
@@ -1745,18 +1678,18 @@ def _f3_flush(p, info, pl):
         first = _join64(_shfl_idx(first_w[0], src), _shfl_idx(first_w[1], src))
         n_ok = Int32(_shfl_idx(Uint32(info["n_ok"]), src))
         ok = (big & 15) < n_ok
-        word = _ld_shared(p["rs_stage"] + big * 4, 1)[0]
+        word = _ld("shared", p["rs_stage"] + big * 4, 1)[0]
         at = p["row_scale_addr"] + (first + Int64(big & 15)) * (k_cols // 16) + row_col0 // 16
-        _st_global_b32_pred(at, word, _pred(ok & quad))
+        _st("global", at, word, 32, _pred(ok & quad))
         for b in range(4):
-            _st_global_u8_pred(at + b, word >> Uint32(8 * b), _pred(ok & (~quad) & (row_col0 + 16 * b < k_cols)))
+            _st("global", at + b, word >> Uint32(8 * b), 8, _pred(ok & (~quad) & (row_col0 + 16 * b < k_cols)))
     j0 = info["j"] - Int64(p["g"])
-    v = _ld_shared(p["cs_stage"] + lane * 16, 4)
+    v = _ld("shared", p["cs_stage"] + lane * 16, 4)
     for e in range(2):
         col = row_col0 + Int64(lane * 2 + e)
         sat = pl["s_off"] + col * pl["s_stride"] + j0
         ok = pl["oct_ok"] & (col < k_cols) & (sat >= Int64(0)) & (sat + 8 <= p["col_scale_bytes"])
-        _st_global_pred(p["col_scale_addr"] + sat, v[2 * e:2 * e + 2], _pred(ok))
+        _st("global", p["col_scale_addr"] + sat, v[2 * e:2 * e + 2], 32, _pred(ok))
 
 
 @dsl_user_op
