@@ -123,19 +123,6 @@ def _pow2_neg(e: Int32) -> Float32:
     return _f32(_sel(e < 127, normal, TWO_POW_M127_BITS, Uint32))
 
 
-@dsl_user_op
-def _e4m3_to_f32(byte, *, loc=None, ip=None) -> Float32:
-    """An E4M3 byte's value as fp32 (0x7F / 0xFF are NaN): E4M3 -> f16 -> f32, both exact."""
-    ptx = (
-        "{\n.reg .b16 lo, h0, h1;\n.reg .b32 h;\n"
-        "cvt.u16.u32 lo, $1;\n"
-        "cvt.rn.f16x2.e4m3x2 h, lo;\n"
-        "mov.b32 {h0, h1}, h;\n"
-        "cvt.f32.f16 $0, h0;\n}"
-    )
-    return Float32(_asm(T.f32(), ptx, "=f,r", [Uint32(byte).ir_value(loc=loc, ip=ip)], loc, ip))
-
-
 
 def _e2m1_code_ptx(acc: str, i: int) -> list[str]:
     """PTX: round the scaled magnitude in ``a`` (fp32, >= 0) to an E2M1 index (ties to even,
@@ -235,7 +222,7 @@ def _nvfp4_block(xb: cute.Tensor, words: cute.Tensor, s: Float32, amax=None):
     scaled_amax = _mul_rn(_div_rn(_f32(amax), _f32(SIX_BITS)), s)
     zero = Float32(0.0)
     d = _sel(bad, E4M3_NAN, _e4m3x4(scaled_amax, zero, zero, zero) & Uint32(0xFF), Uint32)
-    r = _div_rn(s, _e4m3_to_f32(d))
+    r = _div_rn(s, _e4m3x2_to_f32(d)[0])
     skip = bad | ((d & Uint32(0x7F)) == Uint32(0))  # d == 0 or NaN: zero codes
     codes = _e2m1_block([xb[i] for i in range(n)], r)
     for w in range(n // 8):
@@ -1160,7 +1147,8 @@ def _e4m3x2_lo16(a, b, *, loc=None, ip=None) -> Uint32:
 
 @dsl_user_op
 def _e4m3x2_to_f32(pair, *, loc=None, ip=None):
-    """The two E4M3 bytes in the low half of pair -> their fp32 values (exact, via f16)."""
+    """The two E4M3 bytes in the low half of pair -> their fp32 values (0x7F / 0xFF are NaN): E4M3 ->
+    f16 -> f32, both exact."""
     ptx = (
         "{\n.reg .b16 lo, h0, h1;\n.reg .b32 h;\n"
         "cvt.u16.u32 lo, $2;\n"

@@ -330,20 +330,24 @@ def _region_table(qk, ref, sizes, fmt):
     )
 
 
+def _regions_case(qk, gen, fmt, dtype, k, rowwise):
+    """A GroupedTensor of awkward members (empty, single-row, unaligned) as the reference, its group
+    table, zeroed columnwise buffers shaped like its own, and its S on the GPU."""
+    sizes = [5, 0, 37, 1, 64]
+    x = special(gen, sum(sizes), k).to(dtype)
+    ref = grouped.GroupedTensor.from_tensor(x, sizes, fmt, rowwise=rowwise, columnwise=True)
+    col = (torch.zeros_like(ref.columnwise_data, device="cuda"), torch.zeros_like(ref.columnwise_scale, device="cuda"))
+    s = None if ref.global_scale is None else ref.global_scale.cuda()
+    return x, ref, _region_table(qk, ref, sizes, fmt), col, s
+
+
 @gpu
 @fmt_param
 @dtype_param
 def test_columnwise_grouped_tensor_regions(gen, fmt, dtype):
     """GroupedTensor's columnwise buffers: each member (K, pad(m)) at its own byte offset."""
     qk = _qk()
-    sizes = [5, 0, 37, 1, 64]
-    k = 96
-    x = special(gen, sum(sizes), k).to(dtype)
-    ref = grouped.GroupedTensor.from_tensor(x, sizes, fmt, rowwise=False, columnwise=True)
-    table = _region_table(qk, ref, sizes, fmt)
-    data = torch.zeros_like(ref.columnwise_data, device="cuda")
-    scale = torch.zeros_like(ref.columnwise_scale, device="cuda")
-    s = None if ref.global_scale is None else ref.global_scale.cuda()
+    x, ref, table, (data, scale), s = _regions_case(qk, gen, fmt, dtype, 96, rowwise=False)
     qk.quantize_columnwise(x.cuda(), fmt, data, scale, table, s)
     assert_same_bytes(data, ref.columnwise_data, "columnwise_data")
     assert_same_bytes(scale, ref.columnwise_scale, "columnwise_scale")
@@ -570,17 +574,11 @@ def test_both_nvfp4_any_row_scale(gen, dtype):
 def test_both_grouped_tensor_regions(gen, fmt, dtype):
     """GroupedTensor's buffers: rowwise one (R, K) array, columnwise each member at its own offset."""
     qk = _qk()
-    sizes = [5, 0, 37, 1, 64]
     k = 512
-    x = special(gen, sum(sizes), k).to(dtype)
-    ref = grouped.GroupedTensor.from_tensor(x, sizes, fmt, rowwise=True, columnwise=True)
-    table = _region_table(qk, ref, sizes, fmt)
-    r, b, epb = sum(sizes), BLOCK[fmt], EPB[fmt]
+    x, ref, table, (col_data, col_scale), s = _regions_case(qk, gen, fmt, dtype, k, rowwise=True)
+    r, b, epb = x.shape[0], BLOCK[fmt], EPB[fmt]
     data = garbage_like(ref.data)
     scale = garbage_like(ref.scale)
-    col_data = torch.zeros_like(ref.columnwise_data, device="cuda")
-    col_scale = torch.zeros_like(ref.columnwise_scale, device="cuda")
-    s = None if ref.global_scale is None else ref.global_scale.cuda()
     qk.quantize_both(x.cuda(), fmt, data[: r * k // epb].view(r, -1), scale[: r * k // b].view(r, -1),
                      col_data, col_scale, table, None, s)
     assert_same_quantized(data, scale, ref)
