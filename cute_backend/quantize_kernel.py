@@ -458,11 +458,13 @@ def _ld(space: str, addr, n: int = 1, bits: int = 32, pred=None, ld: str | None 
 
 
 @dsl_user_op
-def _cp_async16(smem_addr, gmem_addr, src_bytes, *, loc=None, ip=None):
-    """16 bytes global -> shared, asynchronously; src_bytes 0 writes zeros and reads nothing."""
+def _cp_async16(smem_addr, gmem_addr, src_bytes, cache: str = "cg", *, loc=None, ip=None):
+    """16 bytes global -> shared, asynchronously; src_bytes 0 writes zeros and reads nothing. ``cache``
+    "cg" bypasses L1 (each 32-byte sector its own L2 request), "ca" goes through L1 (one L2 request
+    a 128-byte line)."""
     args = [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int64(gmem_addr).ir_value(loc=loc, ip=ip),
             Int32(src_bytes).ir_value(loc=loc, ip=ip)]
-    _void_asm("cp.async.cg.shared.global [$0], [$1], 16, $2;", "r,l,r", args, loc, ip)
+    _void_asm(f"cp.async.{cache}.shared.global [$0], [$1], 16, $2;", "r,l,r", args, loc, ip)
 
 
 @dsl_user_op
@@ -1523,9 +1525,8 @@ def fused2_mxfp8_host(
 # instruction cache holds (an H200 then spent 74% of its stalls waiting for instruction fetch).
 # Here each warp runs on its own (no CTA barriers) over tiles of 128 rows x 64 columns: lane
 # (g, c) = (lane / 4, lane % 4) owns rows 16 g .. 16 g + 15 and columns 16 c .. 16 c + 15 of a
-# tile, one padded block both ways, kept in a 512-byte slot of shared memory. The four lanes of a
-# block row cp.async whole 64-byte runs of each row (whole sectors), a __syncwarp makes them
-# visible; ``stages`` 1: load, then quantize (12 one-warp CTAs an SM keep the loads in flight);
+# tile, one padded block both ways, kept in a 512-byte slot of shared memory. Eight lanes cp.async
+# a whole 128-byte row of the tile (_f3_issue), a __syncwarp makes them visible; ``stages`` 1: load, then quantize (12 one-warp CTAs an SM keep the loads in flight);
 # 2: the next tile loads while this one is quantized (only 6 warps fit; slower). Chunk k (row
 # k / 2, half k % 2) of a slot sits at (k & ~7) | ((k ^ lane) & 7): the lanes of a quarter-warp
 # meet different banks for 16-byte accesses; the 4-byte column reads of a column's eight lanes
@@ -1571,25 +1572,27 @@ def _f3_dpos(k, lane7):
 
 
 def _f3_issue(p, t, stage):
-    """cp.async tile t into stage (zeros for rows not real and columns past K). The four lanes of a
-    block row load 64 contiguous bytes of each row an instruction (whole sectors): lane c takes
-    chunk 4 q + c of the row, which is chunk c & 1 of lane 2 q + c / 2's piece."""
+    """cp.async tile t into stage (zeros for rows not real and columns past K). Eight lanes load a
+    whole 128-byte tile row an instruction, through L1 ("ca"): one L2 request a line, where
+    L1-bypassing loads cost one a sector and left the L2 tag lookups the busiest unit. Instruction
+    4 g + i loads rows 4 i .. 4 i + 3 of block g (its first row and size from lane 4 g)."""
     info = _f3_info(p, t)
-    g, c = p["g"], p["c"]
+    lane = p["lane"]
+    chunk = lane & 7  # the 16-byte chunk of the row: chunk & 1 of lane chunk / 2's piece
     warp_col0 = Int64(info["ct"]) * 64
-    src0 = p["x_addr"] + (info["first"] * p["k_cols"] + warp_col0) * 2
-    for q in range(2):
-        owner = g * 4 + q * 2 + (c >> 1)
+    chunk_ok = warp_col0 + Int64(chunk * 8) < p["k_cols"]
+    first_w = _split64(info["first"])
+    for g in range(8):
+        first = _join64(_shfl_idx(first_w[0], g * 4), _shfl_idx(first_w[1], g * 4))
+        n_rows = _sel(chunk_ok, Int32(_shfl_idx(Uint32(info["n_rows"]), g * 4)), 0, Int32)
+        owner = g * 4 + (chunk >> 1)
         base = stage + owner * 512
-        m = (c & 1) ^ (owner & 7)  # chunk 2 r + (c & 1) sits at (2 r & ~7) | ((2 r & 7) ^ m)
-        off = [((Int32(v) ^ m) * 16) + base for v in (0, 2, 4, 6)]
-        chunk_ok = warp_col0 + Int64(q * 32) + Int64(c * 8) < p["k_cols"]
-        n_rows = _sel(chunk_ok, info["n_rows"], 0, Int32)
-        src_q = src0 + Int64((q * 4 + c) * 16)
-        for r in range(16):
-            ok = Int32(r) < n_rows
-            src = _sel(ok, src_q + Int64(r) * p["row_pitch"], p["x_addr"], Int64)
-            _cp_async16(off[r % 4] + (2 * r & ~7) * 16, src, _sel(ok, 16, 0, Int32))
+        src0 = p["x_addr"] + (first * p["k_cols"] + warp_col0) * 2 + Int64(chunk * 16)
+        for i in range(4):
+            r = (lane >> 3) + 4 * i
+            ok = r < n_rows
+            src = _sel(ok, src0 + Int64(r) * p["row_pitch"], p["x_addr"], Int64)
+            _cp_async16(base + _f3_dpos(2 * r + (chunk & 1), owner & 7) * 16, src, _sel(ok, 16, 0, Int32), "ca")
 
 
 def _f3_row_words(p, base, r):
