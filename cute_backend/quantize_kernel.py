@@ -1535,16 +1535,21 @@ def fused2_mxfp8_host(
 # staging areas: rowwise four bytes a row (one 4-byte store where K % 64 == 0), columnwise the
 # tile's eight blocks of a column (one 8-byte store where the eight blocks are one group's, 8-byte
 # aligned; else a byte a block, straight from the column pass).
-# What limits it (ncu on an H100, 32768 x 7168, ~0.43 ms, 57% of copy): not DRAM (49% of peak)
-# and not issue alone (65% of cycles issue; ALU pipe 61%): with ~3 warps a scheduler the stalls
-# spread over fixed-latency waits (16% of samples), long scoreboard (15%, mostly at the cp.async
-# wait and the table loads of a tile's start) and ALU throttle (11%); the per-tile code is 9% of
-# the instructions but 29% of the stall samples. Tried without gain: a codec without the clamp
-# at 6 (|x| clamped in bf16 pairs at 6 / r instead), nibbles packed as a tree and fewer shared
-# address computations (3% fewer loop instructions, 1-2% slower), issuing the next tile's loads
-# before the scale flush (no change), prefetching the next tile into L2 (20% slower).
-# More warps an SM (the 16 KB stage is what limits them) or double-buffered half-width tiles
-# are what is left.
+# What limits it (ncu on an H100, 32768 x 7168): memory traffic as much as instructions. With
+# L1-bypassing loads (cp.async.cg) every sector was its own L2 request and the L2 tag lookups the
+# busiest unit (65%); through L1 a 128-byte row is one request (tags 47%): 0.428 -> 0.388 ms. Now
+# the fabric between the two L2 partitions is the busiest (68%), issue 66%. Ablations in one run:
+# without the E2M1 codec 10% faster, then without the scale flush 12% more, without either data
+# stream ~15%: the scale bytes are 6% of the bytes written but 43% of the sectors (4 bytes a row,
+# 8 a column a tile, each a partial sector) and cost as much as a data stream. Tried without gain:
+# a codec without the clamp at 6 and fewer shared address computations (3% fewer loop
+# instructions, 1-2% slower), a branch-free division (reciprocal and one correction) and row /
+# column loops unrolled by two (no change), issuing the next tile before the flush, an L2 prefetch
+# of the next tile (20% slower) or the 128-byte L2 fetch hint, other tile orders (group_rows 1 to
+# 64), four-warp CTAs. What is left: fewer partial sectors (a CTA's warps on neighbouring column
+# tiles storing 16 bytes of row scales a row together) and double-buffered half-height tiles (two
+# 8 KB stages a warp, loads overlapping the quantizing). The same kernel runs 0.39-0.47 ms on
+# H100s of equal copy bandwidth: it is sensitive to the SM clock.
 F3_STAGE = 16384  # bytes of one stage of one warp (32 lanes x 16 rows x 32 bytes)
 
 
