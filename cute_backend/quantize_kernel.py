@@ -1526,8 +1526,9 @@ def fused2_mxfp8_host(
 # Here each warp runs on its own (no CTA barriers) over tiles of 128 rows x 64 columns: lane
 # (g, c) = (lane / 4, lane % 4) owns rows 16 g .. 16 g + 15 and columns 16 c .. 16 c + 15 of a
 # tile, one padded block both ways, kept in a 512-byte slot of shared memory. Eight lanes cp.async
-# a whole 128-byte row of the tile (_f3_issue), a __syncwarp makes them visible; ``stages`` 1: load, then quantize (12 one-warp CTAs an SM keep the loads in flight);
-# 2: the next tile loads while this one is quantized (only 6 warps fit; slower). Chunk k (row
+# a whole 128-byte row of the tile (_f3_issue), a __syncwarp makes them visible; ``stages`` 1:
+# load, then quantize (12 one-warp CTAs an SM keep the loads in flight); 2: the next tile loads
+# while this one is quantized (only 6 warps fit; slower). Chunk k (row
 # k / 2, half k % 2) of a slot sits at (k & ~7) | ((k ^ lane) & 7): the lanes of a quarter-warp
 # meet different banks for 16-byte accesses; the 4-byte column reads of a column's eight lanes
 # meet 4-way conflicts, the price of 64-byte contiguous column stores. Rows (two a step) and
@@ -1535,21 +1536,22 @@ def fused2_mxfp8_host(
 # staging areas: rowwise four bytes a row (one 4-byte store where K % 64 == 0), columnwise the
 # tile's eight blocks of a column (one 8-byte store where the eight blocks are one group's, 8-byte
 # aligned; else a byte a block, straight from the column pass).
-# What limits it (ncu on an H100, 32768 x 7168): memory traffic as much as instructions. With
+# What limits it (ncu on an H100, 32768 x 7168): neither memory nor instructions alone. With
 # L1-bypassing loads (cp.async.cg) every sector was its own L2 request and the L2 tag lookups the
 # busiest unit (65%); through L1 a 128-byte row is one request (tags 47%): 0.428 -> 0.388 ms. Now
-# the fabric between the two L2 partitions is the busiest (68%), issue 66%. Ablations in one run:
-# without the E2M1 codec 10% faster, then without the scale flush 12% more, without either data
-# stream ~15%: the scale bytes are 6% of the bytes written but 43% of the sectors (4 bytes a row,
-# 8 a column a tile, each a partial sector) and cost as much as a data stream. Tried without gain:
-# a codec without the clamp at 6 and fewer shared address computations (3% fewer loop
-# instructions, 1-2% slower), a branch-free division (reciprocal and one correction) and row /
-# column loops unrolled by two (no change), issuing the next tile before the flush, an L2 prefetch
-# of the next tile (20% slower) or the 128-byte L2 fetch hint, other tile orders (group_rows 1 to
-# 64), four-warp CTAs. What is left: fewer partial sectors (a CTA's warps on neighbouring column
-# tiles storing 16 bytes of row scales a row together) and double-buffered half-height tiles (two
-# 8 KB stages a warp, loads overlapping the quantizing). The same kernel runs 0.39-0.47 ms on
-# H100s of equal copy bandwidth: it is sensitive to the SM clock.
+# the fabric between the two L2 partitions is the busiest unit (68%), issue 66%, ~2.9 warps a
+# scheduler. Ablations in one run: without the E2M1 codec ~10% faster, then without the scale
+# flush ~13% more, without either data stream ~15%: the scale bytes are 6% of the bytes written
+# but 43% of the sectors (4 bytes a row, 8 a column a tile, each a partial sector). Yet fewer
+# partial sectors did not pay: four-warp CTAs storing their neighbouring tiles' row scales as 16
+# bytes a row (a CTA barrier a tile) were 2-4% slower. Nor did overlapping the loads: two 8 KB
+# stages a warp of half-height tiles (two lanes a block, a shuffle for the column amax) gave the
+# same bytes 6% slower (22% more instructions). Fewer instructions pay little: a codec without its
+# clamp and sign bits (12% fewer, wrong bytes) was 2-5% faster; a branch-free division
+# (reciprocal and one correction, 5% fewer) and loops unrolled by two were not faster. Also tried:
+# the clamp done on bf16 pairs, fewer shared address computations, issuing the next tile before
+# the flush, an L2 prefetch of the next tile (20% slower), the 128-byte L2 fetch hint, tile orders
+# (group_rows 1 to 64), two full stages (6 warps an SM).
 F3_STAGE = 16384  # bytes of one stage of one warp (32 lanes x 16 rows x 32 bytes)
 
 
