@@ -43,6 +43,16 @@ from typing import Callable
 from .ffi import LibraryFunction
 
 CACHE_FORMAT = 1  # bump when the on-disk layout changes
+ARCH = "sm_90a"  # what every kernel here is compiled for (Hopper)
+
+
+def compile_kernel(host, *args):
+    """cute.compile ``host`` for ARCH with the TVM-FFI entry point the cache calls, a fake stream
+    appended as its last argument; no GPU needed (with CUTE_DSL_ARCH set)."""
+    import cutlass.cute as cute
+    from cutlass.cute.runtime import make_fake_stream
+
+    return cute.compile(host, *args, make_fake_stream(), options=f"--enable-tvm-ffi --gpu-arch {ARCH}")
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,10 @@ from pathlib import Path
 
 import torch
 
-from .cache import CACHE, KernelSpec
+from .cache import ARCH, CACHE, KernelSpec, compile_kernel
 
 MAX_OUTPUTS = 8
 THREADS = 256
-ARCH = "sm_90a"
 INPUT_DTYPES = (torch.int32, torch.int64)
 
 
@@ -52,7 +51,7 @@ def compile_config(input_dtype: torch.dtype):
     """Compile the kernel for one input dtype (a TVM-FFI compiled function)."""
     import cutlass
     import cutlass.cute as cute
-    from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream
+    from cutlass.cute.runtime import make_fake_compact_tensor
 
     from . import offsets_kernel as k
 
@@ -61,10 +60,7 @@ def compile_config(input_dtype: torch.dtype):
     splits = make_fake_compact_tensor(in_type, (n,))
     outs = [make_fake_compact_tensor(cutlass.Int32, (cute.sym_int(),), assumed_align=16) for _ in range(MAX_OUTPUTS)]
     scalars = [cutlass.Int64(0)] * MAX_OUTPUTS + [cutlass.Int32(0)] * 2
-    return cute.compile(
-        k.splits_to_offsets_host, splits, *outs, *scalars, make_fake_stream(),
-        options=f"--enable-tvm-ffi --gpu-arch {ARCH}",
-    )
+    return compile_kernel(k.splits_to_offsets_host, splits, *outs, *scalars)
 
 
 def configs() -> list:

@@ -83,15 +83,14 @@ quantize_kernel.py, imported only to compile.
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from .cache import CACHE, KernelSpec
+from .cache import ARCH, CACHE, KernelSpec, compile_kernel
+from .device import sm_count
 
-ARCH = "sm_90a"
 ROW_THREADS = 128  # threads a CTA, rowwise: one block each
 COL_THREADS = 128  # threads a CTA, columnwise: one column each
 FORMATS = ("mxfp8", "nvfp4")
@@ -339,37 +338,37 @@ def _spec(fmt: str, input_dtype: torch.dtype, direction: str) -> KernelSpec:
     return KernelSpec(f"quantize_{fmt}_{direction}", config, ARCH, _SOURCES)
 
 
+def _flat(dtype, align=None):
+    """A fake 1-D tensor of symbolic (64-bit) length, to compile against; ``dtype`` a cutlass type or
+    a torch input dtype."""
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass.cute.runtime import make_fake_compact_tensor
+
+    dtype = {torch.bfloat16: cutlass.BFloat16, torch.float32: cutlass.Float32}.get(dtype, dtype)
+    return make_fake_compact_tensor(dtype, (cute.sym_int(64),), assumed_align=align)
+
+
 def compile_config(fmt: str, input_dtype: torch.dtype, direction: str):
     """Compile one kernel config (a TVM-FFI compiled function); no GPU needed."""
     import cutlass
-    import cutlass.cute as cute
-    from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream
 
     from . import quantize_kernel as k
 
-    in_type = {torch.bfloat16: cutlass.BFloat16, torch.float32: cutlass.Float32}[input_dtype]
-
-    def flat(dtype, align):
-        return make_fake_compact_tensor(dtype, (cute.sym_int(64),), assumed_align=align)
-
-    x = flat(in_type, 16 if direction == "rowwise" else None)
-    words, scale = flat(cutlass.Int32, 16), flat(cutlass.Uint8, 1)
-    s = flat(cutlass.Float32, 4)
-    options = f"--enable-tvm-ffi --gpu-arch {ARCH}"
-    stream = make_fake_stream()
+    x = _flat(input_dtype, 16 if direction == "rowwise" else None)
+    words, scale = _flat(cutlass.Int32, 16), _flat(cutlass.Uint8, 1)
+    s = _flat(cutlass.Float32, 4)
     if direction == "rowwise":
         if fmt == "mxfp8":
-            return cute.compile(k.rowwise_mxfp8_host, x, words, scale, cutlass.Int64(1), stream, options=options)
-        return cute.compile(
-            k.rowwise_nvfp4_host, x, words, scale, s, cutlass.Int64(1), cutlass.Int64(1), stream, options=options
-        )
-    table = flat(cutlass.Int64, 16)
+            return compile_kernel(k.rowwise_mxfp8_host, x, words, scale, cutlass.Int64(1))
+        return compile_kernel(k.rowwise_nvfp4_host, x, words, scale, s, cutlass.Int64(1), cutlass.Int64(1))
+    table = _flat(cutlass.Int64, 16)
     # n_groups, steps, K, x numel, data words, scale bytes, grid blocks (64-bit sizes travel as
     # scalars: the DSL reads tensor extents back as Int32)
     scalars = (cutlass.Int32(1), cutlass.Int32(0), *[cutlass.Int64(1)] * 4, cutlass.Int32(1))
     if fmt == "mxfp8":
-        return cute.compile(k.columnwise_mxfp8_host, x, table, words, scale, *scalars, stream, options=options)
-    return cute.compile(k.columnwise_nvfp4_host, x, table, words, scale, s, *scalars, stream, options=options)
+        return compile_kernel(k.columnwise_mxfp8_host, x, table, words, scale, *scalars)
+    return compile_kernel(k.columnwise_nvfp4_host, x, table, words, scale, s, *scalars)
 
 
 def configs() -> list:
@@ -478,11 +477,6 @@ def quantize_columnwise(x, fmt_name, data, scale, groups, col_scale=None) -> Non
 #     atomic max a group it met.
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _check_groups(groups, x) -> str | None:
     if not isinstance(groups, torch.Tensor):
         return f"groups must be the (G, {TABLE_COLS}) int64 table of group_table(), got {type(groups).__name__}"
@@ -561,23 +555,23 @@ def _fused2_key(c: dict) -> tuple:
     return c["rl"], c["warps"], c["ld"], bool(c["stage_rows"] and c["rl"] == 16 and c["warps"] in (2, 4))
 
 
+def _fused_bf16_tensors():
+    """x, table, row data / scales, column data / scales of the bf16 fused kernels, to compile against."""
+    import cutlass
+
+    return (_flat(torch.bfloat16, 16), _flat(cutlass.Int64, 16), _flat(cutlass.Uint8, 16), _flat(cutlass.Uint8, 4),
+            _flat(cutlass.Uint8, 16), _flat(cutlass.Uint8, 1))
+
+
 def compile_fused2(rl: int, warps: int, ld: int, stage_rows: bool):
     """Compile the bf16 MXFP8 register-tile quantize_both (a TVM-FFI compiled function); no GPU needed."""
     import cutlass
-    import cutlass.cute as cute
-    from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream
 
     from . import quantize_kernel as k
 
-    def flat(dtype, align):
-        return make_fake_compact_tensor(dtype, (cute.sym_int(64),), assumed_align=align)
-
-    tensors = (flat(cutlass.BFloat16, 16), flat(cutlass.Int64, 16), flat(cutlass.Uint8, 16), flat(cutlass.Uint8, 4),
-               flat(cutlass.Uint8, 16), flat(cutlass.Uint8, 1))
     scalars = (cutlass.Int32(1), cutlass.Int32(0), cutlass.Int64(1), cutlass.Int64(1), cutlass.Int64(1),
                cutlass.Int64(1), cutlass.Int32(1), cutlass.Int32(1))
-    return cute.compile(k.fused2_mxfp8_host, *tensors, *scalars, rl, warps, ld, stage_rows, make_fake_stream(),
-                        options=f"--enable-tvm-ffi --gpu-arch {ARCH}")
+    return compile_kernel(k.fused2_mxfp8_host, *_fused_bf16_tensors(), *scalars, rl, warps, ld, stage_rows)
 
 
 def _fused3_spec(warps: int, stages: int) -> KernelSpec:
@@ -588,20 +582,13 @@ def _fused3_spec(warps: int, stages: int) -> KernelSpec:
 def compile_fused3(warps: int, stages: int):
     """Compile the bf16 NVFP4 per-warp shared-memory quantize_both; no GPU needed."""
     import cutlass
-    import cutlass.cute as cute
-    from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream
 
     from . import quantize_kernel as k
 
-    def flat(dtype, align):
-        return make_fake_compact_tensor(dtype, (cute.sym_int(64),), assumed_align=align)
-
-    tensors = (flat(cutlass.BFloat16, 16), flat(cutlass.Int64, 16), flat(cutlass.Uint8, 16), flat(cutlass.Uint8, 4),
-               flat(cutlass.Uint8, 16), flat(cutlass.Uint8, 1), flat(cutlass.Float32, 4), flat(cutlass.Float32, 4))
+    s_row, s_col = _flat(cutlass.Float32, 4), _flat(cutlass.Float32, 4)
     scalars = (cutlass.Int32(1), cutlass.Int32(0), cutlass.Int64(1), cutlass.Int64(1), cutlass.Int32(0),
                cutlass.Int64(1), cutlass.Int64(1), cutlass.Int32(1), cutlass.Int32(1))
-    return cute.compile(k.fused3_nvfp4_host, *tensors, *scalars, warps, stages, make_fake_stream(),
-                        options=f"--enable-tvm-ffi --gpu-arch {ARCH}")
+    return compile_kernel(k.fused3_nvfp4_host, *_fused_bf16_tensors(), s_row, s_col, *scalars, warps, stages)
 
 
 def _amax_spec(input_dtype: torch.dtype) -> KernelSpec:
@@ -612,47 +599,28 @@ def _amax_spec(input_dtype: torch.dtype) -> KernelSpec:
 def compile_fused(fmt: str, input_dtype: torch.dtype):
     """Compile quantize_both for one format and input dtype (a TVM-FFI compiled function); no GPU needed."""
     import cutlass
-    import cutlass.cute as cute
-    from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream
 
     from . import quantize_kernel as k
 
-    in_type = {torch.bfloat16: cutlass.BFloat16, torch.float32: cutlass.Float32}[input_dtype]
-
-    def flat(dtype, align):
-        return make_fake_compact_tensor(dtype, (cute.sym_int(64),), assumed_align=align)
-
-    x, table = flat(in_type, 16), flat(cutlass.Int64, 16)
-    row_data, row_scale = flat(cutlass.Uint8, 16), flat(cutlass.Uint8, 1)
-    col_data, col_scale = flat(cutlass.Uint8, 16), flat(cutlass.Uint8, 1)
-    options = f"--enable-tvm-ffi --gpu-arch {ARCH}"
+    x, table = _flat(input_dtype, 16), _flat(cutlass.Int64, 16)
+    row_data, row_scale = _flat(cutlass.Uint8, 16), _flat(cutlass.Uint8, 1)
+    col_data, col_scale = _flat(cutlass.Uint8, 16), _flat(cutlass.Uint8, 1)
     head = (cutlass.Int32(1), cutlass.Int32(0), cutlass.Int64(1), cutlass.Int64(1))  # n_groups, steps, M, K
     tail = (cutlass.Int64(1), cutlass.Int64(1), cutlass.Int32(1), cutlass.Int32(1))  # col bytes, ct_group, grid
     tensors = (x, table, row_data, row_scale, col_data, col_scale)
     if fmt == "mxfp8":
-        return cute.compile(k.fused_mxfp8_host, *tensors, *head, *tail, make_fake_stream(), options=options)
-    s_row, s_col = flat(cutlass.Float32, 4), flat(cutlass.Float32, 4)
-    return cute.compile(k.fused_nvfp4_host, *tensors, s_row, s_col, *head, cutlass.Int32(0), *tail,
-                        make_fake_stream(), options=options)
+        return compile_kernel(k.fused_mxfp8_host, *tensors, *head, *tail)
+    s_row, s_col = _flat(cutlass.Float32, 4), _flat(cutlass.Float32, 4)
+    return compile_kernel(k.fused_nvfp4_host, *tensors, s_row, s_col, *head, cutlass.Int32(0), *tail)
 
 
 def compile_amax(input_dtype: torch.dtype):
     import cutlass
-    import cutlass.cute as cute
-    from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream
 
     from . import quantize_kernel as k
 
-    in_type = {torch.bfloat16: cutlass.BFloat16, torch.float32: cutlass.Float32}[input_dtype]
-
-    def flat(dtype, align):
-        return make_fake_compact_tensor(dtype, (cute.sym_int(64),), assumed_align=align)
-
-    return cute.compile(
-        k.amax_host, flat(in_type, 16), flat(cutlass.Int64, 16), flat(cutlass.Int32, 4),
-        cutlass.Int32(1), cutlass.Int32(0), cutlass.Int64(1), cutlass.Int64(1), cutlass.Int32(1), make_fake_stream(),
-        options=f"--enable-tvm-ffi --gpu-arch {ARCH}",
-    )
+    return compile_kernel(k.amax_host, _flat(input_dtype, 16), _flat(cutlass.Int64, 16), _flat(cutlass.Int32, 4),
+                          cutlass.Int32(1), cutlass.Int32(0), cutlass.Int64(1), cutlass.Int64(1), cutlass.Int32(1))
 
 
 def fused_configs() -> list:
@@ -692,10 +660,9 @@ def _quantize_both_smem(x, fmt, row_data, row_scale, col_data, col_scale, groups
     n_groups = groups.shape[0]
     rows, k = x.shape
     bits = 16 if x.dtype == torch.bfloat16 else 32
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     ct_group = FUSED_CT_GROUP[(fmt, bits)]
     units = _tiles_upper_bound(x, fmt, n_groups, FUSED_ROWS, FUSED_COLS * ct_group)
-    grid = max(1, min(units, _sm_count(index) * FUSED_CTAS_PER_SM[(fmt, bits)], _GRID_LIMIT or units))
+    grid = max(1, min(units, sm_count(x.device) * FUSED_CTAS_PER_SM[(fmt, bits)], _GRID_LIMIT or units))
     steps = (n_groups - 1).bit_length()
     u8 = [t.view(torch.uint8).reshape(-1) for t in (row_data, row_scale, col_data, col_scale)]
     args = [x.view(-1), groups.view(-1), *u8]
@@ -716,9 +683,8 @@ def _quantize_both_f3(x, row_data, row_scale, col_data, col_scale, groups, row_s
     warps = c["warps"]
     n_groups = groups.shape[0]
     rows, k = x.shape
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     tiles = _tiles_upper_bound(x, "nvfp4", n_groups, FUSED_ROWS, 64)
-    grid = max(1, min(_ceil_div(tiles, warps), _sm_count(index) * c["ctas_per_sm"], _GRID_LIMIT or tiles))
+    grid = max(1, min(_ceil_div(tiles, warps), sm_count(x.device) * c["ctas_per_sm"], _GRID_LIMIT or tiles))
     u8 = [t.view(torch.uint8).reshape(-1) for t in (row_data, row_scale, col_data, col_scale)]
     args = [x.view(-1), groups.view(-1), *u8, col_scale_s if row_scale_s is None else row_scale_s, col_scale_s,
             n_groups, (n_groups - 1).bit_length(), rows, k, 0 if row_scale_s is None else 1,
@@ -736,9 +702,8 @@ def _quantize_both_f2(x, row_data, row_scale, col_data, col_scale, groups,
     rl, warps = c["rl"], c["warps"]
     n_groups = groups.shape[0]
     rows, k = x.shape
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     tiles = _tiles_upper_bound(x, "mxfp8", n_groups, FUSED_ROWS, (32 // (FUSED_ROWS // rl)) * 8 * warps)
-    limit = _sm_count(index) * c["ctas_per_sm"] if c["ctas_per_sm"] else tiles
+    limit = sm_count(x.device) * c["ctas_per_sm"] if c["ctas_per_sm"] else tiles
     grid = max(1, min(tiles, limit, _GRID_LIMIT or tiles))
     u8 = [t.view(torch.uint8).reshape(-1) for t in (row_data, row_scale, col_data, col_scale)]
     args = [x.view(-1), groups.view(-1), *u8, n_groups, (n_groups - 1).bit_length(), rows, k,
@@ -771,10 +736,9 @@ def group_amax(x, groups, out) -> None:
     n_groups = groups.shape[0]
     if x.numel() == 0 or n_groups == 0:
         return
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     per_sm = AMAX_CTAS_PER_SM[16 if x.dtype == torch.bfloat16 else 32]
     tiles = _tiles_upper_bound(x, "nvfp4", n_groups, AMAX_ROWS, AMAX_COLS)
-    grid = max(1, min(tiles, _sm_count(index) * per_sm, _GRID_LIMIT or tiles))
+    grid = max(1, min(tiles, sm_count(x.device) * per_sm, _GRID_LIMIT or tiles))
     args = [x.view(-1), groups.view(-1), out, n_groups, (n_groups - 1).bit_length(), x.shape[0], x.shape[1], grid]
     with torch.cuda.device(x.device):
         CACHE.get(_amax_spec(x.dtype), lambda: compile_amax(x.dtype))(*args, _stream(x))

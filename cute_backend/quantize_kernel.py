@@ -1078,9 +1078,8 @@ def amax_host(x: cute.Tensor, table: cute.Tensor, out: cute.Tensor, n_groups: In
 # byte-sized scale stores cost as much L2 bandwidth as whole sectors. The whole tile is unrolled
 # (~1.9k instructions; all of it fits the instruction cache). Loads: the instruction ``ld``
 # (FUSED2 in quantize.py: plain ld.global, L1-allocating, measured fastest on an H200). The
-# unrolled code shares no
-# unpacked value between the two directions (the columnwise pass unpacks by byte permutes), else
-# ptxas keeps all 256 unpacked floats live.
+# unrolled code shares no unpacked value between the two directions (the columnwise pass unpacks by
+# byte permutes), else ptxas keeps all 256 unpacked floats live.
 # NVFP4 (fused3_kernel, below): shared memory per warp, rolled loops.
 # Block amaxes are bf16 max.NaN.xorsign.abs (exact: a max of magnitudes, NaN kept; the sign it
 # leaves is masked off). The codecs are those of the one-direction kernels rewritten for bf16
@@ -1347,75 +1346,74 @@ def _fused2_tile(p, rt: Int32, ct: Int32):
     d_off, d_stride = table[trow + DATA_OFFSET], table[trow + DATA_STRIDE]
     s_off, s_stride = table[trow + SCALE_OFFSET], table[trow + SCALE_STRIDE]
 
-    if True:  # (indentation kept)
-        # ---- rowwise MXFP8: a row block is 4 lanes' 8 columns; two rows' amaxes a shuffle
-        rd = p["row_data_addr"] + (first + local0) * k_cols + col0
-        rsc = p["row_scale_addr"] + (first + local0) * (k_cols // 32) + col0 // 32
-        # rl 32: a warp's two row blocks of a row, one 2-byte store where K / 32 is even and the
-        # warp's columns lie inside K (warp-uniform), else a byte a block
-        warp_col0 = col0 - Int64(c * p["lc"])
-        pair_rows = rl == 32
-        pair_ok = ((k_cols // 32) % 2 == Int64(0)) & (warp_col0 + 64 <= k_cols) if pair_rows else None
-        for i in range(0, rl, 2):
-            m0, m1 = _hmax_tree(w[i]), _hmax_tree(w[i + 1])
-            mm = _hmax_abs(_prmt(m0, m1, 0x5410), _prmt(m0, m1, 0x7632))
-            mm = _hmax_abs(mm, _shfl_bfly(mm, 1))
-            mm = _hmax_abs(mm, _shfl_bfly(mm, 2))
-            bytes2 = []
-            for h, a in enumerate(_amax_halves(mm)):
+    # ---- rowwise MXFP8: a row block is 4 lanes' 8 columns; two rows' amaxes a shuffle
+    rd = p["row_data_addr"] + (first + local0) * k_cols + col0
+    rsc = p["row_scale_addr"] + (first + local0) * (k_cols // 32) + col0 // 32
+    # rl 32: a warp's two row blocks of a row, one 2-byte store where K / 32 is even and the
+    # warp's columns lie inside K (warp-uniform), else a byte a block
+    warp_col0 = col0 - Int64(c * p["lc"])
+    pair_rows = rl == 32
+    pair_ok = ((k_cols // 32) % 2 == Int64(0)) & (warp_col0 + 64 <= k_cols) if pair_rows else None
+    for i in range(0, rl, 2):
+        m0, m1 = _hmax_tree(w[i]), _hmax_tree(w[i + 1])
+        mm = _hmax_abs(_prmt(m0, m1, 0x5410), _prmt(m0, m1, 0x7632))
+        mm = _hmax_abs(mm, _shfl_bfly(mm, 1))
+        mm = _hmax_abs(mm, _shfl_bfly(mm, 2))
+        bytes2 = []
+        for h, a in enumerate(_amax_halves(mm)):
+            r = i + h
+            byte, inv, bad = _mxfp8_scale_bits(a)
+            bytes2.append(byte)
+            out = [_sel(bad, 0x7F7F7F7F, _mxfp8_word(w[r][2 * q:2 * q + 2], "row", 0, inv), Uint32)
+                   for q in range(2)]
+            _st("global", rd + Int64(r) * k_cols, out, 32, _pred(row_ok[r]))
+        if pair_rows:
+            other = _shfl_bfly(bytes2[0] | (bytes2[1] << Uint32(16)), 4)  # lane c ^ 4: the other block
+            for h in range(2):
                 r = i + h
-                byte, inv, bad = _mxfp8_scale_bits(a)
-                bytes2.append(byte)
-                out = [_sel(bad, 0x7F7F7F7F, _mxfp8_word(w[r][2 * q:2 * q + 2], "row", 0, inv), Uint32)
-                       for q in range(2)]
-                _st("global", rd + Int64(r) * k_cols, out, 32, _pred(row_ok[r]))
-            if pair_rows:
-                other = _shfl_bfly(bytes2[0] | (bytes2[1] << Uint32(16)), 4)  # lane c ^ 4: the other block
-                for h in range(2):
-                    r = i + h
-                    two = bytes2[h] | (((other >> Uint32(16 * h)) & Uint32(0xFF)) << Uint32(8))
-                    _st("global", rsc + Int64(r) * (k_cols // 32), two, 16, _pred(row_ok[r] & pair_ok & (c == 0)))
-                    _st("global", rsc + Int64(r) * (k_cols // 32), bytes2[h], 8,
-                        _pred(row_ok[r] & (~pair_ok) & ((c & 3) == 0)))
-            elif p["stage_rows"]:  # to the CTA's staging area, [tile row][warp]: one store a row after
-                for h in range(2):
-                    _st("shared", p["rs_buf"] + (Int32(g * rl + i + h) * p["warps"] + p["warp"]), bytes2[h], 8)
-            else:
-                for h in range(2):
-                    r = i + h
-                    _st("global", rsc + Int64(r) * (k_cols // 32), bytes2[h], 8, _pred(row_ok[r] & ((c & 3) == 0)))
-        # column scales: the tile's 4 blocks of a column in one 4-byte store where they are one
-        # group's consecutive blocks, 4-byte aligned (warp-uniform), else a byte a block
-        bslot = Uint32(slot)
-        grp0 = Int32(_shfl_idx(Uint32(grp), 0))
-        quad_base = p["col_scale_addr"] + s_off + j - Int64(slot)  # block 0 of the tile, column 0
-        quad_ok = Int32(_vote_all(_pred((valid > Int64(0)) & (grp == grp0) & (quad_base % 4 == Int64(0))
-                                        & (s_stride % 4 == Int64(0))))) != 0
-        # ---- columnwise MXFP8: 8 columns of the lane's rows (rl 16: half a block, the other half on lane ^ 4)
-        for kw in range(4):
-            cm = _hmax_tree([w[i][kw] for i in range(rl)])
+                two = bytes2[h] | (((other >> Uint32(16 * h)) & Uint32(0xFF)) << Uint32(8))
+                _st("global", rsc + Int64(r) * (k_cols // 32), two, 16, _pred(row_ok[r] & pair_ok & (c == 0)))
+                _st("global", rsc + Int64(r) * (k_cols // 32), bytes2[h], 8,
+                    _pred(row_ok[r] & (~pair_ok) & ((c & 3) == 0)))
+        elif p["stage_rows"]:  # to the CTA's staging area, [tile row][warp]: one store a row after
+            for h in range(2):
+                _st("shared", p["rs_buf"] + (Int32(g * rl + i + h) * p["warps"] + p["warp"]), bytes2[h], 8)
+        else:
+            for h in range(2):
+                r = i + h
+                _st("global", rsc + Int64(r) * (k_cols // 32), bytes2[h], 8, _pred(row_ok[r] & ((c & 3) == 0)))
+    # column scales: the tile's 4 blocks of a column in one 4-byte store where they are one
+    # group's consecutive blocks, 4-byte aligned (warp-uniform), else a byte a block
+    bslot = Uint32(slot)
+    grp0 = Int32(_shfl_idx(Uint32(grp), 0))
+    quad_base = p["col_scale_addr"] + s_off + j - Int64(slot)  # block 0 of the tile, column 0
+    quad_ok = Int32(_vote_all(_pred((valid > Int64(0)) & (grp == grp0) & (quad_base % 4 == Int64(0))
+                                    & (s_stride % 4 == Int64(0))))) != 0
+    # ---- columnwise MXFP8: 8 columns of the lane's rows (rl 16: half a block, the other half on lane ^ 4)
+    for kw in range(4):
+        cm = _hmax_tree([w[i][kw] for i in range(rl)])
+        if rl == 16:
+            cm = _hmax_abs(cm, _shfl_bfly(cm, 4))
+        for h, a in enumerate(_amax_halves(cm)):
+            col = col0 + (2 * kw + h)
+            byte, inv, bad = _mxfp8_scale_bits(a)
+            out = [_sel(bad, 0x7F7F7F7F, _mxfp8_word([w[4 * q + e][kw] for e in range(4)], "col", h, inv), Uint32)
+                   for q in range(rl // 4)]
+            vat = d_off + col * d_stride + j * 32
+            ok = blk_ok & (vat >= Int64(0)) & (vat + 32 <= p["col_data_bytes"])
+            at = p["col_data_addr"] + vat + local0
+            for q in range(rl // 16):
+                _st("global", at + 16 * q, out[4 * q:4 * q + 4], 32, _pred(ok))
+            sat = s_off + col * s_stride + j
+            sok = blk_ok & (sat >= Int64(0)) & (sat < p["col_scale_bytes"])
             if rl == 16:
-                cm = _hmax_abs(cm, _shfl_bfly(cm, 4))
-            for h, a in enumerate(_amax_halves(cm)):
-                col = col0 + (2 * kw + h)
-                byte, inv, bad = _mxfp8_scale_bits(a)
-                out = [_sel(bad, 0x7F7F7F7F, _mxfp8_word([w[4 * q + e][kw] for e in range(4)], "col", h, inv), Uint32)
-                       for q in range(rl // 4)]
-                vat = d_off + col * d_stride + j * 32
-                ok = blk_ok & (vat >= Int64(0)) & (vat + 32 <= p["col_data_bytes"])
-                at = p["col_data_addr"] + vat + local0
-                for q in range(rl // 16):
-                    _st("global", at + 16 * q, out[4 * q:4 * q + 4], 32, _pred(ok))
-                sat = s_off + col * s_stride + j
-                sok = blk_ok & (sat >= Int64(0)) & (sat < p["col_scale_bytes"])
-                if rl == 16:
-                    sok = sok & ((g % 2) == 0)
-                _st("global", p["col_scale_addr"] + sat, byte, 8, _pred(sok & (~quad_ok)))
-                quad = byte << (Uint32(8) * bslot)
-                quad = quad | _shfl_bfly(quad, 8)  # lanes of the neighbouring block of this column
-                quad = quad | _shfl_bfly(quad, 16)
-                qok = quad_ok & (g == 0) & col_ok & (sat >= Int64(0)) & (sat + 4 <= p["col_scale_bytes"])
-                _st("global", p["col_scale_addr"] + sat, quad, 32, _pred(qok))
+                sok = sok & ((g % 2) == 0)
+            _st("global", p["col_scale_addr"] + sat, byte, 8, _pred(sok & (~quad_ok)))
+            quad = byte << (Uint32(8) * bslot)
+            quad = quad | _shfl_bfly(quad, 8)  # lanes of the neighbouring block of this column
+            quad = quad | _shfl_bfly(quad, 16)
+            qok = quad_ok & (g == 0) & col_ok & (sat >= Int64(0)) & (sat + 4 <= p["col_scale_bytes"])
+            _st("global", p["col_scale_addr"] + sat, quad, 32, _pred(qok))
     return first + local0, n_rows
 
 
@@ -1425,7 +1423,6 @@ def _fused2_flush_rows(p, first_row, n_rows, ct):
     block. A row's x row and validity come from the lanes of its 16 rows (g = row / 16)."""
     w = p["warps"]
     k_cols = p["k_cols"]
-    lane = p["lane"]
     blk0 = Int64(ct) * (p["cta_cols"] // 32)  # the CTA's first row block
     whole = ((k_cols // 32) % w == Int64(0)) & (Int64(ct) * p["cta_cols"] + p["cta_cols"] <= k_cols)
     fw = _split64(first_row)
@@ -1439,13 +1436,9 @@ def _fused2_flush_rows(p, first_row, n_rows, ct):
         packed = vals[0]
         for b in range(1, w):
             packed = packed | (vals[b] << Uint32(8 * b))
-        if w == 4:
-            _st("global", at, packed, 32, _pred(ok & whole))
-        else:
-            _st("global", at, packed, 16, _pred(ok & whole))
+        _st("global", at, packed, 8 * w, _pred(ok & whole))  # w is 2 or 4
         for b in range(w):
             _st("global", at + b, vals[b], 8, _pred(ok & (~whole) & (Int64(ct) * p["cta_cols"] + 32 * b < k_cols)))
-
 
 
 def _tile_rc(t, n_rt, n_ct, group_rows):
@@ -1480,7 +1473,7 @@ def fused2_kernel(
     nb, _, _ = cute.arch.grid_dim()
     b = Int32(bid)
     count = _sel(b < n_tiles, (n_tiles - b + Int32(nb) - 1) // Int32(nb), 0, Int32)
-    p = dict(fmt="mxfp8", rl=rl, lc=lc, cl=cl, warp_cols=warp_cols, cta_cols=cta_cols, table=table, ld=ld,
+    p = dict(rl=rl, lc=lc, cl=cl, warp_cols=warp_cols, cta_cols=cta_cols, table=table, ld=ld,
              n_groups=n_groups, steps=steps, total_blocks=total_blocks, m_rows=m_rows, k_cols=k_cols,
              lane=tid % 32, warp=tid // 32, x_addr=x.iterator.toint(),
              row_data_addr=row_data.iterator.toint(), row_scale_addr=row_scale.iterator.toint(),

@@ -89,10 +89,12 @@ def test_library_function_arguments_reach_the_library(warm_dir):
     argument that is wrong (no GPU here, so every call stops at a check)."""
     import torch
 
+    from cute_backend.offsets import MAX_OUTPUTS
+
     function = _offsets_function(warm_dir)
     sizes = torch.ones(8, dtype=torch.int32)
-    outs = [torch.zeros(9, dtype=torch.int32) for _ in range(offsets_outputs())]
-    scalars = [1] * offsets_outputs() + [1, 0, 0]
+    outs = [torch.zeros(9, dtype=torch.int32) for _ in range(MAX_OUTPUTS)]
+    scalars = [1] * MAX_OUTPUTS + [1, 0, 0]
     with pytest.raises(RuntimeError, match=r"argument #0.*expected device_type=cuda"):
         function(sizes, *outs, *scalars)  # a CPU tensor, decoded as one: its device is checked
     with pytest.raises(RuntimeError, match=r"Mismatched type on argument #0"):
@@ -103,12 +105,6 @@ def test_library_function_arguments_reach_the_library(warm_dir):
         function(sizes, *outs, *scalars[:-1])
     with pytest.raises(TypeError, match="float64"):
         function(sizes.double(), *outs, *scalars)  # refused before the call: no DLPack code kept for it
-
-
-def offsets_outputs() -> int:
-    from cute_backend.offsets import MAX_OUTPUTS
-
-    return MAX_OUTPUTS
 
 
 def test_tampered_library_is_rebuilt(warm_dir, tmp_path):

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from ..cache import CACHE, KernelSpec
+from ..cache import ARCH, CACHE, KernelSpec, compile_kernel
+from ..device import sm_count
 
-ARCH = "sm_90a"
 OUT_DTYPES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
@@ -67,7 +67,7 @@ def compile_config(config: GemmConfig):
     """Compile one config for sm_90a (no GPU needed when CUTE_DSL_ARCH is set)."""
     import cutlass
     import cutlass.cute as cute
-    from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream, make_fake_tensor
+    from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_tensor
 
     from .grouped_gemm_kernel import GroupedGemmSm90
 
@@ -99,9 +99,7 @@ def compile_config(config: GemmConfig):
         )
     ends = make_fake_compact_tensor(cutlass.Int32, (groups,))
     gemm = GroupedGemmSm90(config.ragged, config.b_major, config.accumulate, config.tile_m, config.tile_n)
-    return cute.compile(
-        gemm, a, b, c, ends, cutlass.Int32(1), make_fake_stream(), options=f"--enable-tvm-ffi --gpu-arch {ARCH}"
-    )
+    return compile_kernel(gemm, a, b, c, ends, cutlass.Int32(1))
 
 
 def configs() -> list:
@@ -117,9 +115,6 @@ def kernel(config: GemmConfig):
     if function is None:
         function = _KERNELS[config] = CACHE.get(_spec(config), lambda: compile_config(config))
     return function
-
-
-_SM_COUNT: dict[int, int] = {}
 
 
 def _tma_strides(t: torch.Tensor) -> torch.Tensor:
@@ -139,10 +134,7 @@ def launch(config: GemmConfig, a, b, c, ends: torch.Tensor, max_work: int) -> No
     """Run one grouped GEMM on the current stream. ``ends``: (G,) int32 end offsets on the GPU;
     ``max_work``: an upper bound on the number of output tiles (sizes the persistent grid).
     Operands must be non-empty and pass ``unaligned`` (the cute backend checks)."""
-    device = a.device.index if a.device.index is not None else torch.cuda.current_device()
-    if device not in _SM_COUNT:
-        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    ctas = max(1, min(_SM_COUNT[device], max_work))
+    ctas = max(1, min(sm_count(a.device), max_work))
     stream = torch.cuda.current_stream(a.device).cuda_stream
     kernel(config)(_tma_strides(a), _tma_strides(b), _tma_strides(c), ends, ctas, stream)
 
