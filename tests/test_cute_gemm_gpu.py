@@ -9,13 +9,17 @@ the stage ring), and reuses its pipeline and epilogue buffers; N and K that are
 not tile multiples; group sizes around the
 tile size (1, 127, 128, 129 rows, empty groups) in one call. Outputs go into
 NaN-poisoned strided caller buffers: every element inside the split total must
-be written and match the fp64 reference, nothing past it may change.
+be written and match the fp64 reference, nothing past it may change. Both
+cluster sizes run: one CTA, and two sharing (multicasting) B with a row tile past
+an odd group's end computed but never stored.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+
+import dataclasses
 
 import grouped
 from test_gemm_gpu import assert_close, bits, caller_buffer, make_operands, out_shape, reference, valid
@@ -25,6 +29,16 @@ G, M, N, K = 9, 12000, 1000, 1000  # N, K not multiples of the 128 x 192 x 64 ti
 # accumulation error grows like sqrt(tokens) in wgrad (1.35e-5 normwise at 12000 tokens
 # in one expert, over DESIGN.md's 1e-5; cuBLAS 6.6e-6 there, H200), see the README.
 SIZES = [1, 0, 127, 4000, 129, 128, 0, 3500, 2000]
+
+
+@pytest.fixture(params=[1, 2], ids=["cluster1", "cluster2"])
+def cluster_m(request, monkeypatch):
+    """Run the cute backend's GEMMs with clusters of this many CTAs."""
+    from cute_backend.sm90 import grouped_gemm as sm90
+
+    config_for = sm90.config_for
+    monkeypatch.setattr(sm90, "config_for", lambda *args: dataclasses.replace(config_for(*args), cluster_m=request.param))
+    return request.param
 
 
 def _require_cute(a, b, **kwargs):
@@ -37,7 +51,7 @@ def _require_cute(a, b, **kwargs):
 @pytest.mark.parametrize("split_source", ["host", "cuda"])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32], ids=["bf16out", "fp32out"])
 @pytest.mark.parametrize("layout", ["forward", "dgrad", "wgrad"])
-def test_many_tiles_per_cta_into_caller_buffer(layout, out_dtype, split_source, gen):
+def test_many_tiles_per_cta_into_caller_buffer(layout, out_dtype, split_source, cluster_m, gen):
     total = sum(SIZES)
     a, b = make_operands(layout, M, N, K, G, total, gen)
     shape = out_shape(layout, M, N, K, G)
@@ -58,7 +72,7 @@ def test_many_tiles_per_cta_into_caller_buffer(layout, out_dtype, split_source, 
 
 
 @pytest.mark.gpu
-def test_wgrad_accumulate_many_tiles(gen):
+def test_wgrad_accumulate_many_tiles(cluster_m, gen):
     total = sum(SIZES)
     dy, x = make_operands("wgrad", M, N, K, G, total, gen)
     _require_cute(dy, x, layout="wgrad", out_dtype=torch.float32)

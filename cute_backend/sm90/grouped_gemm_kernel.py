@@ -22,6 +22,15 @@ b on even rounds and grid - 1 - b on odd ones (``_work``), and decodes
 each from the group end offsets in global memory (``_locate``), so one
 compile serves every split and nothing is read on the host (graph-safe).
 
+Clusters of ``cluster_m`` CTAs (2: as quack's default on sm90) take
+neighbouring row tiles of one column tile: a work item is then a block of
+cluster_m x tile_m rows, CTA r of the cluster computing its row tile r. They
+share the B tile: each CTA loads 1/cluster_m of it and multicasts it to all
+(half the L2 -> SM traffic for B), so a stage is free only once the consumers
+of every CTA of the cluster have released it. A cluster's row tile past its
+group (an odd number of row tiles) runs the mainloop on rows that are never
+stored (the multicast needs every CTA).
+
 Group boundaries without per-group TMA descriptors: the ragged dim of a TMA
 view is re-expressed with extra dims so that the TMA bound check stops at the
 group's end (the "ragged TMA" encoding of Triton's ``ragged_tma.py``):
@@ -108,9 +117,11 @@ def warp_inclusive_sum(x: Int32, lane: Int32) -> Int32:
 class GroupedGemmSm90:
     """Persistent warp-specialized grouped GEMM; see the module doc."""
 
-    def __init__(self, ragged: str, b_major: str, accumulate: bool, tile_m: int, tile_n: int):
+    def __init__(self, ragged: str, b_major: str, accumulate: bool, tile_m: int, tile_n: int, cluster_m: int):
         # a warpgroup holds a whole tile's fp32 accumulator: tile_n registers a thread
         assert ragged in ("m", "k") and b_major in ("k", "mn") and tile_m == 128 and tile_n in (128, 192)
+        assert cluster_m in (1, 2)
+        self.cluster_m = cluster_m
         self.ragged = ragged
         self.b_major = b_major
         self.accumulate = accumulate
@@ -146,7 +157,7 @@ class GroupedGemmSm90:
         self._setup()
 
         tma_a, tma_tensor_a = self._tma_load(mA, self.a_smem_layout, (self.tile_shape_mnk[0], TILE_K))
-        tma_b, tma_tensor_b = self._tma_load(mB, self.b_smem_layout, (self.tile_shape_mnk[1], TILE_K))
+        tma_b, tma_tensor_b = self._tma_load(mB, self.b_smem_layout, (self.tile_shape_mnk[1], TILE_K), self.cluster_m)
         store_op = cpasync.CopyReduceBulkTensorTileS2GOp() if const_expr(self.accumulate) else cpasync.CopyBulkTensorTileS2GOp()
         tma_c, tma_tensor_c = cpasync.make_tiled_tma_atom(
             store_op, mC, cute.slice_(self.epi_smem_layout, (None, None, 0)), self.epi_tile
@@ -163,7 +174,9 @@ class GroupedGemmSm90:
         self.kernel(
             tma_a, tma_tensor_a, tma_b, tma_tensor_b, tma_c, tma_tensor_c, ends, problem_m, problem_n, problem_k,
             self.tiled_mma, self.a_smem_layout, self.b_smem_layout, self.epi_smem_layout,
-        ).launch(grid=(max_ctas, 1, 1), block=(self.threads, 1, 1), min_blocks_per_mp=1, stream=stream)
+        # one CTA: no cluster attribute (a launch with clusters of one measured ~20% slower, H100)
+        ).launch(grid=(max_ctas, 1, 1), block=(self.threads, 1, 1), min_blocks_per_mp=1, stream=stream,
+                 cluster=(self.cluster_m, 1, 1) if const_expr(self.cluster_m > 1) else None)
 
     def _setup(self):
         tile_m, tile_n, _ = self.tile_shape_mnk
@@ -183,9 +196,10 @@ class GroupedGemmSm90:
         )
 
     @staticmethod
-    def _tma_load(tensor, smem_layout_staged, tile):
+    def _tma_load(tensor, smem_layout_staged, tile, multicast: int = 1):
+        op = cpasync.CopyBulkTensorTileG2SOp() if multicast == 1 else cpasync.CopyBulkTensorTileG2SMulticastOp()
         return cpasync.make_tiled_tma_atom(
-            cpasync.CopyBulkTensorTileG2SOp(), tensor, cute.slice_(smem_layout_staged, (None, None, 0)), tile
+            op, tensor, cute.slice_(smem_layout_staged, (None, None, 0)), tile, num_multicast=multicast
         )
 
     # ------------------------------------------------------------------ work decoding
@@ -193,11 +207,12 @@ class GroupedGemmSm90:
     @cute.jit
     def _locate(self, work: Int32, group_base: Int32, tiles_before: Int32, ends: cute.Tensor, problem_m: Int32, tiles_n: Int32):
         """Decode work item ``work`` -> (valid, group, tile_m, tile_n, start, length, group_base,
-        tiles_before). Ragged M: groups have ceil(len/tile_m) x tiles_n tiles; one warp scans 32
-        groups at a time (prefix sum of tile counts, ballot), resuming from the window of the
-        previous item since a CTA's items only increase. Ragged K: every group has the same tiles."""
+        tiles_before), tile_m the index of the item's block of cluster_m row tiles. Ragged M:
+        groups have ceil(len / block) x tiles_n items; one warp scans 32 groups at a time (prefix
+        sum of item counts, ballot), resuming from the window of the previous item since a
+        cluster's items only increase. Ragged K: every group has the same items."""
         num_groups = cute.size(ends.shape[0])
-        tile_m = self.tile_shape_mnk[0]
+        tile_m = self.tile_shape_mnk[0] * self.cluster_m
         group = Int32(num_groups)
         tile_in_group = Int32(0)
         if const_expr(self.ragged == "k"):
@@ -239,19 +254,20 @@ class GroupedGemmSm90:
         # operand tile from DRAM about once (walking a wide N first would re-read all of B[g]
         # for every row of tiles).
         rows = problem_m if const_expr(self.ragged == "k") else length
-        band = tile_in_group // (BAND_M * tiles_n)
-        in_band = tile_in_group - band * BAND_M * tiles_n
-        band_rows = cutlass.max(cutlass.min(BAND_M, (rows + tile_m - 1) // tile_m - band * BAND_M), 1)
+        band_m = BAND_M // self.cluster_m
+        band = tile_in_group // (band_m * tiles_n)
+        in_band = tile_in_group - band * band_m * tiles_n
+        band_rows = cutlass.max(cutlass.min(band_m, (rows + tile_m - 1) // tile_m - band * band_m), 1)
         tile_n_idx = in_band // band_rows
-        tile_m_idx = band * BAND_M + in_band - tile_n_idx * band_rows
+        tile_m_idx = band * band_m + in_band - tile_n_idx * band_rows
         return valid, group, tile_m_idx, tile_n_idx, start, length, group_base, tiles_before
 
-    def _work(self, item: Int32, block: Int32, grid: Int32) -> Int32:
-        """The CTA's item-th work item: rounds of ``grid`` items, the CTAs in order on even rounds and
-        in reverse on odd ones, so a run of costly tiles (an expert with many tokens, wgrad) is
-        spread over the CTAs rather than stacked on the first ones each round. Items of one CTA only
-        increase, as ``_locate`` needs."""
-        return item * grid + block + (item % 2) * (grid - 1 - 2 * block)
+    def _work(self, item: Int32, cluster: Int32, clusters: Int32) -> Int32:
+        """The cluster's item-th work item: rounds of ``clusters`` items, the clusters in order on
+        even rounds and in reverse on odd ones, so a run of costly tiles (an expert with many tokens,
+        wgrad) is spread over the clusters rather than stacked on the first ones each round. Items
+        of one cluster only increase, as ``_locate`` needs."""
+        return item * clusters + cluster + (item % 2) * (clusters - 1 - 2 * cluster)
 
     def _k_tiles(self, length: Int32, problem_k: Int32) -> Int32:
         contraction = length if const_expr(self.ragged == "k") else problem_k
@@ -277,9 +293,12 @@ class GroupedGemmSm90:
 
     # ------------------------------------------------------------------ per-K-slice hooks
 
-    def _load_k_slice(self, tma_a, tAgA, tAsA, tma_b, tBgB, tBsB, k_tile, stage, barrier):
+    def _load_k_slice(self, tma_a, tAgA, tAsA, tma_b, tBgB, tBsB, k_tile, stage, barrier, b_mcast_mask):
         cute.copy(tma_a, tAgA[(None, k_tile)], tAsA[(None, stage)], tma_bar_ptr=barrier)
-        cute.copy(tma_b, tBgB[(None, k_tile)], tBsB[(None, stage)], tma_bar_ptr=barrier)
+        if const_expr(self.cluster_m == 1):
+            cute.copy(tma_b, tBgB[(None, k_tile)], tBsB[(None, stage)], tma_bar_ptr=barrier)
+        else:  # this CTA's share of the B tile, to every CTA of the cluster
+            cute.copy(tma_b, tBgB[(None, k_tile)], tBsB[(None, stage)], tma_bar_ptr=barrier, mcast_mask=b_mcast_mask)
 
     @cute.jit
     def _mma_k_slice(self, tiled_mma, acc, tCrA, tCrB, stage):
@@ -300,6 +319,13 @@ class GroupedGemmSm90:
         warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         block, _, _ = cute.arch.block_idx()
         grid, _, _ = cute.arch.grid_dim()
+        cluster, clusters = block // self.cluster_m, grid // self.cluster_m
+        rank = Int32(0)  # the CTA's row tile within the cluster's block of rows
+        cta_layout = cute.make_layout((self.cluster_m, 1, 1))
+        b_mcast_mask = None
+        if const_expr(self.cluster_m > 1):
+            rank = cute.arch.make_warp_uniform(cute.arch.block_idx_in_cluster())
+            b_mcast_mask = cute.make_layout_image_mask(cta_layout, cta_layout.get_flat_coord(rank), mode=0)
         if warp_idx == LOAD_WARP:
             cpasync.prefetch_descriptor(tma_a)
             cpasync.prefetch_descriptor(tma_b)
@@ -314,17 +340,18 @@ class GroupedGemmSm90:
             barrier_storage=storage.ab_barriers.data_ptr(),
             num_stages=self.ab_stages,
             producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread),
-            consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 4),  # the warps of one warpgroup
+            # the warps of one warpgroup, of every CTA that writes into this one's stages
+            consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 4 * self.cluster_m),
             tx_count=stage_bytes,
-            cta_layout_vmnk=cute.make_layout((1, 1, 1, 1)),
+            cta_layout_vmnk=cute.make_layout((1, self.cluster_m, 1, 1)),
             defer_sync=True,
         )
-        pipeline.pipeline_init_arrive(is_relaxed=True)
+        pipeline.pipeline_init_arrive(cluster_shape_mn=(self.cluster_m, 1), is_relaxed=True)
         sA = storage.sA.get_tensor(a_smem_layout.outer, swizzle=a_smem_layout.inner)
         sB = storage.sB.get_tensor(b_smem_layout.outer, swizzle=b_smem_layout.inner)
         sC = storage.sC.get_tensor(epi_smem_layout.outer, swizzle=epi_smem_layout.inner)
         tiles_n = (problem_n + self.tile_shape_mnk[1] - 1) // self.tile_shape_mnk[1]
-        pipeline.pipeline_init_wait()
+        pipeline.pipeline_init_wait(cluster_shape_mn=(self.cluster_m, 1))
 
         warp_group = cute.arch.make_warp_uniform(tidx // THREADS_PER_WARPGROUP)
         if warp_group == 0:
@@ -332,18 +359,20 @@ class GroupedGemmSm90:
         if warp_idx == LOAD_WARP:
             state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.ab_stages)
             item, group_base, tiles_before = Int32(0), Int32(0), Int32(0)
-            valid, group, tm, tn, start, length, group_base, tiles_before = self._locate(self._work(item, block, grid), group_base, tiles_before, ends, problem_m, tiles_n)
+            valid, group, tm, tn, start, length, group_base, tiles_before = self._locate(self._work(item, cluster, clusters), group_base, tiles_before, ends, problem_m, tiles_n)
             while valid:
-                gA, gB = self._operand_tiles(mA, mB, group, tm, tn, start, length)
+                gA, gB = self._operand_tiles(mA, mB, group, tm * self.cluster_m + rank, tn, start, length)
                 tAsA, tAgA = cpasync.tma_partition(tma_a, 0, cute.make_layout(1), cute.group_modes(sA, 0, 2), cute.group_modes(gA, 0, 2))
-                tBsB, tBgB = cpasync.tma_partition(tma_b, 0, cute.make_layout(1), cute.group_modes(sB, 0, 2), cute.group_modes(gB, 0, 2))
+                tBsB, tBgB = cpasync.tma_partition(tma_b, rank, cute.make_layout(self.cluster_m), cute.group_modes(sB, 0, 2),
+                                                   cute.group_modes(gB, 0, 2))
                 for k_tile in cutlass.range(self._k_tiles(length, problem_k), unroll=1):
                     ab_pipeline.producer_acquire(state)
-                    self._load_k_slice(tma_a, tAgA, tAsA, tma_b, tBgB, tBsB, k_tile, state.index, ab_pipeline.producer_get_barrier(state))
+                    self._load_k_slice(tma_a, tAgA, tAsA, tma_b, tBgB, tBsB, k_tile, state.index,
+                                       ab_pipeline.producer_get_barrier(state), b_mcast_mask)
                     ab_pipeline.producer_commit(state)
                     state.advance()
                 item += 1
-                valid, group, tm, tn, start, length, group_base, tiles_before = self._locate(self._work(item, block, grid), group_base, tiles_before, ends, problem_m, tiles_n)
+                valid, group, tm, tn, start, length, group_base, tiles_before = self._locate(self._work(item, cluster, clusters), group_base, tiles_before, ends, problem_m, tiles_n)
             ab_pipeline.producer_tail(state)
 
         if warp_group > 0:
@@ -380,7 +409,7 @@ class GroupedGemmSm90:
             read_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.ab_stages)
             release_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.ab_stages)
             item, group_base, tiles_before = Int32(0), Int32(0), Int32(0)
-            valid, group, tm, tn, start, length, group_base, tiles_before = self._locate(self._work(item, block, grid), group_base, tiles_before, ends, problem_m, tiles_n)
+            valid, group, tm, tn, start, length, group_base, tiles_before = self._locate(self._work(item, cluster, clusters), group_base, tiles_before, ends, problem_m, tiles_n)
             while valid:
                 k_tiles = self._k_tiles(length, problem_k)
                 if item % CONSUMER_WARPGROUPS == consumer:
@@ -408,7 +437,7 @@ class GroupedGemmSm90:
                     if const_expr(self.accumulate):
                         store = k_tiles > 0
                     if store:
-                        gC = self._output_tile(mC, group, tm, tn, start, length)
+                        gC = self._output_tile(mC, group, tm * self.cluster_m + rank, tn, start, length)
                         gC_epi = cute.zipped_divide(gC, self.epi_tile)
                         bSG_sC, bSG_gC = cpasync.tma_partition(tma_c, 0, cute.make_layout(1), cute.group_modes(sC, 0, 2), gC_epi)
                         for epi in cutlass.range_constexpr(cute.size(gC_epi, mode=[1])):
@@ -428,6 +457,6 @@ class GroupedGemmSm90:
                     read_state.advance(k_tiles)
                     release_state.advance(k_tiles)
                 item += 1
-                valid, group, tm, tn, start, length, group_base, tiles_before = self._locate(self._work(item, block, grid), group_base, tiles_before, ends, problem_m, tiles_n)
+                valid, group, tm, tn, start, length, group_base, tiles_before = self._locate(self._work(item, cluster, clusters), group_base, tiles_before, ends, problem_m, tiles_n)
             if warp_idx == store_warp:
                 cute.arch.cp_async_bulk_wait_group(0, read=True)

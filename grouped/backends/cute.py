@@ -53,7 +53,8 @@ class CuteBackend(Backend):
             elif a.shape[0]:
                 out.masked_fill_((torch.arange(call.m_total, device=out.device) < ends[-1]).view(-1, 1), 0)
             return out
-        config = sm90.config_for(layout, problem.out_dtype, problem.accumulate)
+        cluster_m = sm90.cluster_for(layout, call.m_total, call.num_groups)
+        config = sm90.config_for(layout, problem.out_dtype, problem.accumulate, cluster_m)
         if layout == "wgrad":
             m, n = a.shape[1], b.shape[1]
         else:
