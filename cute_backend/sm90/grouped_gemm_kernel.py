@@ -65,7 +65,11 @@ CONSUMER_WARPGROUPS = 2
 LOAD_WARP = 0
 PRODUCER_REGISTERS, CONSUMER_REGISTERS = 40, 232
 EPI_COLUMNS = 32  # the epilogue stores 128 x 32 subtiles
-EPI_BUFFERS = 2  # per warpgroup: one subtile is written while the other's store reads it
+# Per warpgroup: one subtile buffer, written once its previous TMA store has read it (the other
+# warpgroup's mainloop runs meanwhile). Two cost a pipeline stage (bf16 out: 4 stages, not 5;
+# fp32: 3, not 4) and were slower in two interleaved H100 runs: Qwen3-30B shapes 5-8%, all 42
+# benchmark cases 1.6-1.8% (geometric mean).
+EPI_BUFFERS = 1
 SMEM_BYTES = 227 * 1024
 
 
