@@ -16,10 +16,10 @@ an odd group's end computed but never stored.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
-
-import dataclasses
 
 import grouped
 from test_gemm_gpu import assert_close, bits, caller_buffer, make_operands, out_shape, reference, valid
