@@ -544,7 +544,7 @@ def _fused_spec(fmt: str, input_dtype: torch.dtype) -> KernelSpec:
     return KernelSpec(f"quantize_{fmt}_both", config, ARCH, _SOURCES)
 
 
-def _fused2_spec(rl: int, warps: int, ld: int, stage_rows: bool) -> KernelSpec:
+def _fused2_spec(rl: int, warps: int, ld: str, stage_rows: bool) -> KernelSpec:
     config = ("mxfp8", "torch.bfloat16", "both-registers", rl, warps, ld, stage_rows, FUSED_ROWS, TABLE_COLS)
     return KernelSpec("quantize_mxfp8_both_r", config, ARCH, _SOURCES)
 
@@ -563,7 +563,7 @@ def _fused_bf16_tensors():
             _flat(cutlass.Uint8, 16), _flat(cutlass.Uint8, 1))
 
 
-def compile_fused2(rl: int, warps: int, ld: int, stage_rows: bool):
+def compile_fused2(rl: int, warps: int, ld: str, stage_rows: bool):
     """Compile the bf16 MXFP8 register-tile quantize_both (a TVM-FFI compiled function); no GPU needed."""
     import cutlass
 

@@ -325,10 +325,10 @@ class GroupedGemmSm90:
         grid, _, _ = cute.arch.grid_dim()
         cluster, clusters = block // self.cluster_m, grid // self.cluster_m
         rank = Int32(0)  # the CTA's row tile within the cluster's block of rows
-        cta_layout = cute.make_layout((self.cluster_m, 1, 1))
         b_mcast_mask = None
         if const_expr(self.cluster_m > 1):
             rank = cute.arch.make_warp_uniform(cute.arch.block_idx_in_cluster())
+            cta_layout = cute.make_layout((self.cluster_m, 1, 1))
             b_mcast_mask = cute.make_layout_image_mask(cta_layout, cta_layout.get_flat_coord(rank), mode=0)
         if warp_idx == LOAD_WARP:
             cpasync.prefetch_descriptor(tma_a)
