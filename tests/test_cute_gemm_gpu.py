@@ -6,7 +6,8 @@ with many more output tiles than SMs, so each persistent CTA walks several
 (group, tile) items across group boundaries, its two consumer warpgroups taking
 turns and each skipping the other's pipeline stages (K spans several turns of
 the stage ring), and reuses its pipeline and epilogue buffers; N and K that are
-not tile multiples; group sizes around the
+not tile multiples, last column tiles of several widths (the epilogue skips the
+32-column subtiles wholly past the output's width); group sizes around the
 tile size (1, 127, 128, 129 rows, empty groups) in one call. Outputs go into
 NaN-poisoned strided caller buffers: every element inside the split total must
 be written and match the fp64 reference, nothing past it may change. Both
@@ -29,6 +30,9 @@ G, M, N, K = 9, 12000, 1000, 1000  # N, K not multiples of the 128 x 192 x 64 ti
 # accumulation error grows like sqrt(tokens) in wgrad (1.35e-5 normwise at 12000 tokens
 # in one expert, over DESIGN.md's 1e-5; cuBLAS 6.6e-6 there, H200), see the README.
 SIZES = [1, 0, 127, 4000, 129, 128, 0, 3500, 2000]
+# (N, K): output widths (forward N, dgrad K, wgrad K) whose last 192-column tile has 40, 104, 128,
+# 136 or 64 columns, so 2, 4, 4, 5 or 2 of its six 32-column subtiles are stored (some partly)
+WIDTHS = [(N, K), (1088, 1064), (1096, 1024)]
 
 
 @pytest.fixture(params=[1, 2], ids=["cluster1", "cluster2"])
@@ -51,10 +55,11 @@ def _require_cute(a, b, **kwargs):
 @pytest.mark.parametrize("split_source", ["host", "cuda"])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32], ids=["bf16out", "fp32out"])
 @pytest.mark.parametrize("layout", ["forward", "dgrad", "wgrad"])
-def test_many_tiles_per_cta_into_caller_buffer(layout, out_dtype, split_source, cluster_m, gen):
+@pytest.mark.parametrize("n, k", WIDTHS, ids=[f"N{n}K{k}" for n, k in WIDTHS])
+def test_many_tiles_per_cta_into_caller_buffer(n, k, layout, out_dtype, split_source, cluster_m, gen):
     total = sum(SIZES)
-    a, b = make_operands(layout, M, N, K, G, total, gen)
-    shape = out_shape(layout, M, N, K, G)
+    a, b = make_operands(layout, M, n, k, G, total, gen)
+    shape = out_shape(layout, M, n, k, G)
     _require_cute(a, b, layout=layout, out_dtype=out_dtype)
     splits = SIZES if split_source == "host" else torch.tensor(SIZES, dtype=torch.int32, device="cuda")
     big, out = caller_buffer(shape, out_dtype)

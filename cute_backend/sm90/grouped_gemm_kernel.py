@@ -43,6 +43,12 @@ group's end (the "ragged TMA" encoding of Triton's ``ragged_tma.py``):
 Ragged M loads need neither: rows past a group's end only feed output rows
 that are never stored, and rows past T are zero-filled by TMA.
 
+A last column tile narrower than tile_n (N = 4096: 64 of its 192 columns) runs the full wgmma,
+and its epilogue skips the subtiles wholly past N. Narrower wgmmas for such tiles (64 / 128
+columns, 3% less MMA work at N = 4096) were tried and made the long-K shapes with N = 4096 up to
+20% slower (Mixtral 4096->28672 dgrad, H100), likely because the CTAs that get the cheap tiles
+drift out of step with the rest and the L2 reuse of the operand slices read in lockstep is lost.
+
 The parts a block-scaled variant (MXFP8/NVFP4) replaces are ``_load_k_slice``
 (what one pipeline stage carries) and ``_mma_k_slice`` (the math on a stage).
 """
@@ -444,19 +450,21 @@ class GroupedGemmSm90:
                         gC = self._output_tile(mC, group, tm * self.cluster_m + rank, tn, start, length)
                         gC_epi = cute.zipped_divide(gC, self.epi_tile)
                         bSG_sC, bSG_gC = cpasync.tma_partition(tma_c, 0, cute.make_layout(1), cute.group_modes(sC, 0, 2), gC_epi)
+                        columns_left = problem_n - tn * self.tile_shape_mnk[1]
                         for epi in cutlass.range_constexpr(cute.size(gC_epi, mode=[1])):
-                            buffer = first_buffer + epi % EPI_BUFFERS
-                            if warp_idx == store_warp:  # this buffer's previous store has read it
-                                cute.arch.cp_async_bulk_wait_group(EPI_BUFFERS - 1, read=True)
-                            epilogue_barrier.arrive_and_wait()
-                            cute.autovec_copy(tiled_r2s.retile(acc_subtiles[None, None, (None, epi)]), tRS_f32)
-                            tRS_out.store(tRS_f32.load().to(self.c_dtype))
-                            cute.copy(tiled_r2s, tRS_out, tRS_sC[(None, None, None, buffer)])
-                            cute.arch.fence_proxy("async.shared", space="cta")
-                            epilogue_barrier.arrive_and_wait()
-                            if warp_idx == store_warp:
-                                cute.copy(tma_c, bSG_sC[(None, buffer)], bSG_gC[(None, (0, epi))])
-                                cute.arch.cp_async_bulk_commit_group()
+                            if epi * EPI_COLUMNS < columns_left:  # a subtile wholly past N stores nothing
+                                buffer = first_buffer + epi % EPI_BUFFERS
+                                if warp_idx == store_warp:  # this buffer's previous store has read it
+                                    cute.arch.cp_async_bulk_wait_group(EPI_BUFFERS - 1, read=True)
+                                epilogue_barrier.arrive_and_wait()
+                                cute.autovec_copy(tiled_r2s.retile(acc_subtiles[None, None, (None, epi)]), tRS_f32)
+                                tRS_out.store(tRS_f32.load().to(self.c_dtype))
+                                cute.copy(tiled_r2s, tRS_out, tRS_sC[(None, None, None, buffer)])
+                                cute.arch.fence_proxy("async.shared", space="cta")
+                                epilogue_barrier.arrive_and_wait()
+                                if warp_idx == store_warp:
+                                    cute.copy(tma_c, bSG_sC[(None, buffer)], bSG_gC[(None, (0, epi))])
+                                    cute.arch.cp_async_bulk_commit_group()
                 else:  # the other warpgroup's tile: skip its stages
                     read_state.advance(k_tiles)
                     release_state.advance(k_tiles)
