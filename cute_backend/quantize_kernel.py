@@ -49,6 +49,9 @@ INF_BITS = 0x7F800000
 INV_448_BITS = _bits(1.0 / 448.0)  # fp32(1/448), as torch.tensor(1 / 448, dtype=float32)
 SIX_BITS = _bits(6.0)
 TWO_POW_M127_BITS = 0x00400000  # the fp32 subnormal 2^-127
+FP32_MAX_BITS = 0x7F7FFFFF
+ONE_BITS = _bits(1.0)
+NVFP4_AMAX_TO_S = 448.0 * 6.0  # S = fp32(this / amax): E4M3 max x E2M1 max (grouped.formats)
 E4M3_NAN = 0x7F
 E8M0_NAN = 0xFF
 
@@ -483,6 +486,18 @@ def _warp_max_u32(value, *, loc=None, ip=None) -> Uint32:
 def _red_max_u32(gmem_addr, value, *, loc=None, ip=None):
     args = [Int64(gmem_addr).ir_value(loc=loc, ip=ip), Uint32(value).ir_value(loc=loc, ip=ip)]
     _void_asm("red.relaxed.gpu.global.max.u32 [$0], $1;", "l,r", args, loc, ip)
+
+
+@dsl_user_op
+def _fence_gpu(*, loc=None, ip=None):
+    _void_asm("fence.acq_rel.gpu;", "", [], loc, ip)
+
+
+@dsl_user_op
+def _atom_add_u32(gmem_addr, value, *, loc=None, ip=None) -> Uint32:
+    """Atomic add at gpu scope, acquire-release; returns the old value."""
+    args = [Int64(gmem_addr).ir_value(loc=loc, ip=ip), Uint32(value).ir_value(loc=loc, ip=ip)]
+    return _words_asm(1, "atom.acq_rel.gpu.global.add.u32 $0, [$1], $2;", "=r,l,r", args, loc, ip)[0]
 
 
 def _packed_amax(words, first: int, count: int) -> Uint32:
@@ -980,7 +995,7 @@ def fused_nvfp4_host(
                   "nvfp4")
 
 
-# ---- per-group finite amax (NVFP4's S) ---------------------------------------------------------
+# ---- per-group finite amax, and NVFP4's S from it --------------------------------------------------
 
 
 def _finite_abs(bits: Uint32) -> Uint32:
@@ -1003,9 +1018,33 @@ def _amax_flush(acc: Uint32, group: Int32, out_addr: Int64, reduce_addr: Int32, 
     cute.arch.sync_threads()
 
 
+def _nvfp4_global_scale_bits(amax_bits: Uint32) -> Uint32:
+    """NVFP4's S from a finite amax >= 0 (grouped.formats): fp32(2688 / amax) capped at the largest
+    finite fp32 (a min of bit patterns: both positive), 1 where amax = 0."""
+    s = _u32(_div_rn(Float32(NVFP4_AMAX_TO_S), _f32(amax_bits)))
+    return _sel(amax_bits == Uint32(0), ONE_BITS, cutlass.min(s, Uint32(FP32_MAX_BITS)), Uint32)
+
+
+@cute.jit
+def _last_cta_scales(out_addr: Int64, scale_addr: Int64, n_groups: Int32, reduce_addr: Int32, tid: Int32):
+    """Count this CTA done in out[n_groups]; the last one to finish turns every group's amax into
+    S. Thread 0 did this CTA's atomic maxes, so its acquire-release count orders them before the
+    last CTA's reads (the usual "last block" reduction)."""
+    if tid == 0:
+        _fence_gpu()
+        done = _atom_add_u32(out_addr + Int64(n_groups) * 4, 1)
+        _st("shared", reduce_addr, _sel(done == Uint32(cute.arch.grid_dim()[0] - 1), 1, 0, Uint32))
+    cute.arch.sync_threads()
+    if _ld("shared", reduce_addr)[0] != Uint32(0):
+        _fence_gpu()
+        for g in cutlass.range(tid, n_groups, FUSED_THREADS, unroll=1):
+            amax = _ld("global", out_addr + Int64(g) * 4, ld="ld.relaxed.gpu.global")[0]
+            _st("global", scale_addr + Int64(g) * 4, _nvfp4_global_scale_bits(amax))
+
+
 @cute.kernel
-def amax_kernel(x: cute.Tensor, table: cute.Tensor, out: cute.Tensor, n_groups: Int32, steps: Int32,
-                m_rows: Int64, k_cols: Int64, in_bits: cutlass.Constexpr):
+def amax_kernel(x: cute.Tensor, table: cute.Tensor, out: cute.Tensor, scale: cute.Tensor, n_groups: Int32,
+                steps: Int32, m_rows: Int64, k_cols: Int64, in_bits: cutlass.Constexpr):
     n = BLOCK["nvfp4"]
     eb = in_bits // 8
     cpr = AMAX_COLS * eb // 16
@@ -1050,12 +1089,13 @@ def amax_kernel(x: cute.Tensor, table: cute.Tensor, out: cute.Tensor, n_groups: 
                         else:
                             acc = cutlass.max(acc, _finite_abs(w))
     _amax_flush(acc, current, out_addr, reduce_addr, tid)
+    _last_cta_scales(out_addr, scale.iterator.toint(), n_groups, reduce_addr, tid)
 
 
 @cute.jit
-def amax_host(x: cute.Tensor, table: cute.Tensor, out: cute.Tensor, n_groups: Int32, steps: Int32,
-              m_rows: Int64, k_cols: Int64, grid_ctas: Int32, stream):
-    amax_kernel(x, table, out, n_groups, steps, m_rows, k_cols, x.element_type.width).launch(
+def amax_host(x: cute.Tensor, table: cute.Tensor, out: cute.Tensor, scale: cute.Tensor, n_groups: Int32,
+              steps: Int32, m_rows: Int64, k_cols: Int64, grid_ctas: Int32, stream):
+    amax_kernel(x, table, out, scale, n_groups, steps, m_rows, k_cols, x.element_type.width).launch(
         grid=(grid_ctas, 1, 1), block=(FUSED_THREADS, 1, 1), smem=64, stream=stream
     )
 

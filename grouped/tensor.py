@@ -288,10 +288,10 @@ class GroupedTensor:
         k = rows.shape[1]
         counts, table = self._device_tables()
         s = None
-        if fmt.has_global_scale:  # each member's S from its finite amax, one pass
-            amax = torch.zeros(len(sizes), dtype=torch.int32, device=self.device)
-            kernel.group_amax(rows, table, amax)
-            s = fmt.global_scale(amax.view(torch.float32))
+        if fmt.has_global_scale:  # each member's S from its finite amax, one pass, into its buffer
+            amax = torch.zeros(len(sizes) + 1, dtype=torch.int32, device=self.device)  # and a counter
+            s = self.global_scale if keep is None else torch.empty_like(self.global_scale)
+            kernel.group_amax(rows, table, amax, s)
         names = [n for n, on in (("data", self.rowwise), ("scale", self.rowwise), ("columnwise_data", self.columnwise),
                                  ("columnwise_scale", self.columnwise)) if on]
         target = {n: getattr(self, n) if keep is None else torch.empty_like(getattr(self, n)) for n in names}
@@ -310,8 +310,8 @@ class GroupedTensor:
         if keep is not None:
             for n in names:
                 getattr(self, n).copy_(torch.where(keep, getattr(self, n), target[n]))
-        if s is not None:
-            self.global_scale.copy_(s if keep is None else torch.where(keep, self.global_scale, s))
+            if s is not None:
+                self.global_scale.copy_(torch.where(keep, self.global_scale, s))
 
     def _device_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Member sizes and the kernels' group table (member rows; columnwise regions), built once.

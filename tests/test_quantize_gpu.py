@@ -586,30 +586,59 @@ def test_both_grouped_tensor_regions(gen, fmt, dtype):
     assert_same_bytes(col_scale, ref.columnwise_scale, "columnwise_scale")
 
 
+def _group_amax_case(qk, x, sizes):
+    """Run group_amax into a zeroed amax buffer and a NaN-poisoned S; -> (amax, S, expected amax)."""
+    table = qk.group_table(torch.tensor(sizes, dtype=torch.int64, device="cuda"), "nvfp4",
+                           data_row_bytes=16, scale_row_bytes=16)
+    out = torch.zeros(len(sizes) + 1, dtype=torch.int32, device="cuda")
+    s = torch.full((len(sizes),), float("nan"), device="cuda")
+    qk.group_amax(x.cuda(), table, out, s)
+    want = torch.zeros(len(sizes))
+    start = 0
+    for g, m in enumerate(sizes):
+        finite = x[start:start + m].float().abs().nan_to_num(nan=0.0, posinf=0.0)
+        want[g] = finite.max() if m else 0.0
+        start += m
+    return out[:-1].view(torch.float32), s, want
+
+
 @gpu
 @dtype_param
 @pytest.mark.parametrize("sizes", SPLITS + [[300, 0, 1, 77], [1500, 3, 700]], ids=str)
 def test_group_amax_matches(gen, dtype, sizes, monkeypatch):
-    """The per-group finite amax kernel gives grouped.quantize's NVFP4 S exactly."""
+    """The per-group finite amax kernel gives each group's amax and grouped.quantize's NVFP4 S exactly
+    (S written by the last of several CTAs)."""
     qk = _qk()
     monkeypatch.setattr(qk, "_GRID_LIMIT", 2)  # a CTA's tiles cross groups
     x = special(gen, sum(sizes) + 4, 272).to(dtype)
     x[-4:] = 1e30  # rows past the groups are not read
-    table = qk.group_table(torch.tensor(sizes, dtype=torch.int64, device="cuda"), "nvfp4",
-                           data_row_bytes=16, scale_row_bytes=16)
-    out = torch.zeros(len(sizes), dtype=torch.int32, device="cuda")
-    qk.group_amax(x.cuda(), table, out)
-    want = torch.zeros(len(sizes))
-    start = 0
-    for g, m in enumerate(sizes):
-        rows = x[start:start + m].float()
-        finite = rows.abs().nan_to_num(nan=0.0, posinf=0.0)
-        want[g] = finite.max() if m else 0.0
-        start += m
-    assert_same_bytes(out.view(torch.float32), want, "group amax")
+    amax, s, want = _group_amax_case(qk, x, sizes)
+    assert_same_bytes(amax, want, "group amax")
+    assert_same_bytes(s, NVFP4.global_scale(want), "S")
     if sum(sizes):
         ref = grouped.quantize(x, "nvfp4", axis=0, split_sizes=sizes)
-        assert_same_bytes(NVFP4.global_scale(out.view(torch.float32).cpu()), ref.global_scale, "S")
+        assert_same_bytes(s, ref.global_scale, "S against grouped.quantize's reference")
+
+
+@gpu
+@dtype_param
+def test_group_amax_global_scale_edges(gen, dtype):
+    """S at its edges: 1 for an all-zero (or NaN / Inf only) group, the largest finite fp32 where
+    2688 / amax overflows (subnormal amax), exact next to normal values."""
+    qk = _qk()
+    sizes = [16, 32, 16, 48, 0, 16]
+    x = torch.randn(sum(sizes), 64, generator=gen)
+    x[:16] = 0.0
+    x[16:48] = torch.where(torch.rand(32, 64, generator=gen) < 0.5, 1e-40, -1e-39)  # subnormal amax
+    x[48:64] = torch.where(torch.rand(16, 64, generator=gen) < 0.5, float("nan"), float("-inf"))
+    x[64:112] *= 1e-35  # a large but finite S
+    x = x.to(dtype)
+    amax, s, want = _group_amax_case(qk, x, sizes)
+    assert_same_bytes(amax, want, "group amax")
+    expected = NVFP4.global_scale(want)
+    assert expected[0] == 1 and expected[2] == 1 and expected[4] == 1
+    assert expected[1] == torch.finfo(torch.float32).max
+    assert_same_bytes(s, expected, "S")
 
 
 @gpu
@@ -687,6 +716,6 @@ def test_fused_arguments_off_the_gpu_are_refused():
     scale = torch.zeros(4, 2, dtype=torch.uint8)
     with pytest.raises(ValueError, match="CUDA"):
         qk.quantize_both(x, "mxfp8", data, scale, data, scale, table)
-    assert "CUDA" in qk.can_implement_amax(x, table, torch.zeros(1, dtype=torch.int32))
+    assert "CUDA" in qk.can_implement_amax(x, table, torch.zeros(2, dtype=torch.int32), torch.ones(1))
     with pytest.raises(ValueError, match="fmt must be"):
         qk.quantize_both(x, "bf16", data, scale, data, scale, table)
