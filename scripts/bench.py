@@ -12,7 +12,10 @@ What it does, in order:
 2. for every shape x split (uniform, skewed) x layout (forward, dgrad, wgrad)
    checks each contender's output against the per-expert loop (normwise
    relative error), then times all of them with CUDA events in interleaved
-   rounds, one call of each per round (L2 flushed before each), and reports
+   rounds, one call of each per round (L2 flushed before each, then the GPU
+   kept busy ~200 us more, so each call is queued before its start event and
+   its time is GPU time, not how fast its host code launches behind an idle
+   GPU: that varies with the host and is reported apart, step 4), and reports
    each one's median over up to 20 rounds (~100 ms a contender): the GPU's
    clocks drift under sustained load, and interleaving makes every contender
    see the same drift instead of favouring whichever ran first;
@@ -61,6 +64,9 @@ MAX_REPS = 20
 MIN_REPS = 5
 BUDGET_MS = 100.0  # per contender and case, after warmup
 L2_FLUSH_BYTES = 256 << 20
+# GPU cycles spun after the flush (~200 us at H100/H200 clocks): more than any contender's host
+# time to its launch, which a call right after a synchronize pays with cold CPU caches
+LAUNCH_COVER_CYCLES = 400_000
 ERR_LIMIT = {"bf16": 1e-2, "fp8": 0.1}  # normwise relative error vs the per-expert loop
 FP8_API_USED = [None]  # which fp8 grouped GEMM API worked, for the report
 
@@ -127,10 +133,16 @@ def make_splits(kind: str, tokens: int, experts: int) -> list[int]:
 
 
 def l2_flusher(device: torch.device) -> Callable[[], None]:
+    """Before each timed call: flush L2, then keep the GPU busy while the call is launched."""
     if device.type != "cuda":
         return lambda: None
     buf = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device)
-    return buf.zero_
+
+    def flush():
+        buf.zero_()
+        torch.cuda._sleep(LAUNCH_COVER_CYCLES)
+
+    return flush
 
 
 def synchronize(device: torch.device) -> None:
