@@ -17,6 +17,8 @@ from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 from cutlass.experimental import primitives as prims
 
+from grouped.elements import E2M1_MAX, E4M3_MAX
+
 from .quantize import (
     BLOCK,
     BLOCK_START,
@@ -51,7 +53,7 @@ SIX_BITS = _bits(6.0)
 TWO_POW_M127_BITS = 0x00400000  # the fp32 subnormal 2^-127
 FP32_MAX_BITS = 0x7F7FFFFF
 ONE_BITS = _bits(1.0)
-NVFP4_AMAX_TO_S = 448.0 * 6.0  # S = fp32(this / amax): E4M3 max x E2M1 max (grouped.formats)
+NVFP4_AMAX_TO_S = E4M3_MAX * E2M1_MAX  # S = fp32(this / amax) (grouped.formats)
 E4M3_NAN = 0x7F
 E8M0_NAN = 0xFF
 

@@ -39,7 +39,7 @@ import torch
 from . import elements as el
 
 FP32_MAX = torch.finfo(torch.float32).max
-_NVFP4_AMAX_TO_S = 448.0 * 6.0  # S maps the tensor amax onto E4M3 max x E2M1 max
+_NVFP4_AMAX_TO_S = el.E4M3_MAX * el.E2M1_MAX  # S maps the tensor amax onto E4M3 max x E2M1 max
 
 
 @dataclass(frozen=True)
