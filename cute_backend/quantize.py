@@ -467,18 +467,18 @@ def quantize_columnwise(x, fmt_name, data, scale, groups, col_scale=None) -> Non
 #     Numerics: the block codecs of quantize_kernel.py, the same as the
 #     one-direction kernels, byte for byte.
 #
-# group_amax(x, groups, out, global_scale)
-#     NVFP4's per-group finite amax and S in one pass: out (G + 1,) int32,
-#     zeroed by the caller, gets in out[:G] (fp32 bit patterns, view them as
-#     float32), by atomic max, the largest |x| over the finite elements of each
-#     group's rows (NaN / Inf ignored); out[G] counts the CTAs done, and the
-#     last one writes global_scale (G,) fp32, each group's S by the rule of
+# group_amax(x, groups, global_scale) -> amax
+#     NVFP4's per-group finite amax and S in one pass: returns amax (G,) int32
+#     (fp32 bit patterns, view them as float32), by atomic max the largest |x|
+#     over the finite elements of each group's rows (NaN / Inf ignored), and
+#     writes global_scale (G,) fp32, each group's S by the rule of
 #     grouped.formats (fp32(2688 / amax) capped at the largest finite fp32, 1
-#     where amax = 0), so S costs no further launches. Groups are those of
-#     the table (the NVFP4 group table: blocks of 16). The amax is exact: a
-#     max of bit patterns, no arithmetic. A CTA streams along its rows (a
-#     contiguous run of AMAX_ROWS x AMAX_COLS tiles) and does one atomic max
-#     a group it met.
+#     where amax = 0): the amaxes live in a zeroed (G + 1,) buffer whose last
+#     entry counts the CTAs done, and the last one turns them into S, so S
+#     costs no further launch. Groups are those of the table (the NVFP4 group
+#     table: blocks of 16). The amax is exact: a max of bit patterns, no
+#     arithmetic. A CTA streams along its rows (a contiguous run of AMAX_ROWS x
+#     AMAX_COLS tiles) and does one atomic max a group it met.
 
 
 def _check_groups(groups, x) -> str | None:
@@ -526,22 +526,14 @@ def can_implement_both(x, fmt_name, row_data, row_scale, col_data, col_scale, gr
     return _check_global_scale("row_scale_s", row_scale_s, rows, x.device, fmt)
 
 
-def can_implement_amax(x, groups, out, global_scale) -> str | None:
+def can_implement_amax(x, groups, global_scale) -> str | None:
     """None if group_amax can run this call, else why not."""
     reason = _check_x(x, "nvfp4", rowwise=False) or _check_groups(groups, x)
     if reason:
         return reason
     if x.shape[1] % 16 or x.data_ptr() % 16:
         return "x's last dim must be a multiple of 16 and x 16-byte aligned"
-    g = groups.shape[0]
-    for name, t, dtype, n in (("out", out, torch.int32, g + 1), ("global_scale", global_scale, torch.float32, g)):
-        if (
-            not isinstance(t, torch.Tensor) or t.device != x.device or t.dtype != dtype
-            or tuple(t.shape) != (n,) or not t.is_contiguous()
-        ):
-            got = f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
-            return f"{name} must be a contiguous ({n},) {dtype} tensor on {x.device}, got {got}"
-    return None
+    return _check_global_scale("global_scale", global_scale, groups.shape[0], x.device, "nvfp4")
 
 
 def _fused_spec(fmt: str, input_dtype: torch.dtype) -> KernelSpec:
@@ -736,22 +728,24 @@ def _quantize_both_bf16(x, fmt, row_data, row_scale, col_data, col_scale, groups
         _quantize_both_f2(x, row_data, row_scale, col_data, col_scale, groups, config, compiled)
 
 
-def group_amax(x, groups, out, global_scale) -> None:
-    """Atomic-max each NVFP4 group's finite amax (fp32 bits) into out[:G] of a zeroed (G + 1,) int32
-    ``out``, and write each group's S into ``global_scale`` (G,) fp32 (see the notes above)."""
-    reason = can_implement_amax(x, groups, out, global_scale)
+def group_amax(x, groups, global_scale) -> torch.Tensor:
+    """Each NVFP4 group's finite amax (G,) int32 (fp32 bits), and its S written into
+    ``global_scale`` (G,) fp32 (see the notes above)."""
+    reason = can_implement_amax(x, groups, global_scale)
     if reason:
         raise ValueError(f"group_amax: {reason}")
     n_groups = groups.shape[0]
+    amax_and_count = torch.zeros(n_groups + 1, dtype=torch.int32, device=x.device)
     if n_groups == 0:
-        return
+        return amax_and_count[:0]
     if x.numel() == 0:  # every amax is 0
         global_scale.fill_(1.0)
-        return
+        return amax_and_count[:n_groups]
     per_sm = AMAX_CTAS_PER_SM[16 if x.dtype == torch.bfloat16 else 32]
     tiles = _tiles_upper_bound(x, "nvfp4", n_groups, AMAX_ROWS, AMAX_COLS)
     grid = max(1, min(tiles, sm_count(x.device) * per_sm, _GRID_LIMIT or tiles))
-    args = [x.view(-1), groups.view(-1), out, global_scale, n_groups, (n_groups - 1).bit_length(), x.shape[0],
-            x.shape[1], grid]
+    args = [x.view(-1), groups.view(-1), amax_and_count, global_scale, n_groups, (n_groups - 1).bit_length(),
+            x.shape[0], x.shape[1], grid]
     with torch.cuda.device(x.device):
         CACHE.get(_amax_spec(x.dtype), lambda: compile_amax(x.dtype))(*args, _stream(x))
+    return amax_and_count[:n_groups]

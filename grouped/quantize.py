@@ -285,10 +285,9 @@ def _quantize_on_gpu(x: torch.Tensor, geometry: _Geometry):
     s = global_scale = None
     if fmt.has_global_scale:  # one S a member (expert / group / the whole tensor), from one amax pass
         members = [x.shape[1]] * x.shape[0] if x.dim() == 3 else list(sizes or [x.shape[0]])
-        amax = torch.zeros(len(members) + 1, dtype=torch.int32, device=x.device)  # and a counter
         s = torch.empty(len(members), dtype=torch.float32, device=x.device)
         table = kernel.group_table(members, fmt, device=x.device, data_row_bytes=0, scale_row_bytes=0)
-        kernel.group_amax(rows, table, amax, s)
+        kernel.group_amax(rows, table, s)
         global_scale = s if x.dim() == 3 or sizes is not None else s.reshape(())
     if axis == -1:
         total = rows.shape[0] if sizes is None else sum(sizes)

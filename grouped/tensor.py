@@ -289,9 +289,8 @@ class GroupedTensor:
         counts, table = self._device_tables()
         s = None
         if fmt.has_global_scale:  # each member's S from its finite amax, one pass, into its buffer
-            amax = torch.zeros(len(sizes) + 1, dtype=torch.int32, device=self.device)  # and a counter
             s = self.global_scale if keep is None else torch.empty_like(self.global_scale)
-            kernel.group_amax(rows, table, amax, s)
+            kernel.group_amax(rows, table, s)
         names = [n for n, on in (("data", self.rowwise), ("scale", self.rowwise), ("columnwise_data", self.columnwise),
                                  ("columnwise_scale", self.columnwise)) if on]
         target = {n: getattr(self, n) if keep is None else torch.empty_like(getattr(self, n)) for n in names}
