@@ -678,7 +678,8 @@ def direct_kernels(name: str, x, w, sizes, offs):
     if name == "cute":
         from cute_backend.sm90 import grouped_gemm as sm90
 
-        config = sm90.config_for("forward", torch.bfloat16, False, sm90.cluster_for("forward", x.shape[0], w.shape[0]))
+        schedule = sm90.schedule_for("forward", x.shape[0], w.shape[0], x.shape[0], w.shape[1], x.device)
+        config = sm90.config_for("forward", torch.bfloat16, False, *schedule)
         out = torch.empty(x.shape[0], w.shape[1], dtype=torch.bfloat16, device=x.device)
         bound = sm90.work_bound(config, x.shape[0], w.shape[0], x.shape[0], w.shape[1])
         return lambda: sm90.launch(config, x, w, out, offs, bound)

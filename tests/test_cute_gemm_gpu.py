@@ -10,14 +10,14 @@ not tile multiples, last column tiles of several widths (the epilogue skips the
 32-column subtiles wholly past the output's width); group sizes around the
 tile size (1, 127, 128, 129 rows, empty groups) in one call. Outputs go into
 NaN-poisoned strided caller buffers: every element inside the split total must
-be written and match the fp64 reference, nothing past it may change. Both
-cluster sizes run: one CTA, and two sharing (multicasting) B with a row tile past
-an odd group's end computed but never stored.
+be written and match the fp64 reference, nothing past it may change. Every
+schedule runs: the static walk with clusters of one CTA, and of two sharing
+(multicasting) B with a row tile past an odd group's end computed but never
+stored; and dynamic scheduling (work items claimed from a global counter).
 """
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
@@ -35,13 +35,12 @@ SIZES = [1, 0, 127, 4000, 129, 128, 0, 3500, 2000]
 WIDTHS = [(N, K), (1088, 1064), (1096, 1024)]
 
 
-@pytest.fixture(params=[1, 2], ids=["cluster1", "cluster2"])
-def cluster_m(request, monkeypatch):
-    """Run the cute backend's GEMMs with clusters of this many CTAs."""
+@pytest.fixture(params=[(1, False), (2, False), (1, True)], ids=["cluster1", "cluster2", "dynamic"])
+def schedule(request, monkeypatch):
+    """Run the cute backend's GEMMs with this (cluster_m, dynamic) schedule."""
     from cute_backend.sm90 import grouped_gemm as sm90
 
-    config_for = sm90.config_for
-    monkeypatch.setattr(sm90, "config_for", lambda *args: dataclasses.replace(config_for(*args), cluster_m=request.param))
+    monkeypatch.setattr(sm90, "schedule_for", lambda *args: request.param)
     return request.param
 
 
@@ -56,7 +55,7 @@ def _require_cute(a, b, **kwargs):
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32], ids=["bf16out", "fp32out"])
 @pytest.mark.parametrize("layout", ["forward", "dgrad", "wgrad"])
 @pytest.mark.parametrize("n, k", WIDTHS, ids=[f"N{n}K{k}" for n, k in WIDTHS])
-def test_many_tiles_per_cta_into_caller_buffer(n, k, layout, out_dtype, split_source, cluster_m, gen):
+def test_many_tiles_per_cta_into_caller_buffer(n, k, layout, out_dtype, split_source, schedule, gen):
     total = sum(SIZES)
     a, b = make_operands(layout, M, n, k, G, total, gen)
     shape = out_shape(layout, M, n, k, G)
@@ -77,7 +76,7 @@ def test_many_tiles_per_cta_into_caller_buffer(n, k, layout, out_dtype, split_so
 
 
 @pytest.mark.gpu
-def test_wgrad_accumulate_many_tiles(cluster_m, gen):
+def test_wgrad_accumulate_many_tiles(schedule, gen):
     total = sum(SIZES)
     dy, x = make_operands("wgrad", M, N, K, G, total, gen)
     _require_cute(dy, x, layout="wgrad", out_dtype=torch.float32)

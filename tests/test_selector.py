@@ -540,3 +540,28 @@ def test_explain_cached_across_calls(gen):
     d1 = grouped.explain(a, b, sizes)
     a2, b2, _ = _call(gen)
     assert grouped.explain(a2, b2, sizes) is d1
+
+
+# (layout, tokens, experts, m, n) -> the schedule the cute backend's BF16 GEMM picks on a 132-SM GPU
+SM90_SCHEDULES = [
+    (("forward", 32768, 8, 32768, 4096), (2, False)),  # 4096 rows an expert: clusters of two
+    (("forward", 65536, 128, 65536, 1536), (1, False)),  # 512 rows an expert
+    (("dgrad", 512, 64, 512, 7168), (1, True)),  # decode: 8 rows an expert
+    (("wgrad", 65536, 128, 2048, 768), (1, True)),  # 64 output tiles an expert, fewer than the SMs
+    (("wgrad", 65536, 128, 1536, 2048), (2, False)),  # 132 output tiles an expert
+    (("wgrad", 512, 64, 4096, 7168), (1, True)),  # decode
+]
+
+
+@pytest.mark.parametrize("call, expected", SM90_SCHEDULES, ids=[f"{c[0]}-{c[1]}x{c[2]}" for c, _ in SM90_SCHEDULES])
+def test_sm90_schedule_is_a_compiled_config(call, expected, monkeypatch):
+    """schedule_for's rules, and every config they lead to is one CI compiles (configs_for_layouts)."""
+    from cute_backend.sm90 import grouped_gemm as sm90
+
+    monkeypatch.setattr(sm90, "sm_count", lambda device: 132)
+    schedule = sm90.schedule_for(*call, torch.device("cuda"))
+    assert schedule == expected
+    layout = call[0]
+    compiled = set(sm90.configs_for_layouts())
+    for out_dtype, accumulate in [(torch.bfloat16, False), (torch.float32, False)] + [(torch.float32, True)] * (layout == "wgrad"):
+        assert sm90.config_for(layout, out_dtype, accumulate, *schedule) in compiled

@@ -38,7 +38,8 @@ class GemmConfig:
     accumulate: bool = False  # wgrad: add into an fp32 c
     tile_m: int = 128
     tile_n: int = 192
-    cluster_m: int = 1  # CTAs of a cluster, sharing (multicasting) the B tile (cluster_for)
+    cluster_m: int = 1  # CTAs of a cluster, sharing (multicasting) the B tile (schedule_for)
+    dynamic: bool = False  # work items claimed from a global counter, not a fixed walk (schedule_for)
 
 
 # Clusters of two CTAs share (multicast) the B tile: fewer L2 -> SM bytes, but in ragged M a
@@ -47,28 +48,40 @@ class GemmConfig:
 # 2 up to 6% faster at 2048-4096 rows an expert (DeepSeek-V3, Mixtral), the same at 512 with
 # uniform splits, 5% slower with skewed ones (Qwen3) and 10-15% slower at 8 (decode).
 CLUSTER_ROWS_PER_GROUP = 1024  # ragged M: clusters of two from this many rows an expert on average
+# Dynamic scheduling (one-CTA clusters) balances work items of unequal cost, which the static walk
+# cannot. Interleaved A/B on an H100 against the static schedule, all benchmark shapes: wgrad whose
+# experts have fewer output tiles than there are SMs 1.32x faster with a skewed split (Qwen3-30B
+# 768->2048: a large expert's tiles no longer stack on half of the SMs), 1% slower with a uniform
+# one; calls with at most one row tile of tokens an expert on average (decode) 1-13% faster. Elsewhere
+# it was slower (long-K wgrad 1-20%, mostly the lost multicast; forward and dgrad of large experts 2-13%).
+DYNAMIC_ROWS_PER_GROUP = 128  # dynamic scheduling up to this many rows an expert on average
 
 
-def cluster_for(layout: str, tokens: int, groups: int) -> int:
-    """CTAs a cluster for a call (its token count and experts are known on the host; the split
-    sizes need not be)."""
-    return 2 if layout == "wgrad" or tokens >= CLUSTER_ROWS_PER_GROUP * groups else 1
+def schedule_for(layout: str, tokens: int, groups: int, m: int, n: int, device: torch.device) -> tuple[int, bool]:
+    """(cluster_m, dynamic) for a call: its token count, experts, output rows m and columns n (wgrad:
+    one expert's) are known on the host; the split sizes need not be."""
+    expert_tiles = -(-m // GemmConfig.tile_m) * -(-n // GemmConfig.tile_n)
+    if tokens <= DYNAMIC_ROWS_PER_GROUP * groups or (layout == "wgrad" and expert_tiles < sm_count(device)):
+        return 1, True
+    return (2 if layout == "wgrad" or tokens >= CLUSTER_ROWS_PER_GROUP * groups else 1), False
 
 
 @functools.lru_cache(maxsize=None)
-def config_for(layout: str, out_dtype: torch.dtype, accumulate: bool, cluster_m: int) -> GemmConfig:
+def config_for(layout: str, out_dtype: torch.dtype, accumulate: bool, cluster_m: int, dynamic: bool) -> GemmConfig:
     ragged, b_major = {"forward": ("m", "k"), "dgrad": ("m", "mn"), "wgrad": ("k", "mn")}[layout]
-    return GemmConfig(ragged, b_major, OUT_DTYPES[out_dtype], accumulate, cluster_m=cluster_m)
+    return GemmConfig(ragged, b_major, OUT_DTYPES[out_dtype], accumulate, cluster_m=cluster_m, dynamic=dynamic)
 
 
 def configs_for_layouts() -> list[GemmConfig]:
     """Every config the backend can pick."""
     out = []
     for layout in ("forward", "dgrad", "wgrad"):
-        for cluster_m in (1, 2) if layout != "wgrad" else (2,):
+        schedules = [(2, False), (1, True)] if layout == "wgrad" else [(1, False), (2, False), (1, True)]
+        for cluster_m, dynamic in schedules:
             for dtype in OUT_DTYPES:
-                out.append(config_for(layout, dtype, False, cluster_m))
-    out.append(config_for("wgrad", torch.float32, True, 2))
+                out.append(config_for(layout, dtype, False, cluster_m, dynamic))
+            if layout == "wgrad":
+                out.append(config_for(layout, torch.float32, True, cluster_m, dynamic))
     return out
 
 
@@ -114,9 +127,10 @@ def compile_config(config: GemmConfig):
             assumed_align=16,
         )
     ends = make_fake_compact_tensor(cutlass.Int32, (groups,))
+    counter = make_fake_compact_tensor(cutlass.Int32, (cute.sym_int(),))  # (1,); static configs get ends
     gemm = GroupedGemmSm90(config.ragged, config.b_major, config.accumulate, config.tile_m, config.tile_n,
-                           config.cluster_m)
-    return compile_kernel(gemm, a, b, c, ends, cutlass.Int32(1))
+                           config.cluster_m, config.dynamic)
+    return compile_kernel(gemm, a, b, c, ends, counter, cutlass.Int32(1))
 
 
 def configs() -> list:
@@ -154,7 +168,10 @@ def launch(config: GemmConfig, a, b, c, ends: torch.Tensor, max_work: int) -> No
     ``unaligned`` (the cute backend checks)."""
     ctas = config.cluster_m * max(1, min(sm_count(a.device) // config.cluster_m, max_work))
     stream = torch.cuda.current_stream(a.device).cuda_stream
-    kernel(config)(_tma_strides(a), _tma_strides(b), _tma_strides(c), ends, ctas, stream)
+    # the dynamic scheduler's claim counter: a fresh zero every call (graph-safe, and no two calls,
+    # e.g. on two streams, share one); a static walk reads none, so it gets any int32 tensor
+    counter = torch.zeros(1, dtype=torch.int32, device=a.device) if config.dynamic else ends
+    kernel(config)(_tma_strides(a), _tma_strides(b), _tma_strides(c), ends, counter, ctas, stream)
 
 
 def work_bound(config: GemmConfig, tokens: int, groups: int, m: int, n: int) -> int:

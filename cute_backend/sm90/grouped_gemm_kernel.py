@@ -17,10 +17,17 @@ wgmma on every other 128 x tile_n tile of its CTA and then stores it through
 its own shared memory buffers with TMA, so one warpgroup's epilogue overlaps
 the other's mainloop (short-K tiles, e.g. wgrad with many experts, spend a
 large share of their time in the epilogue). Every role walks the same
-(group, tile) sequence: CTA b takes one work item a round of grid items, item
-b on even rounds and grid - 1 - b on odd ones (``_work``), and decodes
-each from the group end offsets in global memory (``_locate``), so one
-compile serves every split and nothing is read on the host (graph-safe).
+(group, tile) sequence and decodes each work item from the group end offsets in
+global memory (``_locate``), so one compile serves every split and nothing is
+read on the host (graph-safe). The sequence is either
+- static: CTA b takes one work item a round of grid items, item b on even
+  rounds and grid - 1 - b on odd ones (``_work``), every role computing it; or
+- dynamic (clusters of one CTA only): the load warp claims each next item from
+  a global counter (one atomic add; the host zeroes the counter every call) and
+  publishes it to the consumer warpgroups through a small ring of shared memory
+  slots. A CTA that drew cheap items takes more, which balances items of
+  unequal cost: wgrad tiles of experts with many and with few tokens, or tiles
+  that mostly store their output.
 
 Clusters of ``cluster_m`` CTAs (2: as quack's default on sm90) take
 neighbouring row tiles of one column tile: a work item is then a block of
@@ -77,6 +84,7 @@ EPI_COLUMNS = 32  # the epilogue stores 128 x 32 subtiles
 # benchmark cases 1.6-1.8% (geometric mean).
 EPI_BUFFERS = 1
 SMEM_BYTES = 227 * 1024
+WORK_SLOTS = 4  # dynamic scheduling: work items the load warp may claim ahead of the consumers
 
 
 def ragged_store_view(t: cute.Tensor) -> cute.Tensor:
@@ -127,10 +135,11 @@ def warp_inclusive_sum(x: Int32, lane: Int32) -> Int32:
 class GroupedGemmSm90:
     """Persistent warp-specialized grouped GEMM; see the module doc."""
 
-    def __init__(self, ragged: str, b_major: str, accumulate: bool, tile_m: int, tile_n: int, cluster_m: int):
+    def __init__(self, ragged: str, b_major: str, accumulate: bool, tile_m: int, tile_n: int, cluster_m: int, dynamic: bool = False):
         # a warpgroup holds a whole tile's fp32 accumulator: tile_n registers a thread
         assert ragged in ("m", "k") and b_major in ("k", "mn") and tile_m == 128 and tile_n in (128, 192)
-        assert cluster_m in (1, 2)
+        assert cluster_m in (1, 2) and not (dynamic and cluster_m > 1)
+        self.dynamic = dynamic
         self.cluster_m = cluster_m
         self.ragged = ragged
         self.b_major = b_major
@@ -143,8 +152,9 @@ class GroupedGemmSm90:
     # ------------------------------------------------------------------ host
 
     @cute.jit
-    def __call__(self, a: cute.Tensor, b: cute.Tensor, c: cute.Tensor, ends: cute.Tensor, max_ctas: Int32, stream):
-        """a, b, c as torch hands them (see grouped_gemm.py); ends: (G,) int32 group end offsets."""
+    def __call__(self, a: cute.Tensor, b: cute.Tensor, c: cute.Tensor, ends: cute.Tensor, counter: cute.Tensor, max_ctas: Int32, stream):
+        """a, b, c as torch hands them (see grouped_gemm.py); ends: (G,) int32 group end offsets;
+        counter: an int32 zero, the dynamic scheduler's claim counter (static: not read)."""
         self.a_dtype, self.b_dtype, self.c_dtype = a.element_type, b.element_type, c.element_type
         if const_expr(self.ragged == "m"):
             # a (T, K); b the weight (G, N_w, K_w); c (T, N)
@@ -176,13 +186,15 @@ class GroupedGemmSm90:
         @cute.struct
         class SharedStorage:
             ab_barriers: cute.struct.MemRange[Int64, self.ab_stages * 2]
+            work_barriers: cute.struct.MemRange[Int64, WORK_SLOTS * 2]
+            work_slots: cute.struct.MemRange[Int32, WORK_SLOTS]
             sA: cute.struct.Align[cute.struct.MemRange[self.a_dtype, cute.cosize(self.a_smem_layout)], 1024]
             sB: cute.struct.Align[cute.struct.MemRange[self.b_dtype, cute.cosize(self.b_smem_layout)], 1024]
             sC: cute.struct.Align[cute.struct.MemRange[self.c_dtype, cute.cosize(self.epi_smem_layout)], 1024]
 
         self.shared_storage = SharedStorage
         self.kernel(
-            tma_a, tma_tensor_a, tma_b, tma_tensor_b, tma_c, tma_tensor_c, ends, problem_m, problem_n, problem_k,
+            tma_a, tma_tensor_a, tma_b, tma_tensor_b, tma_c, tma_tensor_c, ends, counter, problem_m, problem_n, problem_k,
             self.tiled_mma, self.a_smem_layout, self.b_smem_layout, self.epi_smem_layout,
         # one CTA: no cluster attribute (a launch with clusters of one measured ~20% slower, H100)
         ).launch(grid=(max_ctas, 1, 1), block=(self.threads, 1, 1), min_blocks_per_mp=1, stream=stream,
@@ -279,6 +291,38 @@ class GroupedGemmSm90:
         of one cluster only increase, as ``_locate`` needs."""
         return item * clusters + cluster + (item % 2) * (clusters - 1 - 2 * cluster)
 
+    @cute.jit
+    def _producer_work(self, item: Int32, cluster: Int32, clusters: Int32, counter: cute.Tensor, work_pipeline,
+                       work_state, work_slots: cute.Tensor) -> Int32:
+        """The load warp's next work item: claimed from the global counter and published to the
+        consumers (dynamic; claims past the last item decode as invalid, ending every role's walk),
+        or the cluster's item-th (static). The caller advances work_state."""
+        work = Int32(0)
+        if const_expr(self.dynamic):
+            work_pipeline.producer_acquire(work_state)
+            if cute.arch.lane_idx() == 0:
+                work = cute.arch.atomic_add(counter.iterator, Int32(1))
+                work_slots[work_state.index] = work
+                work_pipeline.producer_commit(work_state)
+            work = cute.arch.shuffle_sync(work, 0)
+        else:
+            work = self._work(item, cluster, clusters)
+        return work
+
+    @cute.jit
+    def _consumer_work(self, item: Int32, cluster: Int32, clusters: Int32, work_pipeline, work_state,
+                       work_slots: cute.Tensor) -> Int32:
+        """A consumer warpgroup's next work item: the one the load warp published (dynamic), or the
+        cluster's item-th (static). The caller advances work_state."""
+        work = Int32(0)
+        if const_expr(self.dynamic):
+            work_pipeline.consumer_wait(work_state)
+            work = work_slots[work_state.index]
+            work_pipeline.consumer_release(work_state)
+        else:
+            work = self._work(item, cluster, clusters)
+        return work
+
     def _k_tiles(self, length: Int32, problem_k: Int32) -> Int32:
         contraction = length if const_expr(self.ragged == "k") else problem_k
         return (contraction + TILE_K - 1) // TILE_K
@@ -321,7 +365,7 @@ class GroupedGemmSm90:
     @cute.kernel
     def kernel(
         self, tma_a: cute.CopyAtom, mA: cute.Tensor, tma_b: cute.CopyAtom, mB: cute.Tensor,
-        tma_c: cute.CopyAtom, mC: cute.Tensor, ends: cute.Tensor, problem_m: Int32, problem_n: Int32, problem_k: Int32,
+        tma_c: cute.CopyAtom, mC: cute.Tensor, ends: cute.Tensor, counter: cute.Tensor, problem_m: Int32, problem_n: Int32, problem_k: Int32,
         tiled_mma: cute.TiledMma, a_smem_layout: cute.ComposedLayout, b_smem_layout: cute.ComposedLayout,
         epi_smem_layout: cute.ComposedLayout,
     ):
@@ -356,6 +400,16 @@ class GroupedGemmSm90:
             cta_layout_vmnk=cute.make_layout((1, self.cluster_m, 1, 1)),
             defer_sync=True,
         )
+        # dynamic scheduling: the load warp claims each work item (one thread) and publishes it to
+        # both consumer warpgroups (every thread reads it, then arrives)
+        work_pipeline = pipeline.PipelineAsync.create(
+            barrier_storage=storage.work_barriers.data_ptr(),
+            num_stages=WORK_SLOTS,
+            producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread),
+            consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, self.consumer_threads),
+            defer_sync=True,
+        )
+        work_slots = storage.work_slots.get_tensor(cute.make_layout(WORK_SLOTS))
         pipeline.pipeline_init_arrive(cluster_shape_mn=(self.cluster_m, 1), is_relaxed=True)
         sA = storage.sA.get_tensor(a_smem_layout.outer, swizzle=a_smem_layout.inner)
         sB = storage.sB.get_tensor(b_smem_layout.outer, swizzle=b_smem_layout.inner)
@@ -368,8 +422,11 @@ class GroupedGemmSm90:
             cute.arch.setmaxregister_decrease(PRODUCER_REGISTERS)
         if warp_idx == LOAD_WARP:
             state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.ab_stages)
+            work_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, WORK_SLOTS)
             item, group_base, tiles_before = Int32(0), Int32(0), Int32(0)
-            valid, group, tm, tn, start, length, group_base, tiles_before = self._locate(self._work(item, cluster, clusters), group_base, tiles_before, ends, problem_m, tiles_n)
+            work = self._producer_work(item, cluster, clusters, counter, work_pipeline, work_state, work_slots)
+            work_state.advance()
+            valid, group, tm, tn, start, length, group_base, tiles_before = self._locate(work, group_base, tiles_before, ends, problem_m, tiles_n)
             while valid:
                 gA, gB = self._operand_tiles(mA, mB, group, tm * self.cluster_m + rank, tn, start, length)
                 tAsA, tAgA = cpasync.tma_partition(tma_a, 0, cute.make_layout(1), cute.group_modes(sA, 0, 2), cute.group_modes(gA, 0, 2))
@@ -382,7 +439,9 @@ class GroupedGemmSm90:
                     ab_pipeline.producer_commit(state)
                     state.advance()
                 item += 1
-                valid, group, tm, tn, start, length, group_base, tiles_before = self._locate(self._work(item, cluster, clusters), group_base, tiles_before, ends, problem_m, tiles_n)
+                work = self._producer_work(item, cluster, clusters, counter, work_pipeline, work_state, work_slots)
+                work_state.advance()
+                valid, group, tm, tn, start, length, group_base, tiles_before = self._locate(work, group_base, tiles_before, ends, problem_m, tiles_n)
             ab_pipeline.producer_tail(state)
 
         if warp_group > 0:
@@ -418,8 +477,11 @@ class GroupedGemmSm90:
             tRS_out = cute.make_rmem_tensor(fragment_shape, self.c_dtype)
             read_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.ab_stages)
             release_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.ab_stages)
+            work_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, WORK_SLOTS)
             item, group_base, tiles_before = Int32(0), Int32(0), Int32(0)
-            valid, group, tm, tn, start, length, group_base, tiles_before = self._locate(self._work(item, cluster, clusters), group_base, tiles_before, ends, problem_m, tiles_n)
+            work = self._consumer_work(item, cluster, clusters, work_pipeline, work_state, work_slots)
+            work_state.advance()
+            valid, group, tm, tn, start, length, group_base, tiles_before = self._locate(work, group_base, tiles_before, ends, problem_m, tiles_n)
             while valid:
                 k_tiles = self._k_tiles(length, problem_k)
                 if item % CONSUMER_WARPGROUPS == consumer:
@@ -469,6 +531,8 @@ class GroupedGemmSm90:
                     read_state.advance(k_tiles)
                     release_state.advance(k_tiles)
                 item += 1
-                valid, group, tm, tn, start, length, group_base, tiles_before = self._locate(self._work(item, cluster, clusters), group_base, tiles_before, ends, problem_m, tiles_n)
+                work = self._consumer_work(item, cluster, clusters, work_pipeline, work_state, work_slots)
+                work_state.advance()
+                valid, group, tm, tn, start, length, group_base, tiles_before = self._locate(work, group_base, tiles_before, ends, problem_m, tiles_n)
             if warp_idx == store_warp:
                 cute.arch.cp_async_bulk_wait_group(0, read=True)

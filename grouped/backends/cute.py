@@ -53,12 +53,12 @@ class CuteBackend(Backend):
             elif a.shape[0]:
                 out.masked_fill_((torch.arange(call.m_total, device=out.device) < ends[-1]).view(-1, 1), 0)
             return out
-        cluster_m = sm90.cluster_for(layout, call.m_total, call.num_groups)
-        config = sm90.config_for(layout, problem.out_dtype, problem.accumulate, cluster_m)
         if layout == "wgrad":
             m, n = a.shape[1], b.shape[1]
         else:
             m, n = call.m_total, out.shape[1]
+        schedule = sm90.schedule_for(layout, call.m_total, call.num_groups, m, n, a.device)
+        config = sm90.config_for(layout, problem.out_dtype, problem.accumulate, *schedule)
         bound = sm90.work_bound(config, call.m_total, call.num_groups, m, n)
         sm90.launch(config, a, b, out, ends, bound)
         return out
