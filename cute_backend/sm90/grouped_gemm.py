@@ -52,8 +52,9 @@ CLUSTER_ROWS_PER_GROUP = 1024  # ragged M: clusters of two from this many rows a
 # cannot. Interleaved A/B on an H100 against the static schedule, all benchmark shapes: wgrad whose
 # experts have fewer output tiles than there are SMs 1.32x faster with a skewed split (Qwen3-30B
 # 768->2048: a large expert's tiles no longer stack on half of the SMs), 1% slower with a uniform
-# one; calls with at most one row tile of tokens an expert on average (decode) 1-13% faster. Elsewhere
-# it was slower (long-K wgrad 1-20%, mostly the lost multicast; forward and dgrad of large experts 2-13%).
+# one; calls with at most one row tile of tokens an expert on average (decode) 1-13% faster.
+# Elsewhere it was slower (long-K wgrad up to 21%, mostly the lost multicast; forward and dgrad of
+# large experts up to 27%).
 DYNAMIC_ROWS_PER_GROUP = 128  # dynamic scheduling up to this many rows an expert on average
 
 
