@@ -18,7 +18,6 @@ stored; and dynamic scheduling (work items claimed from a global counter).
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
