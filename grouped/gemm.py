@@ -40,7 +40,7 @@ def gemm(
     call = prepare(
         a, b, split_sizes, offsets=offsets, layout=layout, out=out, accumulate=accumulate, out_dtype=out_dtype
     )
-    decision = selector.decide(call.problem, backend)
+    decision = selector.choose(call, backend)
     return BACKENDS[decision.backend].run(call)
 
 
@@ -60,4 +60,4 @@ def explain(
     call = prepare(
         a, b, split_sizes, offsets=offsets, layout=layout, out=out, accumulate=accumulate, out_dtype=out_dtype
     )
-    return selector.decide(call.problem, backend)
+    return selector.choose(call, backend)

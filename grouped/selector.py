@@ -11,7 +11,11 @@ Quantized formats never fall back to BF16: only backends that serve the
 operands' format are ever considered.
 
 Decisions are cached per (problem kind, forced backend, strict), so the cost
-of a call is a dict lookup after the first.
+of a call is a dict lookup after the first. ``choose(call)`` then asks the
+chosen backend whether it accepts this particular call (rules that depend on
+the call's data, e.g. token counts); if not, the next backend that can serve
+and accepts it runs, and the Decision says why. explain() goes through the
+same step, so it names the backend the call would really run on.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from dataclasses import dataclass, field
 from . import env
 from .backends import BACKENDS, Backend
 from .formats import FORMATS
-from .problem import Problem
+from .problem import GemmCall, Problem
 
 # Order of preference per (format, arch, problem class); "sm90" = Hopper,
 # "sm100" = Blackwell, "cuda" = any other GPU, "cpu". The BF16 order comes from
@@ -68,6 +72,7 @@ class Decision:
     why: str
     problem: Problem = field(repr=False)
     note: str | None = None
+    forced: bool = False  # the backend runs because backend= or the environment forced it
 
     def __str__(self) -> str:
         lines = [f"grouped GEMM ({self.problem.describe()}) -> {self.backend}: {self.why}"]
@@ -102,10 +107,32 @@ def decide(problem: Problem, backend: str | None = None) -> Decision:
     return decision
 
 
+def choose(call: GemmCall, backend: str | None = None) -> Decision:
+    """The backend for one checked call: ``decide`` for its kind, then the chosen backend's
+    ``accepts(call)``; a refusal falls to the next backend that can serve and accepts the
+    call (or raises when that backend was forced and GROUPED_STRICT=1)."""
+    decision = decide(call.problem, backend)
+    reason = BACKENDS[decision.backend].accepts(call)
+    if reason is None:
+        return decision
+    if decision.forced and env.selection_settings()["strict"]:
+        raise ValueError(f"backend {decision.backend!r} cannot serve this call ({call.problem.describe()}): {reason}")
+    reasons = {**decision.reasons, decision.backend: f"{reason} (this call)"}
+    for name in preference(call.problem):
+        if reasons[name] is None:
+            other = BACKENDS[name].accepts(call)
+            if other is None:
+                why = f"{decision.backend} cannot serve this call ({reason}); next in the preference order"
+                return _decision(name, reasons, why, call.problem)
+            reasons[name] = f"{other} (this call)"
+    detail = "; ".join(f"{n}: {r}" for n, r in reasons.items() if r)
+    raise ValueError(f"no backend can serve this call ({call.problem.describe()}): {detail}")
+
+
 def _decide(problem: Problem, forced: str | None, source: str, strict: bool) -> Decision:
     reasons = {name: b.supports(problem) for name, b in BACKENDS.items()}
     if forced is not None and reasons[forced] is None:
-        return _decision(forced, reasons, f"forced by the {source}", problem)
+        return _decision(forced, reasons, f"forced by the {source}", problem, forced=True)
     if forced is not None and strict:
         raise ValueError(f"backend {forced!r} cannot serve this call ({problem.describe()}): {reasons[forced]}")
     for name in preference(problem):
@@ -118,9 +145,9 @@ def _decide(problem: Problem, forced: str | None, source: str, strict: bool) -> 
     raise ValueError(f"no backend can serve this call ({problem.describe()}): {detail}")
 
 
-def _decision(name: str, reasons, why: str, problem: Problem) -> Decision:
+def _decision(name: str, reasons, why: str, problem: Problem, *, forced: bool = False) -> Decision:
     backend: Backend = BACKENDS[name]
-    return Decision(name, reasons, why, problem, backend.note(problem))
+    return Decision(name, reasons, why, problem, backend.note(problem), forced)
 
 
 def clear_cache() -> None:

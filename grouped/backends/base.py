@@ -1,8 +1,11 @@
 """What a backend adapter is: a name, the formats it serves, one predicate, a run.
 
-``supports(problem)`` returns None when the backend can serve the problem and
-a reason in words otherwise, so the selector can explain every choice and
-every refusal. Adapters import their kernels lazily, inside ``run``.
+``supports(problem)`` returns None when the backend can serve the problem kind
+and a reason in words otherwise, so the selector can explain every choice and
+every refusal. ``accepts(call)`` asks the same of one checked call, for rules
+that depend on its data (split sizes, row counts, buffer strides): the selector
+asks it before its choice is final, so explain() never names a backend that the
+same call then refuses. Adapters import their kernels lazily, inside ``run``.
 """
 
 from __future__ import annotations
@@ -35,6 +38,11 @@ class Backend:
             or self.unavailable(problem.device_type, problem.capability)
             or self.refuses(problem)
         )
+
+    def accepts(self, call: GemmCall) -> str | None:
+        """Why this backend cannot serve this particular call (None: it can). Asked on every
+        call after ``supports`` said yes, so it must be cheap and must not sync the GPU."""
+        return None
 
     def note(self, problem: Problem) -> str | None:
         """Something explain() should say about how this backend serves the problem."""

@@ -35,11 +35,14 @@ class CuteBackend(Backend):
             return "TMA needs 16-byte aligned rows, row strides and base addresses (N and K multiples of 8)"
         return None
 
+    def accepts(self, call):
+        if call.m_total >= MAX_TOKENS:
+            return f"a has {call.m_total} rows; the sm90 kernel takes fewer than {MAX_TOKENS}"
+        return None
+
     def run(self, call: GemmCall) -> torch.Tensor:
         from cute_backend.sm90 import grouped_gemm as sm90
 
-        if call.m_total >= MAX_TOKENS:
-            raise ValueError(f"a has {call.m_total} rows; the cute backend takes fewer than {MAX_TOKENS}")
         out = call.output()
         a, b, layout = call.a, call.b, call.layout
         problem = call.problem
