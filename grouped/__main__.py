@@ -1,4 +1,4 @@
-"""Command line: ``python -m grouped info`` and ``python -m grouped demo``."""
+"""Command line of the grouped package: python -m grouped info | demo."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m grouped", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m grouped",
+        description="Grouped GEMMs for Mixture-of-Experts layers: what this machine can run, and a checked demo.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="version, devices, and which backend serves what here")
     demo = sub.add_parser("demo", help="run a grouped MoE layer and check it against the reference")

@@ -9,6 +9,7 @@ reference backend at a small size.
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
@@ -59,7 +60,19 @@ def _splits(tokens: int, experts: int, gen: torch.Generator) -> list[int]:
 
 def run_demo(device: str | None = None, recipes=("bf16", "mxfp8", "nvfp4")) -> int:
     device_type, _, gpu = device_of_this_machine()
-    device = torch.device(device or device_type)
+    try:
+        device = torch.device(device or device_type)
+    except RuntimeError:
+        print(f"demo: --device must be cpu or cuda, got {device!r}", file=sys.stderr)
+        return 2
+    if device.type not in _SIZES:
+        print(f"demo: --device must be cpu or cuda, got {device}", file=sys.stderr)
+        return 2
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("demo: --device cuda was asked for, but torch sees no CUDA GPU here "
+              f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'none'}); run without --device "
+              "for the CPU demo", file=sys.stderr)
+        return 2
     experts, tokens, hidden, ffn = _SIZES[device.type]
     gen = torch.Generator().manual_seed(0)
     sizes = _splits(tokens, experts, gen)

@@ -35,13 +35,16 @@ def gemm(
     out: the caller's buffer (forward/dgrad output, or the wgrad buffer that
     accumulate=True adds into, fp32 main_grad); written in place, rows past the
     split total untouched. out_dtype: bf16 (default) or fp32. backend: force one.
-    Returns the output (``out`` itself when given).
+    Returns the output (``out`` itself when given). It is not differentiable: the
+    result carries no autograd history on any backend (GroupedLinear is the
+    differentiable layer).
     """
     call = prepare(
         a, b, split_sizes, offsets=offsets, layout=layout, out=out, accumulate=accumulate, out_dtype=out_dtype
     )
     decision = selector.choose(call, backend)
-    return BACKENDS[decision.backend].run(call)
+    with torch.no_grad():
+        return BACKENDS[decision.backend].run(call)
 
 
 def explain(

@@ -182,6 +182,8 @@ def _splits(split_sizes, offsets, m_total: int, num_groups: int | None, device):
     if (split_sizes is None) == (offsets is None):
         raise ValueError("give exactly one of split_sizes and offsets")
     given, name = (split_sizes, "split_sizes") if offsets is None else (offsets, "offsets")
+    if isinstance(given, torch.Tensor) and given.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name} must be on the CPU or a CUDA device, got a tensor on {given.device}")
     if isinstance(given, torch.Tensor) and given.device.type == "cuda":
         if given.dim() != 1 or given.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"{name} must be a 1-D int32/int64 tensor, got {given.dtype} of shape {tuple(given.shape)}")

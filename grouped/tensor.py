@@ -37,6 +37,21 @@ from .quantize import QuantizedTensor, finite_row_amax, quantize, split_sizes_to
 ALIGN_BYTES = 16
 
 
+STORAGE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # bf16 storage, and what quantize_ reads
+
+
+def _member_shapes(shapes) -> list[tuple[int, ...]]:
+    """Member shapes as int tuples; anything that is not a non-negative int (2.9, True, "8") raises."""
+    try:
+        members = [tuple(s) for s in shapes]
+    except TypeError:
+        raise ValueError(f"GroupedTensor: shapes must be a sequence of (m_i, K) pairs, got {shapes!r:.80}") from None
+    for s in members:
+        if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in s):
+            raise ValueError(f"GroupedTensor: member shapes must hold non-negative ints, got {s}")
+    return members
+
+
 def _align(n: int) -> int:
     return -(-n // ALIGN_BYTES) * ALIGN_BYTES
 
@@ -98,7 +113,7 @@ class GroupedTensor:
         device: torch.device | str | None = None,
     ):
         self.fmt = get_format(fmt)
-        self.shapes = [tuple(int(d) for d in s) for s in shapes]
+        self.shapes = _member_shapes(shapes)
         self._check_shapes()
         if not (rowwise or columnwise):
             raise ValueError("GroupedTensor: at least one of rowwise and columnwise must be True")
@@ -110,6 +125,8 @@ class GroupedTensor:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         if self.device.type == "cuda" and self.device.index is None:  # "cuda" -> "cuda:<current>"
             self.device = torch.device("cuda", torch.cuda.current_device())
+        if not self.fmt.quantized and dtype not in STORAGE_DTYPES:
+            raise ValueError(f"GroupedTensor: dtype must be one of {STORAGE_DTYPES} for {self.fmt.name} storage, got {dtype}")
         self.dtype = dtype if not self.fmt.quantized else None
 
         self.data = self.scale = self.columnwise_data = self.columnwise_scale = None
@@ -237,6 +254,8 @@ class GroupedTensor:
                 raise ValueError(f"quantize_: tensors[{i}] must have shape {shape}, got {got}")
             if t.device != self.device:
                 raise ValueError(f"quantize_: tensors[{i}] is on {t.device}, the buffers on {self.device}")
+            if t.dtype not in STORAGE_DTYPES:
+                raise ValueError(f"quantize_: tensors[{i}] must be one of {STORAGE_DTYPES}, got {t.dtype}")
         keep = None
         if noop_flag is not None:
             if not isinstance(noop_flag, torch.Tensor) or noop_flag.numel() != 1:

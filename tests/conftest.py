@@ -2,6 +2,9 @@
 
 The `gpu` marker is registered in pyproject.toml. Here:
 - tests marked `gpu` are skipped when CUDA is not available;
+- ``--require-kernels`` (or GROUPED_TEST_REQUIRE_KERNELS=1) turns "our CuTe DSL kernels cannot
+  run here" from a skip into a failure (``kernels_unavailable``), so a GPU machine whose kernels
+  failed to load cannot report green; use it on the Hopper GPU;
 - `seed` gives each test its own deterministic seed (derived from its node id), and
   `gen` a CPU torch.Generator seeded with it, so every test draws fresh, varied
   random data that is still reproducible run to run;
@@ -9,9 +12,29 @@ The `gpu` marker is registered in pyproject.toml. Here:
   empty backend-decision cache, so backend choice never depends on the caller.
 """
 
+import os
 import zlib
 
 import pytest
+
+REQUIRE_KERNELS = "GROUPED_TEST_REQUIRE_KERNELS"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--require-kernels", action="store_true",
+                     help="fail, not skip, GPU tests whose CuTe DSL kernels cannot run here")
+
+
+def pytest_configure(config):
+    if config.getoption("--require-kernels"):
+        os.environ[REQUIRE_KERNELS] = "1"
+
+
+def kernels_unavailable(reason: str):
+    """Skip a test because our kernels cannot run here, or fail it under --require-kernels."""
+    if os.environ.get(REQUIRE_KERNELS) == "1":
+        pytest.fail(f"our kernels are unavailable (--require-kernels): {reason}")
+    pytest.skip(reason)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -19,6 +19,7 @@ stored; and dynamic scheduling (work items claimed from a global counter).
 from __future__ import annotations
 
 import pytest
+from conftest import kernels_unavailable
 import torch
 
 import grouped
@@ -46,7 +47,7 @@ def schedule(request, monkeypatch):
 def _require_cute(a, b, **kwargs):
     decision = grouped.explain(a, b, SIZES, backend="cute", **kwargs)
     if decision.backend != "cute":
-        pytest.skip(f"cute cannot run here: {decision.reasons['cute']}")
+        kernels_unavailable(f"cute cannot run here: {decision.reasons['cute']}")
 
 
 @pytest.mark.gpu

@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from conftest import kernels_unavailable
 import torch
 
 import grouped
@@ -222,6 +223,10 @@ def gemm_on(backend, a, b, *args, **kwargs):
     if backend is not None:
         decision = grouped.explain(a, b, *args, backend=backend, **kwargs)
         if decision.backend != backend:
+            cap = torch.cuda.get_device_capability()
+            missing = BACKENDS[backend].unavailable("cuda", cap)
+            if backend == "cute" and missing is not None:
+                kernels_unavailable(f"cute cannot run here: {missing}")
             pytest.skip(f"{backend} refuses this call: {decision.reasons[backend]}")
     return grouped.gemm(a, b, *args, backend=backend, **kwargs)
 

@@ -3,6 +3,7 @@
 import itertools
 
 import pytest
+from conftest import kernels_unavailable
 import torch
 
 import grouped
@@ -24,7 +25,7 @@ def _reference(sizes, strides, leading, dtypes):
 
 def _kernel_available():
     if not kernels.usable(torch.empty(0, device="cuda")):
-        pytest.skip(kernels.unavailable("cuda", torch.cuda.get_device_capability()))
+        kernels_unavailable(kernels.unavailable("cuda", torch.cuda.get_device_capability()))
 
 
 @pytest.mark.parametrize("n", [1, 7, 256, 1000, 5000])

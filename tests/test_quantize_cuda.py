@@ -1,6 +1,7 @@
 """grouped.quantize and GroupedTensor.quantize_ on CUDA (the CuTe DSL kernels) equal the CPU reference bytes."""
 
 import pytest
+from conftest import kernels_unavailable
 import torch
 
 import grouped
@@ -14,7 +15,7 @@ FORMATS = ["mxfp8", "nvfp4"]
 def _needs_kernels():
     reason = kernels.unavailable("cuda", torch.cuda.get_device_capability())
     if reason:
-        pytest.skip(reason)
+        kernels_unavailable(reason)
 
 
 def _wide(gen, *shape, dtype=torch.bfloat16):

@@ -10,6 +10,7 @@ The last tests (group table, argument checks that need no GPU) run everywhere.
 """
 
 import pytest
+from conftest import kernels_unavailable
 import torch
 
 import grouped
@@ -39,7 +40,7 @@ def _qk():
     """The kernel module, or skip with the reason the kernels cannot run here."""
     reason = kernels.unavailable("cuda", torch.cuda.get_device_capability())
     if reason:
-        pytest.skip(reason)
+        kernels_unavailable(reason)
     from cute_backend import quantize
 
     return quantize

@@ -9,7 +9,14 @@ Recipes: "bf16", or "mxfp8" / "nvfp4": every GEMM operand is quantized along
 that GEMM's contraction dim (activations rowwise for forward; dY rowwise for
 dgrad; dY and X columnwise, blocks restarting at expert boundaries, for
 wgrad). The quantized weight lives in one persistent GroupedTensor (rowwise
-for forward, columnwise for dgrad), refreshed in place when the weight changed.
+for forward, columnwise for dgrad), written in place.
+
+What backward uses is fixed at forward: the split sizes (copied when given on
+the host, turned into new end offsets when given on the GPU), X (saved through
+autograd, so an in-place change of it before backward raises as it does for
+nn.Linear; quantized recipes keep their own quantized copy) and the weights
+(saved through autograd). Every caller buffer (out, grad_input, main_grad) is
+checked in forward, before the first write.
 
 Rows past sum(split_sizes) belong to no expert: they get zeros in outputs and
 gradients the layer allocates, and are left untouched in caller buffers.
@@ -23,84 +30,139 @@ import math
 import torch
 from torch import nn
 
+from .. import buffers
 from ..formats import get_format
 from ..gemm import gemm
 from ..offsets import splits_to_offsets
-from ..quantize import quantize
+from ..quantize import quantize, split_sizes_to_list
 from ..tensor import GroupedTensor
 
 MAIN_GRAD_MODES = ("accumulate", "overwrite")
+# Activation dtypes per recipe: the GEMMs take bf16 operands; quantized recipes quantize bf16 or fp32.
+INPUT_DTYPES = {False: (torch.bfloat16,), True: (torch.bfloat16, torch.float32)}
 
 
-def row_groups(split_sizes, rows: int, device: torch.device) -> torch.Tensor:
-    """Each row's expert index (G for rows past the split total), without a host sync."""
-    ends = splits_to_offsets(split_sizes, strides=[1], include_leading_zero=[False], dtypes=[torch.int64])[0]
-    return torch.searchsorted(ends.to(device), torch.arange(rows, device=device), right=True)
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
 
 
-def _zero_rows_past_total(t: torch.Tensor, split_sizes, groups: torch.Tensor, num_groups: int) -> None:
-    """grouped.gemm zeroes them itself for host split sizes; with GPU split sizes it leaves
-    them unspecified, and a layer's outputs and gradients must not carry garbage."""
-    if isinstance(split_sizes, torch.Tensor) and split_sizes.is_cuda:
-        t.masked_fill_((groups == num_groups).unsqueeze(1), 0)
+class StepSplits:
+    """The split sizes of one layer step, fixed when forward runs.
+
+    Host split sizes (a list or CPU tensor) are copied into a tuple, so a later change of the
+    caller's object cannot reach backward. GPU split sizes become their int32 end offsets, a
+    new tensor (one launch, no sync), passed to every GEMM as ``offsets=``.
+    """
+
+    def __init__(self, split_sizes, rows: int, num_experts: int, device: torch.device):
+        self.num_experts = num_experts
+        self.sizes: tuple[int, ...] | None = None
+        if isinstance(split_sizes, torch.Tensor) and split_sizes.device.type != "cpu":
+            if split_sizes.device != device:
+                raise ValueError(f"split_sizes is on {split_sizes.device}, x on {device}")
+            if split_sizes.dim() != 1 or split_sizes.shape[0] != num_experts:
+                raise ValueError(
+                    f"split_sizes must have one entry per expert ({num_experts}), got shape {tuple(split_sizes.shape)}"
+                )
+            (self.ends,) = splits_to_offsets(split_sizes, strides=[1], include_leading_zero=[False],
+                                              dtypes=[torch.int32])
+        else:
+            sizes = split_sizes_to_list(split_sizes, rows=rows)
+            if len(sizes) != num_experts:
+                raise ValueError(f"split_sizes has {len(sizes)} entries, expected one per expert ({num_experts})")
+            self.sizes = sizes
+            ends = torch.tensor(sizes, dtype=torch.int64).cumsum(0).to(torch.int32)
+            self.ends = ends.to(device, non_blocking=True)
+
+    @property
+    def on_device(self) -> bool:
+        return self.sizes is None
+
+    def gemm_args(self) -> dict:
+        """How every GEMM of this step gets the splits."""
+        return {"offsets": self.ends} if self.on_device else {"split_sizes": self.sizes}
+
+    def split_sizes(self):
+        """The sizes as grouped.gemm_swiglu takes them: the host tuple, or device counts (from the ends)."""
+        if not self.on_device:
+            return self.sizes
+        return torch.diff(self.ends, prepend=self.ends.new_zeros(1))
+
+    def host_sizes(self) -> tuple[int, ...]:
+        """Host sizes (one sync when they were given on the GPU; quantized recipes need them)."""
+        if self.sizes is None:
+            ends = [0, *self.ends.tolist()]
+            self.sizes = tuple(e - s for s, e in zip(ends, ends[1:]))
+        return self.sizes
+
+    def row_groups(self, rows: int) -> torch.Tensor:
+        """Each row's expert index (num_experts for rows past the split total), without a host sync."""
+        return torch.searchsorted(self.ends, torch.arange(rows, device=self.ends.device, dtype=torch.int32), right=True)
+
+    def zero_rows_past_total(self, t: torch.Tensor, groups: torch.Tensor) -> None:
+        """grouped.gemm zeroes them itself for host split sizes; with GPU split sizes it leaves
+        them unspecified, and a layer's outputs and gradients must not carry garbage."""
+        if self.on_device:
+            t.masked_fill_((groups == self.num_experts).unsqueeze(1), 0)
 
 
 class _GroupedLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, out, x, grad_input, bias, layer, split_sizes, *weights):
+    def forward(ctx, out, x, grad_input, bias, layer, splits, weight_operand, *weights):
         # ``out`` comes first: when it is a view, autograd's in-place bookkeeping
         # (CopySlices) treats input 0 as the tensor written in place.
-        groups = row_groups(split_sizes, x.shape[0], x.device)
-        w_operand = layer._forward_weight(weights)
-        x_operand = x if layer.fmt.name == "bf16" else quantize(x, layer.fmt, split_sizes=split_sizes)
-        y = gemm(x_operand, w_operand, split_sizes, out=out, out_dtype=x.dtype)
+        groups = splits.row_groups(x.shape[0])
+        quantized = layer.fmt.quantized
+        x_operand = quantize(x, layer.fmt, split_sizes=splits.host_sizes()) if quantized else x
+        y = gemm(x_operand, weight_operand, **splits.gemm_args(), out=out, out_dtype=x.dtype)
         if out is None:
-            _zero_rows_past_total(y, split_sizes, groups, layer.num_experts)
+            splits.zero_rows_past_total(y, groups)
         if bias is not None:
             with_bias = y + torch.cat((bias, bias.new_zeros(1, bias.shape[1])))[groups]
             y.copy_(torch.where((groups < layer.num_experts).unsqueeze(1), with_bias, y))
         if out is not None:
             ctx.mark_dirty(out)
 
-        # wgrad contracts over tokens: keep X quantized along them (columnwise, per expert).
-        if layer.fmt.name == "bf16":
-            x_for_wgrad = x
-        else:
-            x_for_wgrad = quantize(x, layer.fmt, axis=0, split_sizes=split_sizes)
-        ctx.layer, ctx.split_sizes, ctx.grad_input = layer, split_sizes, grad_input
-        ctx.x_for_wgrad, ctx.w_operand, ctx.groups = x_for_wgrad, w_operand, groups
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(*weights)
+        # wgrad contracts over tokens: a quantized recipe keeps X quantized along them (columnwise,
+        # per expert), its own copy; bf16 saves X itself, so autograd sees in-place changes to it.
+        ctx.x_quantized = quantize(x, layer.fmt, axis=0, split_sizes=splits.host_sizes()) if quantized else None
+        ctx.layer, ctx.splits, ctx.grad_input = layer, splits, grad_input
+        ctx.weight_operand, ctx.groups, ctx.has_bias = weight_operand, groups, bias is not None
+        ctx.save_for_backward(None if quantized else x, *weights)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        layer, sizes = ctx.layer, ctx.split_sizes
-        weights = ctx.saved_tensors
+        layer, splits = ctx.layer, ctx.splits
+        x, *weights = ctx.saved_tensors
         grad_y = grad_y.contiguous()
         grad_x = None
         if ctx.needs_input_grad[1]:
-            dy = grad_y if layer.fmt.name == "bf16" else quantize(grad_y, layer.fmt, split_sizes=sizes)
-            grad_x = gemm(dy, ctx.w_operand, sizes, layout="dgrad", out=ctx.grad_input, out_dtype=grad_y.dtype)
+            dy = quantize(grad_y, layer.fmt, split_sizes=splits.host_sizes()) if layer.fmt.quantized else grad_y
+            grad_x = gemm(dy, ctx.weight_operand, **splits.gemm_args(), layout="dgrad", out=ctx.grad_input,
+                          out_dtype=grad_y.dtype)
             if ctx.grad_input is None:
-                _zero_rows_past_total(grad_x, sizes, ctx.groups, layer.num_experts)
+                splits.zero_rows_past_total(grad_x, ctx.groups)
 
+        no_grads = (None, grad_x, None, None, None, None, None, *[None] * len(weights))
         if not any(ctx.needs_input_grad[3:]):
-            return (None, grad_x, *[None] * (4 + len(weights)))
-        wgrad = _WeightGradient(layer, grad_y, ctx.x_for_wgrad, sizes, ctx.groups, weights, ctx.has_bias)
+            return no_grads
+        x_for_wgrad = ctx.x_quantized if layer.fmt.quantized else x
+        wgrad = _WeightGradient(layer, grad_y, x_for_wgrad, splits, ctx.groups, weights, ctx.has_bias)
         if layer.delay_wgrad:
             layer._pending_wgrad.append(wgrad)
-            weight_grads, bias_grad = [None] * len(weights), None
-        else:
-            weight_grads, bias_grad = wgrad.compute(for_autograd=True)
-        return (None, grad_x, None, bias_grad, None, None, *weight_grads)
+            return no_grads
+        weight_grads, bias_grad = wgrad.compute(for_autograd=True)
+        return (None, grad_x, None, bias_grad, None, None, None, *weight_grads)
 
 
 class _WeightGradient:
     """The wgrad (and bias gradient) of one backward, run now or later (delayed wgrad)."""
 
-    def __init__(self, layer, grad_y, x_for_wgrad, split_sizes, groups, weights, has_bias):
-        self.layer, self.grad_y, self.x, self.split_sizes = layer, grad_y, x_for_wgrad, split_sizes
+    def __init__(self, layer, grad_y, x_for_wgrad, splits: StepSplits, groups, weights, has_bias):
+        self.layer, self.grad_y, self.x, self.splits = layer, grad_y, x_for_wgrad, splits
         self.groups, self.weights, self.has_bias = groups, weights, has_bias
 
     def compute(self, *, for_autograd: bool):
@@ -109,18 +171,18 @@ class _WeightGradient:
         for_autograd: the grads are returned to autograd (which accumulates them);
         otherwise they are added into ``.grad`` here.
         """
-        layer = self.layer
+        layer, splits = self.layer, self.splits
         dy = self.grad_y
-        if layer.fmt.name != "bf16":
-            dy = quantize(dy, layer.fmt, axis=0, split_sizes=self.split_sizes)
+        if layer.fmt.quantized:
+            dy = quantize(dy, layer.fmt, axis=0, split_sizes=splits.host_sizes())
         main_grads = [getattr(w, "main_grad", None) for w in self.weights]
         grads: list = [None] * len(self.weights)
         if len(self.weights) == 1 and main_grads[0] is not None:
             accumulate = layer.main_grad_mode == "accumulate"
-            gemm(dy, self.x, self.split_sizes, layout="wgrad", out=main_grads[0], accumulate=accumulate)
+            gemm(dy, self.x, **splits.gemm_args(), layout="wgrad", out=main_grads[0], accumulate=accumulate)
         else:
             dtype = torch.float32 if any(m is not None for m in main_grads) else self.weights[0].dtype
-            dw = gemm(dy, self.x, self.split_sizes, layout="wgrad", out_dtype=dtype)
+            dw = gemm(dy, self.x, **splits.gemm_args(), layout="wgrad", out_dtype=dtype)
             parts = [dw] if len(self.weights) == 1 else list(dw.unbind(0))
             for i, (part, main_grad) in enumerate(zip(parts, main_grads)):
                 if main_grad is None:
@@ -151,11 +213,15 @@ class GroupedLinear(nn.Module):
     wgrad goes there (``main_grad_mode`` "accumulate", Megatron's convention,
     or "overwrite") and the weight's ``.grad`` stays None. delay_wgrad:
     backward computes dgrad only; call ``backward_dw()`` later for wgrad.
-    weight_noop_flag: for CUDA graphs with a quantized recipe, a device scalar
-    that is nonzero when the weights did not change since the last step; the
-    cached quantized weight is then refreshed on every call, skipped on the
-    device. Without it the refresh is decided on the host from the weights'
-    version counters.
+
+    Quantized recipes re-quantize the weight into its cached GroupedTensor on
+    every forward, so no change of the weight goes unseen (not even a write
+    through ``weight.data``). ``forward(..., reuse_weight_cache=True)`` skips
+    that for a call whose caller knows the weight has not changed since the
+    previous forward (later micro-batches of one step, serving); a change of a
+    weight's version counter or storage still refreshes it. weight_noop_flag:
+    for CUDA graphs, a device scalar that is nonzero when the weights did not
+    change; the refresh then runs every call and is skipped on the device.
     """
 
     def __init__(
@@ -173,8 +239,9 @@ class GroupedLinear(nn.Module):
         dtype: torch.dtype = torch.bfloat16,
     ):
         super().__init__()
-        if num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        num_experts = _positive_int(num_experts, "num_experts")
+        in_features = _positive_int(in_features, "in_features")
+        out_features = _positive_int(out_features, "out_features")
         if main_grad_mode not in MAIN_GRAD_MODES:
             raise ValueError(f"main_grad_mode must be one of {MAIN_GRAD_MODES}, got {main_grad_mode!r}")
         self.fmt = get_format(recipe, argument="recipe")
@@ -204,6 +271,9 @@ class GroupedLinear(nn.Module):
             return [self.weight]
         return [getattr(self, f"weight{g}") for g in range(self.num_experts)]
 
+    def weight_names(self) -> list[str]:
+        return ["weight"] if self.single_weight else [f"weight{g}" for g in range(self.num_experts)]
+
     def reset_parameters(self) -> None:
         """nn.Linear's initialisation, per expert."""
         bound = 1.0 / math.sqrt(self.in_features)
@@ -211,10 +281,14 @@ class GroupedLinear(nn.Module):
             for w in self.weights():
                 w.uniform_(-bound, bound)
 
-    def _forward_weight(self, weights):
-        """The weight operand of the GEMMs: a (G, out, in) tensor, or the cached quantized one."""
+    def _forward_weight(self, weights, *, reuse_cache: bool = False):
+        """The weight operand of the GEMMs: a (G, out, in) tensor, or the cached quantized one
+        (refreshed as the class doc says)."""
         if not self.fmt.quantized:
-            return weights[0] if self.single_weight else torch.stack(weights)
+            if self.single_weight:
+                return weights[0]
+            with torch.no_grad():  # an operand, not part of the graph: the grads come from the layer
+                return torch.stack(weights)
         experts = list(weights[0].unbind(0)) if self.single_weight else list(weights)
         if self._weight_cache is None or self._weight_cache.device != weights[0].device:
             self._weight_cache = GroupedTensor(
@@ -225,14 +299,53 @@ class GroupedLinear(nn.Module):
         versions = tuple((w._version, w.data_ptr()) for w in weights)
         if self.weight_noop_flag is not None:
             self._weight_cache.quantize_(experts, noop_flag=self.weight_noop_flag)
-        elif versions != self._cached_versions:
+        elif not (reuse_cache and versions == self._cached_versions):
             self._weight_cache.quantize_(experts)
         self._cached_versions = versions
         return self._weight_cache
 
+    def check_call(self, x, out, grad_input) -> None:
+        """Everything forward and backward will write or read, checked before the first write."""
+        weights = self.weights()
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.in_features:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be a 2-D tensor (tokens, in_features={self.in_features}), got {got}")
+        allowed = INPUT_DTYPES[self.fmt.quantized]
+        if x.dtype not in allowed:
+            names = " or ".join(str(d).removeprefix("torch.") for d in allowed)
+            raise ValueError(f"x must be {names} for the {self.fmt.name} recipe, got {x.dtype}")
+        if x.device != weights[0].device:
+            raise ValueError(f"x is on {x.device}, the layer's weights on {weights[0].device}")
+        inputs = [x, *weights, *([self.bias] if self.bias is not None else [])]
+        if out is not None:
+            buffers.check_buffer(out, name="out", shape=(x.shape[0], self.out_features), dtype=x.dtype,
+                                 device=x.device, inputs=inputs)
+        if grad_input is not None:
+            buffers.check_buffer(grad_input, name="grad_input", shape=tuple(x.shape), dtype=x.dtype,
+                                 device=x.device, inputs=[t for t in (*inputs, out) if t is not None])
+        self.check_main_grads([t for t in (*inputs, out, grad_input) if t is not None])
+
+    def check_main_grads(self, inputs) -> None:
+        """Each weight's main_grad (wgrad writes it in backward): fp32, the weight's shape, no overlap."""
+        for name, w in zip(self.weight_names(), self.weights()):
+            main_grad = getattr(w, "main_grad", None)
+            if main_grad is not None:
+                buffers.check_buffer(main_grad, name=f"{name}.main_grad", shape=tuple(w.shape), dtype=torch.float32,
+                                     device=w.device, inputs=inputs)
+
     def forward(self, x: torch.Tensor, split_sizes, *, out: torch.Tensor | None = None,
-                grad_input: torch.Tensor | None = None) -> torch.Tensor:
-        return _GroupedLinearFunction.apply(out, x, grad_input, self.bias, self, split_sizes, *self.weights())
+                grad_input: torch.Tensor | None = None, reuse_weight_cache: bool = False) -> torch.Tensor:
+        self.check_call(x, out, grad_input)
+        splits = StepSplits(split_sizes, x.shape[0], self.num_experts, x.device)
+        return self.run(x, splits, out=out, grad_input=grad_input, reuse_weight_cache=reuse_weight_cache)
+
+    def run(self, x, splits: StepSplits, *, out=None, grad_input=None, reuse_weight_cache=False, weight_operand=None):
+        """forward on checked arguments and this step's splits (GroupedMLP shares one StepSplits
+        between its two layers)."""
+        weights = self.weights()
+        if weight_operand is None:
+            weight_operand = self._forward_weight(weights, reuse_cache=reuse_weight_cache)
+        return _GroupedLinearFunction.apply(out, x, grad_input, self.bias, self, splits, weight_operand, *weights)
 
     def backward_dw(self) -> None:
         """Run the wgrad (and bias grad) that backward deferred (delay_wgrad=True), in order."""

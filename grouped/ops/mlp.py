@@ -9,8 +9,9 @@
 ``grad_input`` FC1's input-gradient buffer (what the dispatch's backward
 reads). Autograd covers the activation and the probabilities' gradient. When no
 gradient is needed (inference, torch.no_grad), FC1 + SwiGLU + probs go through
-``grouped.gemm_swiglu``, which fuses them where a backend can (cuDNN frontend on
-Blackwell, NVFP4) and otherwise computes exactly what the training path does.
+``grouped.gemm_swiglu``, which fuses them where a backend can and otherwise
+computes exactly what the training path does. The split sizes are fixed once
+per step (``StepSplits``) and shared by both layers.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import buffers
 from ..fused import gemm_swiglu
 from ..quantize import quantize
-from .linear import GroupedLinear
+from .linear import GroupedLinear, StepSplits
 
 ACTIVATIONS = ("swiglu",)
 
@@ -32,26 +34,46 @@ class GroupedMLP(nn.Module):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if isinstance(ffn_hidden, bool) or not isinstance(ffn_hidden, int) or ffn_hidden < 1:
+            raise ValueError(f"ffn_hidden must be a positive int, got {ffn_hidden!r}")
         self.activation, self.ffn_hidden = activation, ffn_hidden
         self.fc1 = GroupedLinear(num_experts, hidden, 2 * ffn_hidden, recipe=recipe, **linear_kwargs)
         self.fc2 = GroupedLinear(num_experts, ffn_hidden, hidden, recipe=recipe, **linear_kwargs)
 
     def forward(self, x: torch.Tensor, split_sizes, probs: torch.Tensor | None = None, *,
-                out: torch.Tensor | None = None, grad_input: torch.Tensor | None = None) -> torch.Tensor:
-        if probs is not None and (probs.dim() != 1 or probs.shape[0] != x.shape[0]):
-            raise ValueError(f"probs must be 1-D with one entry per row of x ({x.shape[0]}), got {tuple(probs.shape)}")
+                out: torch.Tensor | None = None, grad_input: torch.Tensor | None = None,
+                reuse_weight_cache: bool = False) -> torch.Tensor:
+        """y = fc2(swiglu(fc1(x)) * probs); see GroupedLinear.forward for out, grad_input and
+        reuse_weight_cache (which applies to both layers)."""
+        self.fc1.check_call(x, None, grad_input)
+        if probs is not None:
+            if not isinstance(probs, torch.Tensor) or probs.dim() != 1 or probs.shape[0] != x.shape[0]:
+                got = tuple(probs.shape) if isinstance(probs, torch.Tensor) else type(probs).__name__
+                raise ValueError(f"probs must be 1-D with one entry per row of x ({x.shape[0]}), got {got}")
+            if not probs.is_floating_point():
+                raise ValueError(f"probs must be a floating-point tensor, got {probs.dtype}")
+            if probs.device != x.device:
+                raise ValueError(f"probs is on {probs.device}, x on {x.device}")
+        if out is not None:  # FC2's checks run after FC1 wrote: check its buffer now
+            buffers.check_buffer(out, name="out", shape=(x.shape[0], self.fc2.out_features), dtype=x.dtype,
+                                 device=x.device, inputs=[x, *self.fc1.weights(), *self.fc2.weights()]
+                                 + ([grad_input] if grad_input is not None else []))
+        self.fc2.check_main_grads([x, *self.fc1.weights(), *self.fc2.weights()]
+                                  + [t for t in (out, grad_input) if t is not None])
+        splits = StepSplits(split_sizes, x.shape[0], self.fc1.num_experts, x.device)
         if self._inference_only(x, probs, grad_input):
-            # FC1 + SwiGLU + probs through the fused entry (one kernel on Blackwell/NVFP4).
+            # FC1 + SwiGLU + probs through the fused entry (one kernel where a backend fuses it).
             fc1 = self.fc1
-            a = x if not fc1.fmt.quantized else quantize(x, fc1.fmt, split_sizes=split_sizes)
-            act = gemm_swiglu(a, fc1._forward_weight(fc1.weights()), split_sizes, probs)
-            return self.fc2(act.to(x.dtype), split_sizes, out=out)
-        h = self.fc1(x, split_sizes, grad_input=grad_input)
+            a = x if not fc1.fmt.quantized else quantize(x, fc1.fmt, split_sizes=splits.host_sizes())
+            weight = fc1._forward_weight(fc1.weights(), reuse_cache=reuse_weight_cache)
+            act = gemm_swiglu(a, weight, splits.split_sizes(), probs)
+            return self.fc2.run(act.to(x.dtype), splits, out=out, reuse_weight_cache=reuse_weight_cache)
+        h = self.fc1.run(x, splits, grad_input=grad_input, reuse_weight_cache=reuse_weight_cache)
         gate, up = h.float().chunk(2, dim=1)
         a = F.silu(gate) * up
         if probs is not None:
             a = a * probs.float().unsqueeze(1)
-        return self.fc2(a.to(x.dtype), split_sizes, out=out)
+        return self.fc2.run(a.to(x.dtype), splits, out=out, reuse_weight_cache=reuse_weight_cache)
 
     def _inference_only(self, x, probs, grad_input) -> bool:
         """No gradient will be asked for: the fused FC1 entry (forward only) may serve."""
