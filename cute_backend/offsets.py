@@ -13,7 +13,8 @@ More than 8 outputs are served by several launches (grouped.offsets).
 
 Host side here (``can_implement``, ``compile_config`` — no GPU needed when
 CUTE_DSL_ARCH is set — and ``launch``); device code in offsets_kernel.py,
-imported only to compile, so a warm process never imports cutlass.
+imported only to compile, so a warm process never imports cutlass. What both
+sides compile in is in offsets_config.py.
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ from pathlib import Path
 import torch
 
 from .cache import ARCH, CACHE, KernelSpec, compile_kernel
+from .offsets_config import MAX_OUTPUTS, THREADS
 
-MAX_OUTPUTS = 8
-THREADS = 256
 INPUT_DTYPES = (torch.int32, torch.int64)
 
 
@@ -40,7 +40,7 @@ def can_implement(split_sizes: torch.Tensor, n_outputs: int) -> str | None:
     return None
 
 
-_SOURCES = (__file__, str(Path(__file__).with_name("offsets_kernel.py")))
+_SOURCES = tuple(str(Path(__file__).with_name(f)) for f in ("offsets.py", "offsets_config.py", "offsets_kernel.py"))
 
 
 def _spec(input_dtype: torch.dtype) -> KernelSpec:

@@ -1,10 +1,10 @@
-"""Device code of splits_to_offsets (host side: offsets.py)."""
+"""Device code of splits_to_offsets (host side: offsets.py; shared constants: offsets_config.py)."""
 
 import cutlass
 import cutlass.cute as cute
 from cutlass import Int32, Int64
 
-from .offsets import MAX_OUTPUTS, THREADS
+from .offsets_config import MAX_OUTPUTS, THREADS
 
 
 @cute.kernel
