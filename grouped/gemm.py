@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import selector
+from . import kernels, selector
 from .backends import BACKENDS
 from .problem import prepare
 
@@ -44,7 +44,12 @@ def gemm(
     )
     decision = selector.choose(call, backend)
     with torch.no_grad():
-        return BACKENDS[decision.backend].run(call)
+        try:
+            return BACKENDS[decision.backend].run(call)
+        except Exception as e:  # our kernels cannot be built here: the next backend, with a warning
+            if not kernels.fall_back(e):
+                raise
+        return BACKENDS[selector.choose(call, backend).backend].run(call)
 
 
 def explain(

@@ -29,13 +29,33 @@ def _kernel_path(device_type: str, cap) -> str:
     return "CuTe DSL kernels" if reason is None else f"torch reference path ({reason})"
 
 
+def _kernel_cache_status() -> str:
+    if kernels.missing_packages():
+        return "kernel cache: not used (the CuTe DSL toolchain is not installed)"
+    from cute_backend.cache import status
+
+    return status()
+
+
+def _probe_kernels(device_type: str, cap) -> None:
+    """On a GPU the kernels could run on, build or load one (splits_to_offsets) so a machine
+    where they cannot be built says so here, not on the first real call."""
+    if kernels.unavailable(device_type, cap) is None:
+        from .offsets import splits_to_offsets
+
+        splits_to_offsets(torch.ones(2, dtype=torch.int32, device="cuda"), strides=[1], include_leading_zero=[False],
+                          dtypes=[torch.int32])
+
+
 def report() -> str:
     device_type, cap, gpu = device_of_this_machine()
+    _probe_kernels(device_type, cap)
     lines = [
         f"grouped {__version__}",
         f"torch {torch.__version__}, CUDA {torch.version.cuda or 'none'}, GPU: {gpu}",
         f"nvidia-cutlass-dsl {_package_version('nvidia-cutlass-dsl')}, "
         f"nvidia-cudnn-frontend {_package_version('nvidia-cudnn-frontend')}",
+        _kernel_cache_status(),
         f"splits_to_offsets: {_kernel_path(device_type, cap)}",
         f"quantize, GroupedTensor.quantize_: {_kernel_path(device_type, cap)}",
         "",

@@ -156,13 +156,12 @@ def splits_to_offsets(
     outs = _empty_outputs(lengths, dtypes, split_sizes.device, bulk_allocate)
 
     if kernels.usable(split_sizes) and n > 0:
-        from cute_backend import offsets as offsets_kernel
-
-        step = offsets_kernel.MAX_OUTPUTS
-        for i in range(0, len(outs), step):  # one launch per 8 outputs
-            offsets_kernel.launch(split_sizes, outs[i : i + step], strides[i : i + step],
-                                  include_leading_zero[i : i + step])
-        return outs
+        try:
+            _offsets_on_gpu(split_sizes, outs, strides, include_leading_zero)
+            return outs
+        except Exception as e:
+            if not kernels.fall_back(e):
+                raise
     csum = torch.cumsum(split_sizes, 0, dtype=torch.int64)
     for out, s, z in zip(outs, strides, include_leading_zero):
         body = out
@@ -171,3 +170,11 @@ def splits_to_offsets(
             body = out[1:]
         body.copy_(csum if s == 1 else csum * s)  # int64 -> dtype; wraps on CUDA
     return outs
+
+
+def _offsets_on_gpu(split_sizes, outs, strides, include_leading_zero) -> None:
+    from cute_backend import offsets as offsets_kernel
+
+    step = offsets_kernel.MAX_OUTPUTS
+    for i in range(0, len(outs), step):  # one launch per 8 outputs
+        offsets_kernel.launch(split_sizes, outs[i : i + step], strides[i : i + step], include_leading_zero[i : i + step])

@@ -263,9 +263,15 @@ def quantize(
             f"quantize: the blocked dim (axis {axis}) of x has {x.shape[axis]} elements, "
             f"not a multiple of the {fmt.name} block size {fmt.block_size}{hint}"
         )
-    if kernels.usable(x):
-        data, scale, global_scale = _quantize_on_gpu(x, geometry)
-    else:
+    on_gpu = kernels.usable(x)
+    if on_gpu:
+        try:
+            data, scale, global_scale = _quantize_on_gpu(x, geometry)
+        except Exception as e:
+            if not kernels.fall_back(e):
+                raise
+            on_gpu = False
+    if not on_gpu:
         global_scale = fmt.global_scale(geometry.global_amax(x)) if fmt.has_global_scale else None
         s = geometry.broadcast_global_scale(global_scale, x.device)
         data, scale = fmt.quantize_blocks(geometry.to_stored(x.float()), s)

@@ -271,8 +271,12 @@ class GroupedTensor:
                 write(dst, t)
             return self
         if kernels.usable(tensors[0]) and self._rowwise_gap_free():
-            self._quantize_on_gpu(tensors, keep)
-            return self
+            try:
+                self._quantize_on_gpu(tensors, keep)
+                return self
+            except Exception as e:
+                if not kernels.fall_back(e):
+                    raise
         directions = [c for c, on in ((False, self.rowwise), (True, self.columnwise)) if on]
         for columnwise in directions:
             for i, (dst, t) in enumerate(zip(self.split(columnwise=columnwise), tensors)):
