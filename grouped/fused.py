@@ -3,14 +3,16 @@
     h   = grouped.gemm(a, b, split_sizes)           (M, N), N = 2F: h[:, :F] gate, h[:, F:] up
     act = silu(gate) * up * probs[:, None]          computed in fp32, returned in bf16 (or out's dtype)
 
-Fused: when the FC1 GEMM goes to the ``cudnn`` backend (Blackwell) with NVFP4
-operands and cuDNN frontend's ``grouped_gemm_glu_wrapper_sm100`` accepts the
-call (N a multiple of 64, every expert's token count a multiple of 256, bf16
-result, ...), one kernel computes the activation in the GEMM epilogue and h is
-never written. The fused epilogue works on the fp32 accumulator, so it skips
-the unfused path's rounding of h to bf16. MXFP8 is not fused: for FP8 inputs
-that wrapper always emits a block-scaled D (SFD scales, norm_const), not the
-plain activation returned here.
+Fused: when the backend chosen for the FC1 GEMM computes SwiGLU in its GEMM
+epilogue and accepts the call (``Backend.swiglu_refusal`` is None), one kernel
+gives the activation: no separate pass reads h back. Today that is ``cudnn``
+(Blackwell) with NVFP4 operands (N a multiple of 64, every expert's token count
+a multiple of 256, bf16 result, ...). Its kernel still stores h (bf16, as
+scratch: cuDNN frontend's GLU kernel always writes its C output), and it works
+on the fp32 accumulator, so it skips the unfused path's rounding of h to bf16.
+MXFP8 is not fused: for FP8 inputs the frontend's own GLU wrapper always emits a
+block-scaled D, not the plain activation returned here (the plain-D path of its
+kernel stays off until it has run on Blackwell).
 
 Unfused otherwise: ``grouped.gemm`` (the public entry, with its usual backend
 choice) writes h in bf16, then SwiGLU runs in torch. ``explain_swiglu`` says
@@ -31,7 +33,6 @@ import torch.nn.functional as F
 
 from . import buffers, selector
 from .backends import BACKENDS
-from .backends import cudnn as cudnn_backend
 from .gemm import gemm
 from .offsets import splits_to_offsets
 from .problem import GemmCall, prepare
@@ -41,14 +42,14 @@ OUT_DTYPES = (torch.bfloat16, torch.float32)
 
 @dataclass
 class SwigluExplanation:
-    """Which path gemm_swiglu takes: fused in one cuDNN kernel, or grouped.gemm + torch SwiGLU."""
+    """Which path gemm_swiglu takes: fused in one backend kernel, or grouped.gemm + torch SwiGLU."""
 
     fused: bool
     why: str
     gemm: selector.Decision  # the FC1 GEMM's decision (what grouped.explain says)
 
     def __str__(self) -> str:
-        path = "fused (cudnn grouped_gemm_glu_wrapper_sm100)" if self.fused else "unfused (grouped.gemm + torch SwiGLU)"
+        path = "fused (one GEMM + SwiGLU kernel)" if self.fused else "unfused (grouped.gemm + torch SwiGLU)"
         return f"gemm_swiglu -> {path}: {self.why}\n{self.gemm}"
 
 
@@ -86,24 +87,17 @@ def _check(call: GemmCall, a, b, probs, out) -> torch.dtype:
 
 def _plan(call: GemmCall, probs, out_dtype, backend) -> SwigluExplanation:
     decision = selector.decide(call.problem, backend)
-    if decision.backend != "cudnn":
+    reason = BACKENDS[decision.backend].swiglu_refusal(call, probs, out_dtype)
+    if reason is not None:
         why = (
-            f"the FC1 GEMM runs on {decision.backend}, which has no fused GEMM + SwiGLU; "
+            f"the FC1 GEMM goes to {decision.backend}, which cannot fuse SwiGLU here: {reason}; "
             "computed as grouped.gemm (bf16 h), then SwiGLU in torch (fp32)"
         )
-        return SwigluExplanation(False, why, decision)
-    reason = cudnn_backend.glu_refusal(call, probs, torch.bfloat16)
-    if reason is None and out_dtype != torch.bfloat16:
-        reason = f"the fused result is bf16 and out is {out_dtype}"
-    if reason is not None:
-        why = f"cudnn serves the FC1 GEMM but its GLU wrapper cannot fuse this call: {reason}; computed unfused"
-        return SwigluExplanation(False, why, decision)
+        return SwigluExplanation(False, why, selector.choose(call, backend))  # where grouped.gemm runs FC1
     why = (
-        "cudnn's grouped_gemm_glu_wrapper_sm100 computes FC1 + SwiGLU"
-        + (" + probs" if probs is not None else "")
-        + " in the GEMM epilogue (h never written; weight rows re-interleaved into 32-row gate/up blocks per call); "
-        "the wrapper allocates its own output, so the result is copied into out when out is given or rows past "
-        f"the split total exist; {cudnn_backend.NOT_RUN_NOTE}"
+        f"{decision.backend} computes FC1 + SwiGLU" + (" + probs" if probs is not None else "")
+        + " in one kernel, SwiGLU in the GEMM epilogue on the fp32 accumulator (no pass reads h back); "
+        "the result goes straight into out when out has dense rows"
     )
     return SwigluExplanation(True, why, decision)
 
@@ -166,11 +160,11 @@ def gemm_swiglu(a, b, split_sizes, probs=None, *, out=None, backend=None) -> tor
     plan = _plan(call, probs, out_dtype, backend)
     m = call.m_total
     if plan.fused:
-        d = BACKENDS["cudnn"].run_swiglu(call, probs)  # (valid_m, F): the split total, or all rows
-        total = _total_rows(split_sizes, call)
-        if out is None and isinstance(total, int) and total == m:
-            return d  # exactly the result: no copy
-        return _write(d, total, m, out, out_dtype, call.device)
+        fuser = BACKENDS[plan.gemm.backend]
+        if out is None or out.stride() == (out.shape[1], 1):
+            return fuser.run_swiglu(call, probs, out)
+        act = fuser.run_swiglu(call, probs)  # a strided out: through a dense result
+        return _write(act, _total_rows(split_sizes, call), m, out, out_dtype, call.device)
     h = gemm(a, b, split_sizes, backend=backend)
     act = _swiglu_torch(h, probs)
     return _write(act, _total_rows(split_sizes, call), m, out, out_dtype, call.device)

@@ -1,15 +1,17 @@
 """The cudnn backend (cuDNN frontend on Blackwell), tested without a Blackwell GPU.
 
-There is no sm100 device here, so nothing in this file runs cuDNN frontend. A
-FAKE ``cudnn`` module is injected into sys.modules; its three wrappers record the
-keyword arguments they get, check them against the contract read from
-nvidia-cudnn-frontend 1.32.0's sources (shapes, strides, dtypes, packed-scale
-sizes, the 256 / 128 token rules), and emulate the computation on the CPU by
-reading the scales back with from_blocked as cuDNN documents them. Results are
-compared with the reference backend, and the exact tensors are compared with
-references built from DESIGN.md's rules (grouped.to_blocked per matrix / per
-group, splits_to_offsets, 1/(S_a S_b)). Selection runs on simulated sm100 / sm90
-problems.
+There is no sm100 device here, so nothing in this file runs a cuDNN kernel. A
+FAKE ``cudnn`` module is injected into sys.modules; its wrappers and GLU class
+record the keyword arguments they get and the device that was current then,
+check them against the contract read from nvidia-cudnn-frontend 1.32.0's sources
+(shapes, strides, dtypes, packed-scale sizes, the 256 / 128 token rules, the
+wgrad descriptor workspace), and emulate the computation on the CPU by reading
+the scales back with from_blocked as cuDNN documents them. Results are compared
+with the reference backend, and the exact tensors with references built from
+DESIGN.md's rules (grouped.to_blocked per matrix / per group, splits_to_offsets,
+1/(S_a S_b)). Selection, per-call refusals and graph-capture warm-up run on
+simulated sm100 calls. The real frontend's own argument checks run in
+tests/test_cudnn_frontend.py.
 """
 
 from __future__ import annotations
@@ -66,11 +68,10 @@ def _check_sf_pairing(data_dtype, sf_dtype, sf_vec):
 
 
 def _forward_like(kw):
-    """Checks shared by the quant and GLU wrappers; returns (valid_m, k, n, experts, C = alpha A B^T in fp64)."""
+    """Checks shared by the quant and GLU kernels; returns (valid_m, k, n, experts, C = alpha A B^T in fp64)."""
     a, b = kw["a_tensor"], kw["b_tensor"]
     assert a.dim() == 2 and a.is_contiguous(), "canonical A is (valid_m, k) row-major"
     assert b.dim() == 3 and b.is_contiguous(), "canonical B is (l, n, k) row-major (k-major)"
-    assert kw["b_major"] == "k" and kw["cd_major"] == "n"
     assert a.dtype == b.dtype
     fp4 = a.dtype == FP4
     valid_m, k = a.shape[0], a.shape[1] * (2 if fp4 else 1)
@@ -100,17 +101,52 @@ def _forward_like(kw):
     return valid_m, k, n, experts, C, ends[-1]
 
 
-class FakeCudnn(types.ModuleType):
-    """Records every wrapper call's kwargs and emulates the wrappers' documented contract."""
+class FakeDevice:
+    """Stands in for torch.cuda.device / current_device on the CPU: the adapter must make the operands'
+    device current around every frontend call (outside, the current device is another one)."""
+
+    outside = torch.device("cuda", 7)
 
     def __init__(self):
+        self.current = self.outside
+
+    def __call__(self, device):
+        fake = self
+
+        class Guard:
+            def __enter__(self):
+                self.previous, fake.current = fake.current, torch.device(device)
+
+            def __exit__(self, *exc):
+                fake.current = self.previous
+
+        return Guard()
+
+
+FAKE_WGRAD_WORKSPACE_BYTES = 256  # per expert (the real size is the frontend's: get_..._workspace_size_sm100)
+
+
+class FakeCudnn(types.ModuleType):
+    """Records every frontend call's kwargs (and the current device then) and emulates its documented contract."""
+
+    def __init__(self, device: FakeDevice):
         super().__init__("cudnn")
         self.__spec__ = importlib.machinery.ModuleSpec("cudnn", None)
+        self.__version__ = "1.32.0"
         self.calls: list[tuple[str, dict]] = []
+        self.devices: list[torch.device] = []  # the current device at each call
+        self.device = device
+        self.glu_compiles = 0
+        self.GroupedGemmGluSm100 = self._glu_kernel_class()
+
+    def _record(self, name, kw):
+        self.calls.append((name, kw))
+        self.devices.append(self.device.current)
 
     def grouped_gemm_quant_wrapper_sm100(self, **kw):
-        self.calls.append(("quant", kw))
+        self._record("quant", kw)
         valid_m, k, n, experts, C, total = _forward_like(kw)
+        assert kw["b_major"] == "k" and kw["cd_major"] == "n"
         d = kw["d_tensor"]
         fp4 = kw["a_tensor"].dtype == FP4
         allowed = (torch.float16, torch.bfloat16, torch.float32) if fp4 else (torch.float16, torch.bfloat16)
@@ -120,8 +156,11 @@ class FakeCudnn(types.ModuleType):
         d[:total] = C[:total].to(d.dtype)
         return {"d_tensor": d}
 
+    def get_grouped_gemm_wgrad_workspace_size_sm100(self, num_experts, *, output_mode="dense", input_order="tensor2d"):
+        return FAKE_WGRAD_WORKSPACE_BYTES * num_experts
+
     def grouped_gemm_wgrad_wrapper_sm100(self, **kw):
-        self.calls.append(("wgrad", kw))
+        self._record("wgrad", kw)
         a, b, w = kw["a_tensor"], kw["b_tensor"], kw["wgrad_tensor"]
         assert kw["output_mode"] == "dense"
         assert a.dim() == 2 and b.dim() == 2 and a.dtype == b.dtype
@@ -144,6 +183,9 @@ class FakeCudnn(types.ModuleType):
         ends = offs.tolist()
         assert ends == sorted(ends) and ends[-1] <= tokens and all(e % 128 == 0 for e in ends)
         assert w.dtype == kw["wgrad_dtype"] and tuple(w.shape[1:]) == (hidden, inter)
+        workspace = kw["descriptor_workspace"]  # the execute-time checks of _blockscaled_api.py
+        assert workspace.dtype == torch.uint8 and workspace.is_contiguous() and workspace.device == w.device
+        assert workspace.numel() >= self.get_grouped_gemm_wgrad_workspace_size_sm100(experts)
         gs_a, gs_b = kw["global_scale_a"], kw["global_scale_b"]
         if fp4:
             assert gs_a.dtype == gs_b.dtype == torch.float32 and gs_a.shape == gs_b.shape == (experts,)
@@ -174,32 +216,58 @@ class FakeCudnn(types.ModuleType):
             start = end
         return {"wgrad_tensor": w}
 
-    def grouped_gemm_glu_wrapper_sm100(self, **kw):
-        self.calls.append(("glu", kw))
-        assert "d_tensor" not in kw, "the GLU wrapper has no d_tensor parameter"
-        if kw["a_tensor"].dtype == torch.float8_e4m3fn and kw.get("norm_const_tensor") is None:
-            # FP8 inputs: the wrapper allocates SFD outputs, so check_support wants norm_const too
-            raise ValueError("sfd_row_desc, sfd_col_desc, and norm_const_desc must be all None or all not None")
-        valid_m, k, n, experts, C, total = _forward_like(kw)
-        assert n % 64 == 0 and kw["act_func"] == "swiglu"
-        assert kw["c_dtype"] in (torch.bfloat16, torch.float16) and kw["d_dtype"] == torch.bfloat16
-        prob = kw["prob_tensor"]
-        D = torch.zeros(valid_m, n // 2, dtype=torch.float64)
-        for j in range(n // 64):
-            gate, up = C[:, 64 * j : 64 * j + 32], C[:, 64 * j + 32 : 64 * j + 64]
-            D[:, 32 * j : 32 * j + 32] = up * F.silu(gate)
-        if prob is not None:
-            assert prob.shape == (valid_m,) and prob.is_contiguous() and prob.dtype == torch.float32
-            D = D * prob.double().unsqueeze(1)
-        d = torch.full((valid_m, n // 2), float("nan"), dtype=torch.bfloat16)  # rows past the total: garbage
-        d[:total] = D[:total].to(torch.bfloat16)
-        return {"c_tensor": None, "d_tensor": d}
+    def _glu_kernel_class(self):
+        fake = self
+
+        class GroupedGemmGluSm100:
+            """The GLU class API: built from sample tensors, checked, compiled once, executed with every call's."""
+
+            def __init__(self, **kw):
+                assert all(name.startswith("sample_") for name in kw if name not in ("sf_vec_size", "act_func"))
+                assert kw["act_func"] == "swiglu"
+                self.samples = kw
+                self.compiled = False
+
+            def check_support(self):
+                assert self.samples["sample_d"].dtype in (torch.bfloat16, torch.float16, torch.float32)
+                return True
+
+            def compile(self):
+                fake.glu_compiles += 1
+                self.compiled = True
+
+            def execute(self, **kw):
+                assert self.compiled
+                fake._record("glu", kw)
+                valid_m, k, n, experts, C, total = _forward_like(dict(kw, sf_vec_size=self.samples["sf_vec_size"]))
+                assert n % 64 == 0
+                c, d = kw["c_tensor"], kw["d_tensor"]
+                assert c.shape == (valid_m, n) and c.is_contiguous() and c.dtype in (torch.bfloat16, torch.float16)
+                assert d.shape == (valid_m, n // 2) and d.stride() == (n // 2, 1) and d.dtype == torch.bfloat16
+                assert kw["d_col_tensor"] is d, "no SFD outputs: D_col is never stored, D stands in for it"
+                assert "amax_tensor" not in kw, "no amax: nothing reads it"
+                prob = kw["prob_tensor"]
+                D = torch.zeros(valid_m, n // 2, dtype=torch.float64)
+                for j in range(n // 64):
+                    gate, up = C[:, 64 * j : 64 * j + 32], C[:, 64 * j + 32 : 64 * j + 64]
+                    D[:, 32 * j : 32 * j + 32] = up * F.silu(gate)
+                if prob is not None:
+                    assert prob.shape == (valid_m,) and prob.is_contiguous() and prob.dtype == torch.float32
+                    D = D * prob.double().unsqueeze(1)
+                c[:total] = C[:total].to(c.dtype)  # the kernel always stores the pre-activation
+                d[:total] = D[:total].to(torch.bfloat16)
+
+        return GroupedGemmGluSm100
 
 
 @pytest.fixture
 def fake_cudnn(monkeypatch):
-    fake = FakeCudnn()
+    device = FakeDevice()
+    monkeypatch.setattr(torch.cuda, "device", device)
+    fake = FakeCudnn(device)
     monkeypatch.setitem(sys.modules, "cudnn", fake)
+    monkeypatch.setattr(cb, "_glu_kernels", {})  # compiled with an earlier test's fake
+    monkeypatch.setattr(cb, "_warm_signatures", set())
     real = cb.splits_to_offsets
     fake.offsets_calls = []
 
@@ -273,6 +341,22 @@ def check_offsets(fake, offs, sizes):
 
 def byte_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+def check_refused(call, match, monkeypatch):
+    """cudnn refuses this call in ``accepts`` (with a reason matching ``match``): the selector falls to the next
+    backend and says why, and a forced cudnn under GROUPED_STRICT=1 raises that reason before any write."""
+    reason = BACKENDS["cudnn"].accepts(call)
+    assert reason is not None and re.search(match, reason), reason
+    monkeypatch.delenv("GROUPED_BACKEND", raising=False)
+    monkeypatch.delenv("GROUPED_STRICT", raising=False)
+    decision = selector.choose(call)
+    assert decision.backend == "reference" and "cudnn cannot serve this call" in decision.why
+    assert re.search(match, decision.reasons["cudnn"]) and "(this call)" in decision.reasons["cudnn"]
+    monkeypatch.setenv("GROUPED_BACKEND", "cudnn")
+    monkeypatch.setenv("GROUPED_STRICT", "1")
+    with pytest.raises(ValueError, match=match):
+        selector.choose(call)
 
 
 def forward_case(gen, fmt, layout="forward", *, groups=3, n=96, k=64, extra_rows=37):
@@ -384,7 +468,7 @@ def test_forward_dgrad_arguments_exact(fake_cudnn, gen, fmt, layout):
     result = BACKENDS["cudnn"].run(call)
     assert result is out
     ((name, kw),) = fake_cudnn.calls
-    assert name == "quant"
+    assert name == "quant" and fake_cudnn.devices == [call.device]  # called with the operands' device current
     total = sum(sizes)
     f = FMT[fmt]
 
@@ -488,7 +572,7 @@ def test_nvfp4_scalar_tensor_scale(fake_cudnn, gen, fmt):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("layout", ["forward", "dgrad"])
-def test_token_rule_refused_not_padded(fake_cudnn, gen, fmt, layout):
+def test_token_rule_refused_not_padded(fake_cudnn, gen, fmt, layout, monkeypatch):
     groups, n, k = 3, 64, 64
     sizes = [256, 100, 156]  # sums to 512, but two experts break the 256 rule
     x = rand(gen, 512, k if layout == "forward" else n)
@@ -497,46 +581,42 @@ def test_token_rule_refused_not_padded(fake_cudnn, gen, fmt, layout):
     out = rand(gen, 512, n if layout == "forward" else k)
     before = out.clone()
     call = simulate(prepare(a, b, sizes, offsets=None, layout=layout, out=out, accumulate=False, out_dtype=None))
-    assert cb.call_refusal(call) is not None
-    with pytest.raises(ValueError, match=r"multiple of 256.*expert 1: 100, expert 2: 156.*refuses rather than padding"):
-        BACKENDS["cudnn"].run(call)
+    check_refused(call, r"multiple of 256.*expert 1: 100, expert 2: 156.*refuses rather than padding.*"
+                  r"padded_split_sizes", monkeypatch)
     assert fake_cudnn.calls == []
     assert torch.equal(out, before)  # left byte-for-byte unchanged
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_strided_caller_buffer_refused_not_copied(fake_cudnn, gen, fmt):
+def test_strided_caller_buffer_refused_not_copied(fake_cudnn, gen, fmt, monkeypatch):
     a, b, sizes, m_total, _ = forward_case(gen, fmt, extra_rows=0, n=64)
     big = rand(gen, m_total, 96)
     out = big[:, :64]  # a strided view: row stride 96 != N
     before = big.clone()
     call = simulate(prepare(a, b, sizes, offsets=None, layout="forward", out=out, accumulate=False, out_dtype=None))
-    with pytest.raises(ValueError, match=r"stride \(64, 1\).*\(96, 1\).*refused rather than copied"):
-        BACKENDS["cudnn"].run(call)
+    check_refused(call, r"stride \(64, 1\).*\(96, 1\).*refused rather than copied", monkeypatch)
     assert fake_cudnn.calls == [] and torch.equal(big, before)
 
 
-def test_too_many_experts_refused(fake_cudnn, gen):
+def test_too_many_experts_refused(fake_cudnn, gen, monkeypatch):
     groups = 1025
     b = grouped.quantize(rand(gen, groups, 32, 32), "mxfp8")
     sizes = [0] * groups
     sizes[3] = 256
     a = grouped.quantize(rand(gen, 256, 32), "mxfp8", split_sizes=sizes)
     call = simulate(prepare(a, b, sizes, offsets=None, layout="forward", out=None, accumulate=False, out_dtype=None))
-    with pytest.raises(ValueError, match="at most 1024 experts"):
-        BACKENDS["cudnn"].run(call)
+    check_refused(call, "at most 1024 experts", monkeypatch)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_nvfp4_mismatched_quantization_groups_refused(fake_cudnn, gen, fmt):
+def test_nvfp4_mismatched_quantization_groups_refused(fake_cudnn, gen, fmt, monkeypatch):
     x = rand(gen, 512, 64)
     a = grouped.quantize(x, fmt, split_sizes=[512, 0])
     b = grouped.quantize(rand(gen, 2, 64, 64), fmt)
     call = simulate(prepare(a, b, [256, 256], offsets=None, layout="forward", out=None, accumulate=False,
                             out_dtype=None))
     if fmt == "nvfp4":
-        with pytest.raises(ValueError, match="must match"):
-            BACKENDS["cudnn"].run(call)
+        check_refused(call, "must match", monkeypatch)
     else:  # MXFP8 has no tensor scale: grouping does not matter
         check_bf16_close(BACKENDS["cudnn"].run(call), grouped.gemm(a, b, [256, 256], backend="reference"))
 
@@ -556,7 +636,10 @@ def test_gpu_split_sizes_path(fake_cudnn, gen, fmt):
     # end offsets given instead of sizes
     ends = dataclasses.replace(call, split_sizes=None, device_offsets=torch.cumsum(counts, 0).to(torch.int64))
     assert torch.equal(cb.forward_arguments(ends, out)["padded_offsets"], kw["padded_offsets"])
-    # a count that breaks the rule trips the device-side assertion
+    # a count that breaks the rule trips the device-side assertion (on a GPU: a broken CUDA context), and the
+    # explanation says so
+    assert BACKENDS["cudnn"].accepts(dev) is None
+    assert "device-side assert" in BACKENDS["cudnn"].note(dataclasses.replace(dev.problem, device_splits=True))
     bad = dataclasses.replace(call, split_sizes=None, device_counts=torch.tensor([128] + sizes[1:-1] + [sizes[-1] + 128]))
     with pytest.raises(RuntimeError, match="multiple of 256"):
         cb.forward_arguments(bad, out)
@@ -564,8 +647,7 @@ def test_gpu_split_sizes_path(fake_cudnn, gen, fmt):
     a2, b2, sizes2, m2, _ = forward_case(gen, fmt, extra_rows=5)
     c2 = simulate(prepare(a2, b2, sizes2, offsets=None, layout="forward", out=None, accumulate=False, out_dtype=None))
     c2 = dataclasses.replace(c2, split_sizes=None, device_counts=torch.tensor(sizes2))
-    with pytest.raises(ValueError, match=f"multiple of 256; got {m2} rows"):
-        cb.forward_arguments(c2)
+    assert re.search(f"multiple of 256; got {m2} rows", BACKENDS["cudnn"].accepts(c2))
 
 
 def test_zero_tokens_calls_nothing(fake_cudnn, gen):
@@ -603,7 +685,11 @@ def test_wgrad_arguments_exact(fake_cudnn, gen, fmt, accumulate):
     assert selector.decide(call.problem).backend == "cudnn"
     assert BACKENDS["cudnn"].run(call) is out
     ((name, kw),) = fake_cudnn.calls
-    assert name == "wgrad"
+    assert name == "wgrad" and fake_cudnn.devices == [call.device]
+    # a TMA-descriptor workspace of its own, of the size the frontend asks for (not the one shared by a shape)
+    workspace = kw["descriptor_workspace"]
+    assert workspace.dtype == torch.uint8 and workspace.numel() == fake_cudnn.get_grouped_gemm_wgrad_workspace_size_sm100(groups)
+    assert workspace.device == call.device
     f = FMT[fmt]
     # A = dY^T (hidden N, tokens) and B = X (tokens, K): views of the columnwise data, token innermost
     assert kw["a_tensor"].data_ptr() == qdy.data.data_ptr() and kw["a_tensor"].stride() == (qdy.data.shape[1], 1)
@@ -636,7 +722,7 @@ def test_wgrad_arguments_exact(fake_cudnn, gen, fmt, accumulate):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_wgrad_token_rule_refused(fake_cudnn, gen, fmt):
+def test_wgrad_token_rule_refused(fake_cudnn, gen, fmt, monkeypatch):
     sizes = [128, 64, 64]
     dy, x = rand(gen, 256, 64), rand(gen, 256, 64)
     qdy = grouped.quantize(dy, fmt, axis=0, split_sizes=sizes)
@@ -644,8 +730,10 @@ def test_wgrad_token_rule_refused(fake_cudnn, gen, fmt):
     out = torch.zeros(3, 64, 64)
     call = simulate(prepare(qdy, qx, sizes, offsets=None, layout="wgrad", out=out, accumulate=True,
                             out_dtype=torch.float32))
-    with pytest.raises(ValueError, match=r"multiple of 128.*expert 1: 64, expert 2: 64"):
-        BACKENDS["cudnn"].run(call)
+    check_refused(call, r"multiple of 128.*expert 1: 64, expert 2: 64", monkeypatch)
+    # with the call's split sizes on the GPU the rule is read off the quantized operands' host sizes
+    check_refused(dataclasses.replace(call, split_sizes=None, device_counts=torch.tensor(sizes)),
+                  r"multiple of 128.*expert 1: 64", monkeypatch)
     assert fake_cudnn.calls == [] and torch.equal(out, torch.zeros(3, 64, 64))
 
 
@@ -662,6 +750,19 @@ def test_wgrad_no_tokens(fake_cudnn, gen, accumulate):
     assert torch.equal(out, before if accumulate else torch.zeros_like(out))
 
 
+def test_wgrad_workspace_per_call(fake_cudnn, gen):
+    """Two wgrad calls of the same shapes each get their own descriptor workspace (two streams would
+    otherwise race on the frontend's one)."""
+    qdy, qx, sizes = wgrad_case(gen, "nvfp4")
+    call = simulate(prepare(qdy, qx, sizes, offsets=None, layout="wgrad", out=None, accumulate=False,
+                            out_dtype=torch.float32))
+    keep = []
+    for _ in range(2):
+        BACKENDS["cudnn"].run(call)
+        keep.append(fake_cudnn.calls[-1][1]["descriptor_workspace"])  # held, so the allocator cannot reuse it
+    assert keep[0].data_ptr() != keep[1].data_ptr()
+
+
 def test_wgrad_gpu_split_sizes(fake_cudnn, gen):
     qdy, qx, sizes = wgrad_case(gen, "mxfp8")
     call = simulate(prepare(qdy, qx, sizes, offsets=None, layout="wgrad", out=None, accumulate=False,
@@ -672,14 +773,136 @@ def test_wgrad_gpu_split_sizes(fake_cudnn, gen):
 
 
 def test_run_without_wrapper_names_the_version(monkeypatch, gen):
+    monkeypatch.setattr(torch.cuda, "device", FakeDevice())
     old = types.ModuleType("cudnn")
     old.__spec__ = importlib.machinery.ModuleSpec("cudnn", None)
     old.__version__ = "1.10.0"
     monkeypatch.setitem(sys.modules, "cudnn", old)
     a, b, sizes, _, _ = forward_case(gen, "mxfp8", extra_rows=0)
     call = simulate(prepare(a, b, sizes, offsets=None, layout="forward", out=None, accumulate=False, out_dtype=None))
-    with pytest.raises(ImportError, match=r"1\.10\.0 does not provide grouped_gemm_quant_wrapper_sm100"):
+    with pytest.raises(ImportError, match=r"1\.10\.0 does not provide grouped_gemm_quant_wrapper_sm100.*>=1\.32,<1\.33"):
         BACKENDS["cudnn"].run(call)
+
+
+# ---- CUDA graph capture: a warm-up call per signature --------------------------------------------------
+
+
+def capturing(call):
+    """The same call, as if issued while the current stream is being captured into a CUDA graph."""
+    return dataclasses.replace(call, problem=dataclasses.replace(call.problem, capturing=True, device_splits=True))
+
+
+def test_capture_needs_a_warm_up_call(fake_cudnn, gen, monkeypatch):
+    """The frontend's first call of a signature compiles, allocates and (wgrad) reads offsets on the host: under
+    capture a signature that has not run yet is refused with what to do, before anything runs or is written."""
+    x, w = rand(gen, 768, 64), rand(gen, 2, 128, 64)
+    sizes, b = [512, 256], grouped.quantize(w, "nvfp4")
+    out = torch.full((768, 128), 3.0, dtype=torch.bfloat16)
+    call = simulate(prepare(grouped.quantize(x, "nvfp4", split_sizes=sizes), b, sizes, offsets=None,
+                            layout="forward", out=out, accumulate=False, out_dtype=None))
+    cold = BACKENDS["cudnn"].accepts(capturing(call))
+    assert "CUDA graph capture" in cold and "once outside capture first" in cold
+    with pytest.raises(ValueError, match="once outside capture first"):  # reference is not graph-safe either
+        selector.choose(capturing(call))
+    assert fake_cudnn.calls == [] and torch.all(out == 3.0)
+    assert "graph capture" in BACKENDS["cudnn"].note(call.problem)
+
+    BACKENDS["cudnn"].run(call)  # the warm-up, outside capture
+    assert BACKENDS["cudnn"].accepts(capturing(call)) is None
+    assert selector.choose(capturing(call)).backend == "cudnn"
+    # another signature (here: another token total) needs its own warm-up; wgrad and the fused path have theirs
+    fewer = [256, 256]
+    other = simulate(prepare(grouped.quantize(x, "nvfp4", split_sizes=fewer), b, fewer, offsets=None,
+                             layout="forward", out=out, accumulate=False, out_dtype=None))
+    assert "once outside capture first" in BACKENDS["cudnn"].accepts(capturing(other))
+    assert "once outside capture first" in BACKENDS["cudnn"].swiglu_refusal(capturing(call), None, torch.bfloat16)
+
+
+def test_capture_of_wgrad_and_fused_after_warm_up(fake_cudnn, simulated_sm100, gen, monkeypatch):
+    qdy, qx, sizes = wgrad_case(gen, "mxfp8")
+    main_grad = torch.zeros(len(sizes), qdy.shape[1], qx.shape[1])
+    call = simulate(prepare(qdy, qx, sizes, offsets=None, layout="wgrad", out=main_grad, accumulate=True,
+                            out_dtype=torch.float32))
+    assert "once outside capture first" in BACKENDS["cudnn"].accepts(capturing(call))
+    BACKENDS["cudnn"].run(call)
+    assert BACKENDS["cudnn"].accepts(capturing(call)) is None
+
+    x, w = rand(gen, 512, 64), rand(gen, 2, 128, 64)
+    a, b = grouped.quantize(x, "nvfp4", split_sizes=[256, 256]), grouped.quantize(w, "nvfp4")
+    real_prepare = fused.prepare
+    monkeypatch.setattr(fused, "prepare", lambda *args, **kw: capturing(simulate(real_prepare(*args, **kw))))
+    with pytest.raises(ValueError, match="once outside capture first"):  # not fusable yet, and FC1 alone is cold
+        fused.explain_swiglu(a, b, [256, 256])
+    monkeypatch.setattr(fused, "prepare", lambda *args, **kw: simulate(real_prepare(*args, **kw)))
+    fused.gemm_swiglu(a, b, [256, 256])
+    monkeypatch.setattr(fused, "prepare", lambda *args, **kw: capturing(simulate(real_prepare(*args, **kw))))
+    assert fused.explain_swiglu(a, b, [256, 256]).fused
+
+
+# ---- padded dispatch ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+@pytest.mark.parametrize("multiple", [256, 128])
+def test_padded_split_sizes(gen, as_tensor, multiple):
+    sizes = [int(m) for m in torch.randint(0, 700, (5,), generator=gen)]
+    sizes[2] = 0
+    rows = sum(sizes) + 13
+    given = torch.tensor(sizes, dtype=torch.int32) if as_tensor else sizes
+    padded, index, padded_rows = cb.padded_split_sizes(given, multiple, rows)
+    expected = [-(-m // multiple) * multiple for m in sizes]
+    if as_tensor:
+        assert padded.dtype == torch.int32 and padded.tolist() == expected
+    else:
+        assert padded == expected
+    assert padded_rows % multiple == 0 and padded_rows >= sum(expected) + 13
+    assert index.dtype == torch.int64 and index.shape == (rows,)
+    assert len(set(index.tolist())) == rows and int(index.max()) < padded_rows  # one distinct row each
+    start, pstart = 0, 0
+    for m, p in zip(sizes, expected):  # each expert's rows land, in order, at the start of its padded range
+        assert index[start : start + m].tolist() == list(range(pstart, pstart + m))
+        start, pstart = start + m, pstart + p
+    assert index[start:].tolist() == list(range(pstart, pstart + 13))  # rows past the total keep their order
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_padded_dispatch_serves_any_split(fake_cudnn, gen, fmt):
+    """Sizes that break the token rule, padded with padded_split_sizes: cudnn accepts the padded calls, and the
+    forward result read back through row_index and the wgrad result equal the unpadded reference."""
+    sizes, n, k = [100, 0, 300], 64, 64
+    rows = sum(sizes)
+    x, w, dy = rand(gen, rows, k), rand(gen, 3, n, k, scale=0.5), rand(gen, rows, n)
+    fwd = cb.padded_split_sizes(sizes, cb.token_multiple("forward"), rows)
+    xp = x.new_zeros(fwd.rows, k)
+    xp[fwd.row_index] = x
+    ap, b = grouped.quantize(xp, fmt, split_sizes=fwd.split_sizes), grouped.quantize(w, fmt)
+    call = simulate(prepare(ap, b, fwd.split_sizes, offsets=None, layout="forward", out=None, accumulate=False,
+                            out_dtype=None))
+    assert BACKENDS["cudnn"].accepts(call) is None
+    y = BACKENDS["cudnn"].run(call)[fwd.row_index]
+    a = grouped.quantize(x, fmt, split_sizes=sizes)
+    check_bf16_close(y, grouped.gemm(a, b, sizes, backend="reference"))
+
+    wg = cb.padded_split_sizes(sizes, cb.token_multiple("wgrad"), rows)
+    dyp, xp = dy.new_zeros(wg.rows, n), x.new_zeros(wg.rows, k)
+    dyp[wg.row_index], xp[wg.row_index] = dy, x
+    qdy, qx = (grouped.quantize(t, fmt, axis=0, split_sizes=wg.split_sizes) for t in (dyp, xp))
+    call = simulate(prepare(qdy, qx, wg.split_sizes, offsets=None, layout="wgrad", out=None, accumulate=False,
+                            out_dtype=torch.float32))
+    assert BACKENDS["cudnn"].accepts(call) is None
+    dw = BACKENDS["cudnn"].run(call).double()
+    ref = grouped.gemm(*(grouped.quantize(t, fmt, axis=0, split_sizes=sizes) for t in (dy, x)), sizes,
+                       layout="wgrad", out_dtype=torch.float32, backend="reference").double()
+    assert (dw - ref).norm() <= 1e-5 * ref.norm()
+
+
+def test_padded_split_sizes_bad_input():
+    with pytest.raises(ValueError, match="multiple must be a positive int"):
+        cb.padded_split_sizes([1, 2], 0, 3)
+    with pytest.raises(ValueError, match="past the 3 rows"):
+        cb.padded_split_sizes([2, 2], 256, 3)
+    with pytest.raises(ValueError, match="one count an expert"):
+        cb.padded_split_sizes(torch.zeros(2, 2, dtype=torch.int64), 256, 3)
 
 
 # ---- gemm_swiglu -------------------------------------------------------------------------------------------
@@ -763,10 +986,16 @@ def test_gemm_swiglu_fused_on_simulated_sm100(fake_cudnn, simulated_sm100, gen, 
     probs = torch.rand(m, generator=gen) if with_probs else None
     explanation = fused.explain_swiglu(a, b, sizes, probs)
     assert explanation.fused is True and explanation.gemm.backend == "cudnn"
-    assert "grouped_gemm_glu_wrapper_sm100" in explanation.why and "not run on Blackwell" in explanation.why
+    assert "cudnn computes FC1 + SwiGLU" in explanation.why and "not run on Blackwell" in str(explanation)
     y = fused.gemm_swiglu(a, b, sizes, probs)
     ((name, kw),) = fake_cudnn.calls
-    assert name == "glu"
+    assert name == "glu" and fake_cudnn.devices == [torch.device("cpu")]  # run on the operands' device
+    ((kernel),) = cb._glu_kernels.values()
+    assert kernel.samples["act_func"] == "swiglu" and kernel.samples["sf_vec_size"] == FMT[fmt].block_size
+    assert kernel.samples["sample_b"] is kw["b_tensor"] and fake_cudnn.glu_compiles == 1
+    # D is the result's first rows (no copy); C, the pre-activation the kernel always stores, is scratch
+    assert kw["d_tensor"].data_ptr() == y.data_ptr() and kw["d_tensor"].shape == (total, f)
+    assert kw["c_tensor"].shape == (total, 2 * f) and kw["c_tensor"].dtype == torch.bfloat16
     # the weight rows are interleaved in 32-row gate/up blocks: 64j+c <- gate 32j+c, 64j+32+c <- up 32j+c
     perm = torch.tensor([h * f + 32 * j + c for j in range(f // 32) for h in (0, 1) for c in range(32)])
     assert torch.equal(cb.glu_interleave(2 * f), perm)
@@ -781,13 +1010,20 @@ def test_gemm_swiglu_fused_on_simulated_sm100(fake_cudnn, simulated_sm100, gen, 
         assert torch.equal(kw["prob_tensor"], probs[:total].float()) and kw["prob_tensor"].is_contiguous()
     else:
         assert kw["prob_tensor"] is None
-    assert kw["act_func"] == "swiglu" and kw["d_dtype"] == torch.bfloat16 and kw["sf_vec_size"] == FMT[fmt].block_size
     # the result: the fp64 SwiGLU of the exact FC1 product, rows past the total zero
     h64 = grouped.gemm(a, b, sizes, out_dtype=torch.float32, backend="reference")
     ref = swiglu_ref(h64[:total], probs[:total] if with_probs else None)
     assert y.shape == (m, f) and y.dtype == torch.bfloat16
     check_bf16_close(y[:total], ref)
     assert torch.all(y[total:] == 0)
+    # another token count runs the same compiled kernel
+    fewer = [0] + sizes[1:]
+    total = sum(fewer)
+    a2 = grouped.quantize(x, fmt, split_sizes=fewer)
+    h64 = grouped.gemm(a2, b, fewer, out_dtype=torch.float32, backend="reference")
+    ref = swiglu_ref(h64[:total], probs[:total] if with_probs else None)
+    check_bf16_close(fused.gemm_swiglu(a2, b, fewer, probs)[:total], ref)
+    assert fake_cudnn.glu_compiles == 1 and len(fake_cudnn.calls) == 2
 
 
 def test_gemm_swiglu_fused_into_out(fake_cudnn, simulated_sm100, gen):
@@ -796,9 +1032,15 @@ def test_gemm_swiglu_fused_into_out(fake_cudnn, simulated_sm100, gen):
     a, b = grouped.quantize(x, fmt, split_sizes=sizes), grouped.quantize(w, fmt)
     out = torch.full((520, 64), 5.0, dtype=torch.bfloat16)
     assert fused.gemm_swiglu(a, b, sizes, out=out) is out
+    ((_, kw),) = fake_cudnn.calls
+    assert kw["d_tensor"].data_ptr() == out.data_ptr() and kw["d_tensor"].shape == (512, 64)  # D is out: no copy
     h64 = grouped.gemm(a, b, sizes, out_dtype=torch.float32, backend="reference")
     check_bf16_close(out[:512], swiglu_ref(h64[:512], None))
     assert torch.all(out[512:] == 5.0)
+    # a strided out: the kernel writes a dense result, copied into out's rows up to the split total
+    big = torch.full((520, 96), 7.0, dtype=torch.bfloat16)
+    assert fused.gemm_swiglu(a, b, sizes, out=big[:, :64]) is not None
+    assert torch.equal(big[:512, :64], out[:512]) and torch.all(big[512:] == 7.0) and torch.all(big[:, 64:] == 7.0)
 
 
 @pytest.mark.parametrize(
@@ -807,7 +1049,7 @@ def test_gemm_swiglu_fused_into_out(fake_cudnn, simulated_sm100, gen):
         ("n_not_64", "multiple of 64"),
         ("tokens", "multiple of 256"),
         ("fp32_out", "fp32|bf16"),
-        ("forced_reference", "runs on reference"),
+        ("forced_reference", "goes to reference.*no fused"),
         ("mxfp8", "FP8 inputs.*block-scaled D"),
     ],
 )
@@ -832,11 +1074,11 @@ def test_gemm_swiglu_falls_back_and_says_why(fake_cudnn, simulated_sm100, gen, c
     assert (y.double() - ref).abs().max() <= ref.abs().max() * 2**-7
 
 
-# ---- the real cuDNN frontend (GPU machines with nvidia-cudnn-frontend) ----------------------------------
+# ---- the real cuDNN frontend on a GPU (tests/test_cudnn_frontend.py runs its checks on the CPU) -------------
 
 
 def _real_case(kind, fmt):
-    """(call, argument builder, wrapper name, probs) on CUDA tensors, for the real cuDNN frontend."""
+    """(call, probs) on CUDA tensors, for the real cuDNN frontend."""
     gen = torch.Generator().manual_seed(1234)
     dev = torch.device("cuda")
     groups, n, k, sizes = 2, 128, 128, [256, 512]
@@ -847,7 +1089,7 @@ def _real_case(kind, fmt):
         b = grouped.quantize(x, fmt, axis=0, split_sizes=sizes)
         call = prepare(a, b, sizes, offsets=None, layout="wgrad", out=torch.zeros(groups, n, k, device=dev),
                        accumulate=True, out_dtype=torch.float32)
-        return call, lambda c: cb.wgrad_arguments(c), cb.WRAPPERS["wgrad"], None
+        return call, None
     layout = "dgrad" if kind == "dgrad" else "forward"
     w = rand(gen, groups, n, k, scale=0.5).to(dev)
     x = rand(gen, m, k if layout == "forward" else n).to(dev)
@@ -856,35 +1098,22 @@ def _real_case(kind, fmt):
     out = None if kind == "swiglu" else torch.zeros(m, n if layout == "forward" else k, dtype=torch.bfloat16,
                                                     device=dev)
     call = prepare(a, b, sizes, offsets=None, layout=layout, out=out, accumulate=False, out_dtype=None)
-    if kind == "swiglu":
-        probs = torch.rand(m, generator=gen).to(dev)
-        return call, lambda c: cb.glu_arguments(c, probs), cb.WRAPPERS["swiglu"], probs
-    return call, lambda c: cb.forward_arguments(c), cb.WRAPPERS[kind], None
+    probs = torch.rand(m, generator=gen).to(dev) if kind == "swiglu" else None
+    return call, probs
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("kind", ["forward", "dgrad", "wgrad", "swiglu"])
-def test_real_cudnn_frontend_accepts_the_arguments(fmt, kind, monkeypatch):
-    """On sm100: run and match the reference. Elsewhere: cuDNN frontend checks every argument, then refuses the GPU.
-
-    Its wrappers validate shapes, strides, dtypes and packed-scale sizes before the
-    final compute-capability check, so on a Hopper GPU "requires SM100+" means the
-    real library accepted every tensor this adapter built (a broken tensor, the
-    control below, raises ValueError instead).
-    """
-    cudnn = pytest.importorskip("cudnn", reason="nvidia-cudnn-frontend is not installed")
-    call, build, wrapper_name, probs = _real_case(kind, fmt)
-    wrapper = getattr(cudnn, wrapper_name)
-    cap = torch.cuda.get_device_capability()
-    if kind == "swiglu" and fmt == "mxfp8":
-        # not fused, and why: with FP8 inputs the real GLU wrapper wants norm_const (it always emits SFD)
-        assert "block-scaled D" in cb.glu_refusal(simulate(call), probs, torch.bfloat16)
-        monkeypatch.setattr(cb, "glu_refusal", lambda *args: None)
-        with pytest.raises(ValueError, match="norm_const"):
-            wrapper(**build(simulate(call)))
+def test_real_cudnn_frontend_on_a_gpu(fmt, kind):
+    """On sm100: run and match the reference. On another GPU: the real frontend checks every argument the
+    adapter hands it, on the GPU's own device and stream, then refuses that GPU ("requires SM100+")."""
+    pytest.importorskip("cudnn", reason="nvidia-cudnn-frontend is not installed")
+    call, probs = _real_case(kind, fmt)
+    if kind == "swiglu" and fmt == "mxfp8":  # not fused: see _glu_refusal
+        assert "block-scaled D" in BACKENDS["cudnn"].swiglu_refusal(simulate(call), probs, torch.bfloat16)
         return
-    if cap[0] == 10:  # a Blackwell GPU: the real thing
+    if torch.cuda.get_device_capability()[0] == 10:  # a Blackwell GPU: the real thing
         sizes = list(call.split_sizes)
         if kind == "swiglu":
             assert fused.explain_swiglu(call.a, call.b, sizes, probs).fused
@@ -900,9 +1129,8 @@ def test_real_cudnn_frontend_accepts_the_arguments(fmt, kind, monkeypatch):
             assert (y.double() - ref.double()).norm() <= 1e-4 * ref.double().norm()
         return
     call = simulate(call)
-    kw = build(call)
     with pytest.raises(RuntimeError, match=r"requires SM100\+"):
-        wrapper(**kw)
-    broken = dict(kw, sfa_tensor=kw["sfa_tensor"][:-16])  # control: a truncated packed-scale buffer
-    with pytest.raises(ValueError):
-        wrapper(**broken)
+        if kind == "swiglu":
+            BACKENDS["cudnn"].run_swiglu(call, probs)
+        else:
+            BACKENDS["cudnn"].run(call)

@@ -50,3 +50,14 @@ class Backend:
 
     def run(self, call: GemmCall):
         raise NotImplementedError
+
+    def swiglu_refusal(self, call: GemmCall, probs, out_dtype) -> str | None:
+        """Why this backend cannot compute SwiGLU(FC1) (x probs) of this forward call in one kernel, giving
+        ``out_dtype`` (None: it can; grouped.gemm_swiglu then calls ``run_swiglu``)."""
+        return "it has no fused GEMM + SwiGLU"
+
+    def run_swiglu(self, call: GemmCall, probs=None, out=None):
+        """SwiGLU(FC1) (x probs) in one kernel: the (M, F) activation written into ``out`` (None, or a dense
+        (M, F) buffer of the dtype ``swiglu_refusal`` accepted), or into a new tensor; rows past the split
+        total untouched in ``out``, zero in a new tensor. Returns that tensor."""
+        raise NotImplementedError(f"{self.name} has no fused GEMM + SwiGLU")

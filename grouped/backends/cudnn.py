@@ -1,140 +1,23 @@
-"""cudnn backend: MXFP8 / NVFP4 grouped GEMMs on Blackwell (sm100) through cuDNN frontend.
+"""cudnn backend: MXFP8 / NVFP4 grouped GEMMs on Blackwell (sm100) through nvidia-cudnn-frontend 1.32.
 
-THIS PATH HAS NOT RUN ON HARDWARE HERE: there is no Blackwell GPU in this project.
-What is tested (tests/test_cudnn.py, on the CPU) is everything up to the call into
-cuDNN frontend: the exact tensors handed to it (offsets, blocked scales, strides,
-dtypes, the caller's buffer as ``d_tensor``), checked against references built
-from DESIGN.md's rules and against a CPU emulation of the wrappers' documented
-contract; and backend selection on a simulated sm100 device.
-
-What cuDNN frontend expects (nvidia-cudnn-frontend 1.32.0, read from its
-``cudnn/gemm/cutedsl/grouped/`` sources; the three wrappers are exported lazily
-from the top-level ``cudnn`` package)
-------------------------------------------------------------------------------
-
-``grouped_gemm_quant_wrapper_sm100`` (quant/api.py; class GroupedGemmQuantSm100)
-    D[rows_g] = alpha[g] * (A[rows_g] * SFA) @ (B[g] * SFB)^T, per expert g.
-    - ``a_tensor``: canonical 2-D (valid_m, k) row-major (k-major), FP8 E4M3, or
-      packed FP4 (two codes a byte, the innermost dim is doubled). FP4 must come as
-      torch.float4_e2m1fn_x2: GroupedGemmQuantSm100 and GroupedGemmGluBlockScaledAPI
-      build their tensor descriptors before they set ``_interpret_uint8_as_fp4x2``,
-      so a uint8 operand is measured in bytes there and its SFA size check fails
-      (found by running the real wrappers on an H200, where they check every
-      argument and then refuse the GPU).
-      The kernel is compiled with valid_m symbolic and divisible by 256.
-    - ``b_tensor``: dense weights, canonical (l, n, k) row-major (k-major); FP4
-      must be k-major, FP8 may also be n-major. ``b_major="k"``.
-    - ``padded_offsets``: int32 (l,), the inclusive END offset of every expert's
-      rows *after padding*; ``m_aligned`` must be 256 (the kernels' FIX_PAD_SIZE:
-      "each padded_offsets[i] will be a multiple of FIX_PAD_SIZE"). Every row of
-      [offs[g-1], offs[g]) is computed (padding rows too); SFA is addressed by
-      ``domain_offset`` at the expert's first row, so experts must start on a
-      128-row scale tile (256 guarantees it).
-    - ``sfa_tensor`` / ``sfb_tensor``: dense C-contiguous buffers ("flat" SF)
-      holding the complete MMA-packed bytes: the blocked 128x4 layout of
-      DESIGN.md (tile-row-major, byte (r%32)*16 + (r//32)%4*4 + c inside a
-      tile), 512 * ceil(rows/128) * ceil(ceil(k/sf_vec_size)/4) bytes per matrix
-      (``check_packed_sf``): SFA one matrix over all valid_m rows, SFB one
-      matrix per expert, expert-major. dtype float8_e8m0fnu with
-      ``sf_vec_size=32`` (MXFP8) or float8_e4m3fn with ``sf_vec_size=16``
-      (NVFP4); other pairings raise ("combination is not supported").
-    - ``alpha_tensor``: fp32 (l,), multiplies each expert's accumulator.
-    - ``d_tensor``: optional caller buffer, written in place; for 2-D A it must be
-      exactly shape (valid_m, n), stride (n, 1), dtype ``d_dtype`` (ValueError
-      otherwise): no strided views. D dtypes: FP8 inputs -> fp16/bf16/fp8/fp4
-      (NOT fp32); FP4 inputs -> fp16/bf16/fp32. ``cd_major`` must be "n".
-    - Other checks that raise: expert_cnt <= 1024; 16-byte aligned major dims
-      ("Invalid tensor alignment"); SM100+ compute capability (RuntimeError).
-    - ``generate_amax`` (default True) allocates and reduces a per-expert amax;
-      ``norm_const_tensor`` is only for FP8 outputs. No host reads of the offsets.
-
-``grouped_gemm_wgrad_wrapper_sm100`` (wgrad/api.py, wgrad/_blockscaled_api.py)
-    wgrad[e] = gs_a[e] * gs_b[e] * A[:, tokens_e] @ B[tokens_e, :].
-    - ``a_tensor`` (hidden, tokens) and ``b_tensor`` (tokens, intermediate), both
-      token-innermost (k-major) for FP4 ("Four-bit ... requires K-major"); packed
-      FP4 (float4_e2m1fn_x2, or uint8 here) doubles the stride-1 dim. ``wgrad_tensor`` (experts, hidden,
-      intermediate): any strides (its descriptor keeps them), so a strided caller
-      buffer is fine; ``accumulate_on_output`` TMA-reduces into it; experts with
-      no tokens get zeros (``k_tile_cnt == 0`` path).
-    - ``offsets_tensor``: int32 (experts,) inclusive token end offsets; read on the
-      host when the op is first built (``_validate_offsets``: non-decreasing,
-      last <= tokens). The documented contract (wgrad/jax_api.py) is token ends
-      that are multiples of 128; the per-expert SF descriptors
-      (``WgradSfTensormapConstructor``) start expert e's scales at byte
-      round_up(rows,128) * token_offset / sf_vec_size, which needs it.
-    - SFA / SFB: "for each expert in order, its (round_up(rows, 128),
-      tokens_e / sf_vec_size) scales in 128x4 atoms" -- i.e. the blocked layout
-      applied PER EXPERT and concatenated, NOT one blocked matrix over all tokens;
-      flat, round_up(rows,128) * round_up(ceil(tokens/sf_vec_size), 4) bytes.
-    - NVFP4 (FP4 + E4M3 scales at 16) REQUIRES fp32 ``global_scale_a`` /
-      ``global_scale_b`` (experts,); the epilogue multiplies by their product.
-    - ``wgrad_dtype``: bf16/fp16/fp32; ``sf_vec_size`` as above (default 16).
-
-``grouped_gemm_glu_wrapper_sm100`` (glu/api.py, glu/_blockscaled_api.py)
-    The quant wrapper's contract for A/B/SFA/SFB/padded_offsets/alpha, plus a GLU
-    epilogue: N (=2F) must be a multiple of 64, gate and up INTERLEAVED in
-    32-column blocks (epilogue subtile 2j is gate, 2j+1 is up, epi_tile (128, 32));
-    D[:, 32j:32j+32] = up_j * silu(gate_j) * prob. ``prob_tensor`` (valid_m,)
-    contiguous. No ``d_tensor`` parameter: it allocates C (valid_m, n), D
-    (valid_m, n/2) and D_col itself. FP4 inputs: c_dtype fp16/bf16, and fp32 D is
-    "not supported" without bias. FP8 inputs: the wrapper ALWAYS allocates SFD
-    row/col outputs (``glu_block_scaled_outputs``), so it requires
-    ``norm_const_tensor`` ("sfd_row_desc, sfd_col_desc, and norm_const_desc must
-    be all None or all not None", seen raised by the real wrapper) and the epilogue
-    (``quant_sfd_row``) writes D divided by per-block E8M0 scales: a block-scaled
-    output meant to feed the next GEMM, not the plain activation.
-
-Decisions made here
--------------------
-- Token rule: REFUSE, never pad. Forward and dgrad need every expert's token
-  count to be a multiple of 256, wgrad a multiple of 128. Padding would mean
-  copying A into a padded buffer and the result out of a padded temporary,
-  i.e. not writing straight into the caller's buffer. The rule depends on the
-  split sizes, which the selector's Problem does not carry, so it is checked
-  when the call runs, before anything is written: ValueError naming the
-  experts that break it (``call_refusal``). With split sizes on the GPU the
-  check is a device-side assertion (``torch._assert_async``: no host sync,
-  graph-safe), and the token tensor's own row count must be a multiple of 256.
-- Caller buffers: forward/dgrad pass the caller's buffer (rows [:valid_m]) as
-  ``d_tensor``, no copy. A strided view (row stride != N) cannot be ``d_tensor``
-  and is refused at call time, never copied. wgrad passes the buffer (strided or
-  not) as ``wgrad_tensor``.
-- MXFP8 forward/dgrad with an fp32 output is refused (``refuses``): cuDNN has no
-  fp32 D for FP8 inputs. NVFP4 serves fp32 and bf16.
-- NVFP4 per-expert tensor scales: forward/dgrad fold 1/(S_a[g] * S_b[g]) into
-  ``alpha_tensor`` (computed in fp64, rounded once to fp32); wgrad passes
-  ``global_scale_a = 1/S_dY`` and ``global_scale_b = 1/S_X`` (fp32), whose
-  product the kernel applies. MXFP8 alpha is 1.
-- ``padded_offsets`` / ``offsets_tensor``: int32 inclusive ends from
-  ``grouped.splits_to_offsets(..., bulk_allocate=True)`` on the operands' device
-  (16-byte aligned, one allocation). Since the rule is refused rather than
-  padded, they equal the plain end offsets.
-- Scales: compact scales are converted with ``grouped.to_blocked`` (one matrix for
-  A; one per expert for B; one per expert's token range for wgrad). A
-  QuantizedTensor that already holds blocked scales is passed as is (no copy).
-  E8M0 bytes are viewed as torch.float8_e8m0fnu (no copy).
-- NVFP4 data goes in as torch.float4_e2m1fn_x2 views of our uint8 bytes (no copy).
-- ``generate_amax=False`` (nothing here reads it). Tile shapes, clusters and
-  streams are cuDNN's defaults (the current torch stream).
-- wgrad needs the token-major operands as QuantizedTensors (one (rows, tokens)
-  matrix, cuDNN's Tensor2D input order); GroupedTensor operands are refused.
-- Fused FC1 + SwiGLU (+ probs): ``glu_arguments`` / ``CudnnBackend.run_swiglu``,
-  used by grouped.fused.gemm_swiglu, for NVFP4 only (plain bf16 D). MXFP8 is not
-  fused: its GLU output is block-scaled (see above) and gemm_swiglu returns plain
-  activations. The weight rows are re-interleaved into 32-row gate/up blocks per
-  call (a copy of the weight and its scales).
+Builds, from a checked GemmCall, the arguments of the frontend's CuTe DSL grouped
+GEMMs (forward/dgrad, wgrad, fused FC1 + SwiGLU), writing into the caller's buffer,
+and calls them on the operands' device. It has not run on Blackwell hardware here.
+What the frontend expects, and why the adapter does what it does:
+docs/cudnn-frontend.md.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import sys
+from typing import NamedTuple
 
 import torch
 
 from ..offsets import splits_to_offsets
 from ..problem import GemmCall, Problem
-from ..quantize import QuantizedTensor
+from ..quantize import QuantizedTensor, split_sizes_to_list
 from ..scale_layout import blocked_numel, to_blocked
 from ..tensor import GroupedTensor
 from .base import Backend
@@ -145,12 +28,15 @@ MAX_EXPERTS = 1024  # GroupedGemmQuantSm100 / GroupedGemmGluSm100: expert_cnt <=
 GLU_N_MULTIPLE = 64  # GLU: N divisible by 64 (gate/up 32-column block pairs)
 GLU_BLOCK = 32  # gate/up interleave granularity along N
 
+# What the adapter calls in nvidia-cudnn-frontend, per kind of call.
 WRAPPERS = {
     "forward": "grouped_gemm_quant_wrapper_sm100",
     "dgrad": "grouped_gemm_quant_wrapper_sm100",
     "wgrad": "grouped_gemm_wgrad_wrapper_sm100",
-    "swiglu": "grouped_gemm_glu_wrapper_sm100",
+    "swiglu": "GroupedGemmGluSm100",  # the class: its wrapper allocates C, D, D_col and amax on every call
 }
+WGRAD_WORKSPACE_SIZE = "get_grouped_gemm_wgrad_workspace_size_sm100"
+FRONTEND_REQUIREMENT = "nvidia-cudnn-frontend>=1.32,<1.33"
 # sf_vec_size and the scale dtype cuDNN wants for each format.
 SF_VEC_SIZE = {"mxfp8": 32, "nvfp4": 16}
 SCALE_DTYPE = {"mxfp8": torch.float8_e8m0fnu, "nvfp4": torch.float8_e4m3fn}
@@ -172,6 +58,7 @@ def cudnn_installed() -> bool:
 
 
 def token_multiple(layout: str) -> int:
+    """What every expert's token count must be a multiple of: 128 for wgrad, 256 otherwise (swiglu too)."""
     return WGRAD_TOKEN_MULTIPLE if layout == "wgrad" else FORWARD_TOKEN_MULTIPLE
 
 
@@ -187,8 +74,50 @@ def token_rule_violation(layout: str, sizes) -> str | None:
         f"every expert's token count must be a multiple of {multiple} for cuDNN frontend's {layout} "
         f"({what}); not so for {shown}. This backend refuses rather than padding (padding would stage "
         f"the result through a temporary instead of writing into the buffer): pad each expert's tokens "
-        f"to a multiple of {multiple} when dispatching, or choose another backend"
+        f"to a multiple of {multiple} when dispatching (grouped.backends.cudnn.padded_split_sizes), "
+        f"or choose another backend"
     )
+
+
+class PaddedDispatch(NamedTuple):
+    """Where a padded dispatch puts its tokens: see ``padded_split_sizes``."""
+
+    split_sizes: list[int] | torch.Tensor  # every expert's count rounded up to the multiple
+    row_index: torch.Tensor  # (rows,) int64: the padded row of each row of the unpadded tokens
+    rows: int  # rows of the padded token tensor: enough for any split sizes, a multiple of the multiple
+
+
+def padded_split_sizes(split_sizes, multiple: int, rows: int) -> PaddedDispatch:
+    """Pad every expert's token count up to a multiple of ``multiple`` (256 forward/dgrad/fused, 128 wgrad).
+
+    ``split_sizes``: a list of ints or a 1-D int tensor (CPU or GPU), summing to at
+    most ``rows``, the row count of the unpadded token tensor. Scatter the tokens
+    with ``padded = x.new_zeros(result.rows, x.shape[1]); padded[result.row_index] = x``,
+    run the grouped GEMM on ``padded`` with ``result.split_sizes``, and read a
+    forward/dgrad result back with ``y_padded[result.row_index]``. Padding rows
+    must stay zero: wgrad sums over every token row. Rows past sum(split_sizes)
+    keep their order after the padded total. Plain torch: with sizes on the GPU it
+    runs there with no host sync (graph-safe); ``result.rows`` depends only on
+    ``rows``, the expert count and ``multiple``.
+    """
+    if type(multiple) is not int or multiple <= 0:
+        raise ValueError(f"multiple must be a positive int (256 or 128 for cudnn), got {multiple!r}")
+    given_tensor = isinstance(split_sizes, torch.Tensor)
+    if given_tensor:  # on the GPU its values are not checked (that would sync)
+        counts = split_sizes.to(torch.int64)
+    else:
+        counts = torch.tensor(split_sizes_to_list(split_sizes, rows=rows), dtype=torch.int64)
+    if counts.dim() != 1 or counts.numel() == 0:
+        raise ValueError(f"split_sizes must hold one count an expert, got shape {tuple(counts.shape)}")
+    padded = (counts + multiple - 1) // multiple * multiple
+    ends, padded_ends = torch.cumsum(counts, 0), torch.cumsum(padded, 0)
+    # each row moves by (its expert's padded start - its start); rows past the total by (padded total - total)
+    shift = torch.cat([padded_ends - padded - (ends - counts), (padded_ends[-1:] - ends[-1:])])
+    row = torch.arange(rows, device=counts.device)
+    row_index = row + shift[torch.searchsorted(ends, row, right=True)]
+    padded_rows = -(-(rows + len(counts) * (multiple - 1)) // multiple) * multiple
+    sizes = padded.to(split_sizes.dtype) if given_tensor else padded.tolist()
+    return PaddedDispatch(sizes, row_index, padded_rows)
 
 
 def _scale_bytes_view(t: torch.Tensor, fmt_name: str) -> torch.Tensor:
@@ -313,7 +242,7 @@ def _check_counts_on_device(counts: torch.Tensor, multiple: int) -> None:
     )
 
 
-# ---- call-level refusals ----------------------------------------------------------------------
+# ---- call-level refusals (asked by the selector through CudnnBackend.accepts) -----------------------
 
 
 def _valid_rows(call: GemmCall) -> int:
@@ -321,20 +250,15 @@ def _valid_rows(call: GemmCall) -> int:
     return sum(call.split_sizes) if call.split_sizes is not None else call.m_total
 
 
-def call_refusal(call: GemmCall) -> str | None:
-    """Why this backend refuses this particular call (data-dependent rules the Problem cannot see)."""
+def _data_refusal(call: GemmCall) -> str | None:
+    """Why the frontend cannot take this call's data (expert count, token rule, tensor scales, buffer strides)."""
     layout = call.layout
     if call.num_groups > MAX_EXPERTS:
         return (
             f"cuDNN frontend's grouped GEMMs take at most {MAX_EXPERTS} experts (expert_cnt <= 1024), "
             f"got {call.num_groups}"
         )
-    if layout == "wgrad":
-        if isinstance(call.a, GroupedTensor) or isinstance(call.b, GroupedTensor):
-            return (
-                "wgrad needs dY and X as QuantizedTensors (grouped.quantize(..., axis=0, split_sizes=...)), "
-                "not GroupedTensors"
-            )
+    if layout == "wgrad":  # the quantized operands carry host split sizes even when the call's are on the GPU
         sizes = call.split_sizes if call.split_sizes is not None else call.a.split_sizes
         return token_rule_violation(layout, sizes)
     if call.split_sizes is not None:
@@ -370,10 +294,36 @@ def call_refusal(call: GemmCall) -> str | None:
     return None
 
 
-def _refuse(call: GemmCall) -> None:
-    reason = call_refusal(call)
-    if reason is not None:
-        raise ValueError(f"cudnn backend cannot serve this call ({call.problem.describe()}): {reason}")
+# ---- CUDA graph capture: only calls whose signature already ran outside capture ----------------------
+
+# On the first call of each signature the frontend compiles, allocates a workspace and (wgrad) copies the
+# offsets to the host; capture forbids all three. Later calls of that signature only launch.
+_warm_signatures: set[tuple] = set()
+
+
+def _width(op) -> int:
+    return op.shape[1] if isinstance(op, QuantizedTensor) else op.shapes[0][1]
+
+
+def _signature(call: GemmCall, kind: str, probs: torch.Tensor | None = None) -> tuple:
+    """The shapes, strides, dtypes and device of what this call hands the frontend (what its caches key
+    on), read off the call without building anything."""
+    tokens = tuple(call.a.data.shape) if kind == "wgrad" else (_valid_rows(call), _width(call.a))
+    out = call.out
+    out_strides = None if out is None or out.is_contiguous() else tuple(out.stride())
+    problem = call.problem
+    return (kind, call.device, call.fmt.name, problem.out_dtype, problem.accumulate, call.num_groups,
+            call.out_shape, tokens, out_strides, probs is not None)
+
+
+def _capture_refusal(call: GemmCall, kind: str, probs: torch.Tensor | None = None) -> str | None:
+    if not call.problem.capturing or _signature(call, kind, probs) in _warm_signatures:
+        return None
+    return (
+        "under CUDA graph capture cuDNN frontend can only replay what it has already built: its first call for "
+        "each new shape compiles, allocates a workspace and (wgrad) reads the offsets on the host, which capture "
+        "forbids. Run the same call (same shapes, dtypes, device) once outside capture first"
+    )
 
 
 # ---- argument builders (plain torch: they run on CPU tensors in the tests) ------------------------
@@ -384,26 +334,28 @@ def forward_arguments(call: GemmCall, out: torch.Tensor | None = None) -> dict |
 
     ``out`` is the full output buffer (default: the call's, or a new one); rows
     [:valid_m] of it go in as ``d_tensor``, a view (same data pointer and strides).
-    Returns None when there are no rows to compute. Raises ValueError (before any
-    write) when the call breaks a rule this backend refuses.
+    Returns None when there are no rows to compute. The call must be one that
+    ``CudnnBackend.accepts``.
     """
     if call.layout not in ("forward", "dgrad"):
         raise ValueError(f"forward_arguments is for forward and dgrad, not {call.layout}")
-    _refuse(call)
     out = call.output() if out is None else out
     rows = _valid_rows(call)
     if rows == 0:
         return None
     return {
         **_blockscaled_operands(call, rows, columnwise=call.layout == "dgrad"),
+        "b_major": "k",
+        "cd_major": "n",
+        "sf_vec_size": SF_VEC_SIZE[call.fmt.name],
         "d_dtype": out.dtype,
         "d_tensor": out[:rows],
-        "generate_amax": False,
+        "generate_amax": False,  # nothing reads it; False allocates and computes none
     }
 
 
 def _blockscaled_operands(call: GemmCall, rows: int, *, columnwise: bool, interleave=None) -> dict:
-    """The A / B / scales / offsets / alpha kwargs the quant and GLU wrappers share."""
+    """The A / B / scales / offsets / alpha tensors the quant and GLU kernels share."""
     fmt = call.fmt.name
     counts = _device_counts(call)
     if call.split_sizes is None:
@@ -417,9 +369,6 @@ def _blockscaled_operands(call: GemmCall, rows: int, *, columnwise: bool, interl
         "alpha_tensor": _alpha(fmt, s_a, s_b, call.num_groups, call.device),
         "b_tensor": _data_view(b_data, fmt),
         "sfb_tensor": _scale_bytes_view(sfb, fmt),
-        "b_major": "k",
-        "cd_major": "n",
-        "sf_vec_size": SF_VEC_SIZE[fmt],
     }
 
 
@@ -440,10 +389,10 @@ def wgrad_arguments(call: GemmCall, out: torch.Tensor | None = None) -> dict | N
     b = X quantized columnwise, stored (K, P): its transpose view (P, K), token
     innermost, is cuDNN's b_tensor (tokens, intermediate). ``out`` (G, N, K), any
     strides, is passed as ``wgrad_tensor``. Returns None when no tokens exist.
+    The descriptor workspace is added by ``CudnnBackend.run`` (its size comes from the frontend).
     """
     if call.layout != "wgrad":
         raise ValueError(f"wgrad_arguments is for wgrad, not {call.layout}")
-    _refuse(call)
     fmt = call.fmt.name
     dy, x = call.a, call.b
     out = call.output() if out is None else out
@@ -483,57 +432,54 @@ def glu_interleave(n: int, device=None) -> torch.Tensor:
     return idx.transpose(0, 1).reshape(-1)
 
 
-def glu_refusal(call: GemmCall, probs: torch.Tensor | None, out_dtype: torch.dtype) -> str | None:
-    """Why ``grouped_gemm_glu_wrapper_sm100`` cannot serve FC1 + SwiGLU for this call (None: it can)."""
+def _glu_refusal(call: GemmCall, out_dtype: torch.dtype) -> str | None:
+    """Why the frontend's GLU kernel cannot give gemm_swiglu's result for this call (None: it can)."""
     if call.layout != "forward":
-        return "the GLU wrapper fuses a forward GEMM only"
+        return "the GLU kernel fuses a forward GEMM only"
     if call.fmt.name == "mxfp8":
         return (
-            "for FP8 inputs cuDNN frontend's GLU wrapper always emits a block-scaled D (SFD row/col outputs, "
-            "norm_const required), not the plain activation gemm_swiglu returns"
+            "for FP8 inputs cuDNN frontend's own GLU wrapper always emits a block-scaled D (SFD outputs, "
+            "norm_const), not the plain activation gemm_swiglu returns; its GLU class also takes a plain bf16 D, "
+            "a path the wrapper never uses, left off until it has run on Blackwell"
         )
     n = call.out_shape[1]
     if n % GLU_N_MULTIPLE:
         return (
-            f"the GLU wrapper needs N = 2 x ffn_hidden to be a multiple of {GLU_N_MULTIPLE} "
+            f"the GLU kernel needs N = 2 x ffn_hidden to be a multiple of {GLU_N_MULTIPLE} "
             f"(gate/up 32-column block pairs), got N = {n}"
         )
     if out_dtype != torch.bfloat16:
         return (
-            "the GLU wrapper's fused output is used in bf16 here (no fp32 D for FP8 inputs, "
-            f"nor for FP4 without bias), got {out_dtype}"
+            "the GLU kernel's fused output is used in bf16 here (no fp32 D for FP8 inputs, "
+            f"nor for FP4 without bias), got out of dtype {out_dtype}"
         )
     if not call.problem.aligned:
-        return "the GLU wrapper needs 16-byte aligned rows"
-    return call_refusal(call)
+        return "the GLU kernel needs 16-byte aligned rows"
+    return None
 
 
-def glu_arguments(call: GemmCall, probs: torch.Tensor | None = None) -> dict | None:
-    """kwargs for ``cudnn.grouped_gemm_glu_wrapper_sm100``: FC1 + SwiGLU (+ probs) in one kernel.
+def glu_arguments(call: GemmCall, probs: torch.Tensor | None, d: torch.Tensor) -> dict:
+    """Tensors for ``GroupedGemmGluSm100.execute``: FC1 + SwiGLU (+ probs) of the first ``d.shape[0]`` rows into
+    ``d``, a dense (valid_m, N/2) bf16 buffer.
 
     Same A/SFA/padded_offsets/alpha as ``forward_arguments``; the weight rows are
     re-interleaved into 32-row gate/up blocks (our W1 has gate rows first, then
-    up rows). The wrapper returns D (valid_m, n/2) bf16 in our column order.
+    up rows), so D comes out in our column order.
     """
-    reason = glu_refusal(call, probs, torch.bfloat16)
-    if reason is not None:
-        raise ValueError(f"cudnn backend cannot fuse FC1 + SwiGLU here ({call.problem.describe()}): {reason}")
-    rows = _valid_rows(call)
-    if rows == 0:
-        return None
-    perm = glu_interleave(call.out_shape[1], call.device)
-    prob = None if probs is None else probs[:rows].to(torch.float32).contiguous()
+    rows, n = d.shape[0], call.out_shape[1]
     return {
-        **_blockscaled_operands(call, rows, columnwise=False, interleave=perm),
-        "prob_tensor": prob,
-        "c_dtype": torch.bfloat16,
-        "d_dtype": torch.bfloat16,
-        "act_func": "swiglu",
-        "generate_c": False,
+        **_blockscaled_operands(call, rows, columnwise=False, interleave=glu_interleave(n, call.device)),
+        # the kernel always stores the pre-activation C = h (bf16): scratch that nothing here reads
+        "c_tensor": torch.empty(rows, n, dtype=torch.bfloat16, device=call.device),
+        "d_tensor": d,
+        # D_col is stored only with block-scaled (SFD) outputs, which an FP4 -> bf16 GLU has not; the kernel
+        # still takes a tensor for it, so it gets D's (as the quant API itself does when there is no SFD)
+        "d_col_tensor": d,
+        "prob_tensor": None if probs is None else probs[:rows].to(torch.float32).contiguous(),
     }
 
 
-def _wrapper(name: str):
+def _frontend(name: str):
     import cudnn  # lazily: an optional extra, never imported by `import grouped`
 
     try:
@@ -542,14 +488,31 @@ def _wrapper(name: str):
         version = getattr(cudnn, "__version__", "unknown")
         raise ImportError(
             f"cudnn backend: nvidia-cudnn-frontend {version} does not provide {name} ({e}); "
-            "install nvidia-cudnn-frontend>=1.32 (pip install 'grouped-gemm[blackwell]')"
+            f"install {FRONTEND_REQUIREMENT} (pip install 'grouped-gemm[blackwell]')"
         ) from e
+
+
+# Compiled GLU kernels, per (device, format, weight shape, probs given): the kernel is compiled for any
+# token count, as the frontend's own wrapper caches it.
+_glu_kernels: dict[tuple, object] = {}
+
+
+def _glu_kernel(call: GemmCall, kwargs: dict):
+    key = (call.device, call.fmt.name, tuple(kwargs["b_tensor"].shape), kwargs["prob_tensor"] is not None)
+    kernel = _glu_kernels.get(key)
+    if kernel is None:
+        samples = {"sample_" + name.removesuffix("_tensor"): t for name, t in kwargs.items()}
+        kernel = _frontend(WRAPPERS["swiglu"])(**samples, sf_vec_size=SF_VEC_SIZE[call.fmt.name], act_func="swiglu")
+        kernel.check_support()  # raises on what it cannot serve
+        kernel.compile()
+        _glu_kernels[key] = kernel
+    return kernel
 
 
 class CudnnBackend(Backend):
     name = "cudnn"
     formats = ("mxfp8", "nvfp4")
-    graph_safe = True  # offsets, alpha and scales are built on the device; the first call compiles
+    graph_safe = True  # with one warm-up call per signature outside capture (see _capture_refusal)
 
     def unavailable(self, device_type, capability):
         if device_type != "cuda" or capability is None or capability[0] != 10:
@@ -571,34 +534,57 @@ class CudnnBackend(Backend):
             return "wgrad needs dY and X as QuantizedTensors (one token-major matrix each), not GroupedTensors"
         return None
 
+    def accepts(self, call: GemmCall) -> str | None:
+        return _data_refusal(call) or _capture_refusal(call, call.layout)
+
     def note(self, problem: Problem) -> str | None:
         if problem.layout == "wgrad":
             how = "grouped_gemm_wgrad_wrapper_sm100 into the buffer as wgrad_tensor"
         else:
             how = "grouped_gemm_quant_wrapper_sm100 into the buffer as d_tensor (dense rows only)"
-        multiple = token_multiple(problem.layout)
-        return (
-            f"cuDNN frontend {how}; every expert's token count must be a multiple of {multiple} "
-            f"(refused at call time otherwise, never padded); {NOT_RUN_NOTE}"
-        )
+        rule = f"every expert's token count must be a multiple of {token_multiple(problem.layout)}"
+        if problem.device_splits:
+            rule += (
+                ": with split sizes on the GPU a device-side assertion checks it, and a violation leaves the "
+                "CUDA context unusable (no ValueError)"
+            )
+        pad = "pad the dispatch with grouped.backends.cudnn.padded_split_sizes"
+        capture = "under graph capture only shapes that already ran once outside capture"
+        return f"cuDNN frontend {how}; {rule}; {pad}; {capture}; {NOT_RUN_NOTE}"
 
     def run(self, call: GemmCall) -> torch.Tensor:
         out = call.output()
-        if call.layout == "wgrad":
-            kwargs = wgrad_arguments(call, out)
-            if kwargs is None:  # no tokens: every expert's dW is zero (unchanged when accumulating)
-                return out if call.problem.accumulate else out.zero_()
-        else:
-            kwargs = forward_arguments(call, out)
-            if kwargs is None:
-                return out
-        _wrapper(WRAPPERS[call.layout])(**kwargs)
+        with torch.cuda.device(call.device):  # the frontend launches on the current device's current stream
+            if call.layout == "wgrad":
+                kwargs = wgrad_arguments(call, out)
+                if kwargs is None:  # no tokens: every expert's dW is zero (unchanged when accumulating)
+                    return out if call.problem.accumulate else out.zero_()
+                workspace_bytes = _frontend(WGRAD_WORKSPACE_SIZE)(call.num_groups)
+                # one TMA-descriptor workspace per call: the caching allocator hands it out in stream order, so
+                # calls on other streams never share it (the frontend's own is shared by every call of a shape)
+                kwargs["descriptor_workspace"] = torch.empty(workspace_bytes, dtype=torch.uint8, device=call.device)
+            else:
+                kwargs = forward_arguments(call, out)
+                if kwargs is None:
+                    return out
+            _frontend(WRAPPERS[call.layout])(**kwargs)
+        _warm_signatures.add(_signature(call, call.layout))
         return out
 
-    def run_swiglu(self, call: GemmCall, probs: torch.Tensor | None = None) -> torch.Tensor:
-        """FC1 + SwiGLU (+ probs) fused: D (valid_m, N/2) bf16, as the GLU wrapper allocated it."""
-        kwargs = glu_arguments(call, probs)
-        if kwargs is None:
-            return torch.empty(0, call.out_shape[1] // 2, dtype=torch.bfloat16, device=call.device)
-        result = _wrapper(WRAPPERS["swiglu"])(**kwargs)
-        return result["d_tensor"]
+    def swiglu_refusal(self, call: GemmCall, probs, out_dtype) -> str | None:
+        return _glu_refusal(call, out_dtype) or _data_refusal(call) or _capture_refusal(call, "swiglu", probs)
+
+    def run_swiglu(self, call: GemmCall, probs=None, out=None) -> torch.Tensor:
+        m, f = call.m_total, call.out_shape[1] // 2
+        if out is None and call.split_sizes is None:  # rows past a total kept on the GPU: zeroed up front
+            out = torch.zeros(m, f, dtype=torch.bfloat16, device=call.device)
+        elif out is None:
+            out = call.finish_new_output(torch.empty(m, f, dtype=torch.bfloat16, device=call.device))
+        rows = _valid_rows(call)
+        if rows == 0:
+            return out
+        with torch.cuda.device(call.device):
+            kwargs = glu_arguments(call, probs, out[:rows])
+            _glu_kernel(call, kwargs).execute(**kwargs)
+        _warm_signatures.add(_signature(call, "swiglu", probs))
+        return out
