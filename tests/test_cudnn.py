@@ -903,6 +903,8 @@ def test_padded_split_sizes_bad_input():
         cb.padded_split_sizes([2, 2], 256, 3)
     with pytest.raises(ValueError, match="one count an expert"):
         cb.padded_split_sizes(torch.zeros(2, 2, dtype=torch.int64), 256, 3)
+    with pytest.raises(ValueError, match="int32/int64 tensor"):
+        cb.padded_split_sizes(torch.ones(2), 256, 3)
 
 
 # ---- gemm_swiglu -------------------------------------------------------------------------------------------

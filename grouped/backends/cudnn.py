@@ -103,7 +103,9 @@ def padded_split_sizes(split_sizes, multiple: int, rows: int) -> PaddedDispatch:
     if type(multiple) is not int or multiple <= 0:
         raise ValueError(f"multiple must be a positive int (256 or 128 for cudnn), got {multiple!r}")
     given_tensor = isinstance(split_sizes, torch.Tensor)
-    if given_tensor:  # on the GPU its values are not checked (that would sync)
+    if given_tensor:  # its values are not checked: on the GPU that would sync
+        if split_sizes.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"split_sizes must be an int32/int64 tensor or a list of ints, got {split_sizes.dtype}")
         counts = split_sizes.to(torch.int64)
     else:
         counts = torch.tensor(split_sizes_to_list(split_sizes, rows=rows), dtype=torch.int64)
