@@ -36,6 +36,7 @@ bit. Split sizes given as a GPU tensor are read to the host here (a sync).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import Sequence
 
@@ -278,11 +279,28 @@ def quantize(
     return QuantizedTensor(data, scale, global_scale, fmt, axis, x.shape, sizes)
 
 
+@functools.lru_cache(maxsize=None)
+def kernel_facts(fmt: Format):
+    """What cute_backend's quantize kernels compile in about fmt (they import nothing from grouped)."""
+    from cute_backend.quantize import FormatFacts
+
+    from . import elements as el
+    from .formats import _NVFP4_AMAX_TO_S
+
+    return FormatFacts(
+        fmt.name, fmt.block_size, fmt.elements_per_byte, e4m3_max=el.E4M3_MAX, e2m1_max=el.E2M1_MAX,
+        amax_to_s=_NVFP4_AMAX_TO_S,
+        nan_scale=el.E4M3_NAN_BYTE if fmt.scale_dtype == torch.float8_e4m3fn else el.E8M0_NAN,
+        nan_element=el.E4M3_NAN_BYTE if fmt.data_dtype == torch.float8_e4m3fn else 0,  # NVFP4: zero codes
+    )
+
+
 def _quantize_on_gpu(x: torch.Tensor, geometry: _Geometry):
     """(data, scale, global_scale): the reference's bytes, from the CuTe DSL kernels (cute_backend.quantize)."""
     from cute_backend import quantize as kernel
 
     fmt, axis, sizes = geometry.fmt, geometry.axis, geometry.split_sizes
+    facts = kernel_facts(fmt)
     block, epb = fmt.block_size, fmt.elements_per_byte
     if x.dtype not in (torch.bfloat16, torch.float32):
         x = x.float()  # fp16 -> fp32 is exact
@@ -292,8 +310,8 @@ def _quantize_on_gpu(x: torch.Tensor, geometry: _Geometry):
     if fmt.has_global_scale:  # one S a member (expert / group / the whole tensor), from one amax pass
         members = [x.shape[1]] * x.shape[0] if x.dim() == 3 else list(sizes or [x.shape[0]])
         s = torch.empty(len(members), dtype=torch.float32, device=x.device)
-        table = kernel.group_table(members, fmt, device=x.device, data_row_bytes=0, scale_row_bytes=0)
-        kernel.group_amax(rows, table, s)
+        table = kernel.group_table(members, facts, device=x.device, data_row_bytes=0, scale_row_bytes=0)
+        kernel.group_amax(rows, facts, table, s)
         global_scale = s if x.dim() == 3 or sizes is not None else s.reshape(())
     if axis == -1:
         total = rows.shape[0] if sizes is None else sum(sizes)
@@ -305,14 +323,14 @@ def _quantize_on_gpu(x: torch.Tensor, geometry: _Geometry):
         if s is not None:  # each row's member S
             per_row = [rows.shape[0] // s.numel()] * s.numel() if sizes is None else list(sizes)
             row_scale = s.repeat_interleave(torch.tensor(per_row, device=x.device), output_size=total)
-        kernel.quantize_rowwise(rows[:total], fmt, data.view(-1, k // epb)[:total],
+        kernel.quantize_rowwise(rows[:total], facts, data.view(-1, k // epb)[:total],
                                 scale.view(-1, k // block)[:total], row_scale)
         return data, scale, global_scale
     if x.dim() == 3:  # blocks along N, per expert: expert g's (K, N) at its own offset
         g, n = x.shape[0], x.shape[1]
         data = torch.empty(g, k, n // epb, dtype=fmt.data_dtype, device=x.device)
         scale = torch.empty(g, k, n // block, dtype=fmt.scale_dtype, device=x.device)
-        groups = kernel.group_table([n] * g, fmt, device=x.device,
+        groups = kernel.group_table([n] * g, facts, device=x.device,
                                     data_offsets=[i * k * n // epb for i in range(g)], data_strides=n // epb,
                                     scale_offsets=[i * k * n // block for i in range(g)], scale_strides=n // block)
     else:  # one (K, P) matrix, groups zero-padded to the block
@@ -320,7 +338,7 @@ def _quantize_on_gpu(x: torch.Tensor, geometry: _Geometry):
         padded = sum(geometry.padded_splits) if sizes is not None else x.shape[0]
         data = torch.empty(k, padded // epb, dtype=fmt.data_dtype, device=x.device)
         scale = torch.empty(k, padded // block, dtype=fmt.scale_dtype, device=x.device)
-        groups = kernel.group_table(group_sizes, fmt, device=x.device,
+        groups = kernel.group_table(group_sizes, facts, device=x.device,
                                     data_row_bytes=padded // epb, scale_row_bytes=padded // block)
-    kernel.quantize_columnwise(rows, fmt, data, scale, groups, s)
+    kernel.quantize_columnwise(rows, facts, data, scale, groups, s)
     return data, scale, global_scale

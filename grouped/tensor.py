@@ -32,7 +32,7 @@ import torch
 
 from . import kernels
 from .formats import Format, get_format
-from .quantize import QuantizedTensor, finite_row_amax, quantize, split_sizes_to_list
+from .quantize import QuantizedTensor, finite_row_amax, kernel_facts, quantize, split_sizes_to_list
 
 ALIGN_BYTES = 16
 
@@ -305,6 +305,7 @@ class GroupedTensor:
         from cute_backend import quantize as kernel
 
         fmt, sizes = self.fmt, [m for m, _ in self.shapes]
+        facts = kernel_facts(fmt)
         rows = _stacked(tensors)
         if rows.dtype not in (torch.bfloat16, torch.float32):
             rows = rows.float()
@@ -313,7 +314,7 @@ class GroupedTensor:
         s = None
         if fmt.has_global_scale:  # each member's S from its finite amax, one pass, into its buffer
             s = self.global_scale if keep is None else torch.empty_like(self.global_scale)
-            kernel.group_amax(rows, table, s)
+            kernel.group_amax(rows, facts, table, s)
         names = [n for n, on in (("data", self.rowwise), ("scale", self.rowwise), ("columnwise_data", self.columnwise),
                                  ("columnwise_scale", self.columnwise)) if on]
         target = {n: getattr(self, n) if keep is None else torch.empty_like(getattr(self, n)) for n in names}
@@ -322,13 +323,13 @@ class GroupedTensor:
             row_data = target["data"][: r * k // fmt.elements_per_byte].view(r, -1)
             row_scale = target["scale"][: r * k // fmt.block_size].view(r, -1)
         if self.rowwise and self.columnwise:  # one pass over the input for both directions
-            kernel.quantize_both(rows, fmt, row_data, row_scale, target["columnwise_data"],
+            kernel.quantize_both(rows, facts, row_data, row_scale, target["columnwise_data"],
                                  target["columnwise_scale"], table, None, s)
         elif self.rowwise:
             row_s = None if s is None else s.repeat_interleave(counts, output_size=r)
-            kernel.quantize_rowwise(rows, fmt, row_data, row_scale, row_s)
+            kernel.quantize_rowwise(rows, facts, row_data, row_scale, row_s)
         else:
-            kernel.quantize_columnwise(rows, fmt, target["columnwise_data"], target["columnwise_scale"], table, s)
+            kernel.quantize_columnwise(rows, facts, target["columnwise_data"], target["columnwise_scale"], table, s)
         if keep is not None:
             for n in names:
                 getattr(self, n).copy_(torch.where(keep, getattr(self, n), target[n]))
@@ -348,12 +349,13 @@ class GroupedTensor:
             if self.columnwise:
                 data, scale = self._regions["columnwise_data"], self._regions["columnwise_scale"]
                 table = kernel.group_table(
-                    sizes, self.fmt, device=self.device,
+                    sizes, kernel_facts(self.fmt), device=self.device,
                     data_offsets=[r.offset for r in data], data_strides=[r.shape[1] * r.dtype.itemsize for r in data],
                     scale_offsets=[r.offset for r in scale], scale_strides=[r.shape[1] for r in scale],
                 )
             else:  # only the member rows matter (NVFP4's amax)
-                table = kernel.group_table(sizes, self.fmt, device=self.device, data_row_bytes=0, scale_row_bytes=0)
+                table = kernel.group_table(sizes, kernel_facts(self.fmt), device=self.device, data_row_bytes=0,
+                                           scale_row_bytes=0)
             self._tables = (torch.tensor(sizes, device=self.device), table)
         return self._tables
 

@@ -69,27 +69,30 @@ def torch_path(fn):
 def bench_quantize(copy: float) -> list[str]:
     from cute_backend import quantize as qk
 
+    from grouped.quantize import kernel_facts
+
     m, k = 32768, 7168
     x = (torch.randn(m, k, device="cuda") * torch.exp2(torch.randint(-8, 8, (m, 1), device="cuda").float())).bfloat16()
     lines = []
     for fmt in ("mxfp8", "nvfp4"):
         f = grouped.get_format(fmt)
+        facts = kernel_facts(f)  # what the kernels compile in
         epb, block = f.elements_per_byte, f.block_size
         row_data = torch.empty(m, k // epb, dtype=f.data_dtype, device="cuda")
         row_scale = torch.empty(m, k // block, dtype=f.scale_dtype, device="cuda")
         col_data = torch.empty(k, m // epb, dtype=f.data_dtype, device="cuda")
         col_scale = torch.empty(k, m // block, dtype=f.scale_dtype, device="cuda")
-        table = qk.group_table([m], fmt, device="cuda", data_row_bytes=m // epb, scale_row_bytes=m // block)
+        table = qk.group_table([m], facts, device="cuda", data_row_bytes=m // epb, scale_row_bytes=m // block)
         s = torch.ones(m, device="cuda") if fmt == "nvfp4" else None
         s_col = s[:1] if s is not None else None
         cache = grouped.GroupedTensor([(m, k)], fmt, rowwise=True, columnwise=True, device="cuda")
 
         def separate():  # two kernels, each reading x
-            qk.quantize_rowwise(x, fmt, row_data, row_scale, s)
-            qk.quantize_columnwise(x, fmt, col_data, col_scale, table, s_col)
+            qk.quantize_rowwise(x, facts, row_data, row_scale, s)
+            qk.quantize_columnwise(x, facts, col_data, col_scale, table, s_col)
 
         def fused():  # one pass over x for both directions
-            qk.quantize_both(x, fmt, row_data, row_scale, col_data, col_scale, table, None, s_col)
+            qk.quantize_both(x, facts, row_data, row_scale, col_data, col_scale, table, None, s_col)
 
         def public():  # the library path: GroupedTensor.quantize_ (NVFP4: + the amax pass and S)
             cache.quantize_([x])

@@ -26,11 +26,22 @@ _PROBE = """
 import json, sys
 import cute_backend
 from cute_backend.cache import CACHE
-for spec, build in cute_backend.kernel_configs():
+from grouped.formats import MXFP8, NVFP4
+from grouped.quantize import kernel_facts
+for spec, build in cute_backend.kernel_configs([kernel_facts(MXFP8), kernel_facts(NVFP4)]):
     CACHE.get(spec, build)
 print(json.dumps({"compiles": CACHE.compiles, "disk_loads": CACHE.disk_loads,
                   "cutlass_imported": "cutlass" in sys.modules, "tvm_ffi_imported": "tvm_ffi" in sys.modules}))
 """
+
+
+def _kernel_configs() -> list:
+    """Every (spec, build) the library can pick, as the probe lists them."""
+    import cute_backend
+    from grouped.formats import MXFP8, NVFP4
+    from grouped.quantize import kernel_facts
+
+    return cute_backend.kernel_configs([kernel_facts(MXFP8), kernel_facts(NVFP4)])
 
 
 def _probe(cache_dir: Path, **popen) -> subprocess.Popen:
@@ -50,25 +61,21 @@ def warm_dir(tmp_path_factory) -> Path:
     """A cache directory every kernel config has been compiled into, in a first process."""
     directory = tmp_path_factory.mktemp("cute-cache")
     first = _run_probe(directory)
-    n_configs = len(__import__("cute_backend").kernel_configs())
+    n_configs = len(_kernel_configs())
     assert first["compiles"] == n_configs and first["disk_loads"] == 0
     return directory
 
 
 def test_every_config_compiles_for_sm90a(warm_dir):
     libraries = sorted(warm_dir.glob("*.so"))
-    import cute_backend
-
-    assert len(libraries) == len(cute_backend.kernel_configs())
+    assert len(libraries) == len(_kernel_configs())
     for library in libraries:
         assert library.with_suffix(".sha256").read_text().strip()
 
 
 def test_second_process_loads_without_compiling(warm_dir):
-    import cute_backend
-
     second = _run_probe(warm_dir)
-    assert second["compiles"] == 0 and second["disk_loads"] == len(cute_backend.kernel_configs())
+    assert second["compiles"] == 0 and second["disk_loads"] == len(_kernel_configs())
     assert not second["cutlass_imported"], "a warm cache must not import the DSL"
     assert not second["tvm_ffi_imported"], "a warm cache calls the libraries through ctypes"
 
@@ -152,19 +159,16 @@ def test_racing_processes_compile_an_entry_once(tmp_path):
         out, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, out
         reports.append(json.loads(out.strip().splitlines()[-1]))
-    import cute_backend
-
-    assert sum(r["compiles"] for r in reports) == len(cute_backend.kernel_configs())
+    assert sum(r["compiles"] for r in reports) == len(_kernel_configs())
 
 
 def test_threads_compile_once(tmp_path, monkeypatch):
     monkeypatch.setenv("GROUPED_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CUTE_DSL_ARCH", "sm_90a")
-    import cute_backend
     from cute_backend.cache import KernelCache
 
     cache = KernelCache()
-    spec, build = cute_backend.kernel_configs()[0]
+    spec, build = _kernel_configs()[0]
     builds = []
 
     def counted():

@@ -15,7 +15,8 @@ import torch
 
 import grouped
 from grouped import kernels
-from grouped.formats import NVFP4
+from grouped.formats import NVFP4, get_format
+from grouped.quantize import kernel_facts
 
 gpu = pytest.mark.gpu
 
@@ -34,6 +35,11 @@ SPLITS = [
     [0, 17, 0],
     [16, 48, 31, 33, 0, 2],
 ]
+
+
+def facts(name):
+    """The FormatFacts grouped hands the kernels for a format name."""
+    return kernel_facts(get_format(name))
 
 
 def _qk():
@@ -140,15 +146,15 @@ def run_rowwise(qk, x, fmt, row_scale=None):
     scale = torch.empty(r, k // BLOCK[fmt], dtype=qk.SCALE_DTYPE[fmt], device="cuda")
     data.view(torch.uint8).fill_(0xA5)
     scale.view(torch.uint8).fill_(0xA5)
-    qk.quantize_rowwise(x.cuda(), fmt, data, scale, None if row_scale is None else row_scale.float().cuda())
+    qk.quantize_rowwise(x.cuda(), facts(fmt), data, scale, None if row_scale is None else row_scale.float().cuda())
     return data, scale
 
 
 def run_columnwise(qk, x, fmt, sizes, ref, col_scale=None, size_tensor=None):
     data, scale = garbage_like(ref.data), garbage_like(ref.scale)
     splits = size_tensor if size_tensor is not None else torch.tensor(sizes, dtype=torch.int32, device="cuda")
-    table = qk.group_table(splits, fmt, data_row_bytes=data.shape[1], scale_row_bytes=scale.shape[1])
-    qk.quantize_columnwise(x.cuda(), fmt, data, scale, table, None if col_scale is None else col_scale.cuda())
+    table = qk.group_table(splits, facts(fmt), data_row_bytes=data.shape[1], scale_row_bytes=scale.shape[1])
+    qk.quantize_columnwise(x.cuda(), facts(fmt), data, scale, table, None if col_scale is None else col_scale.cuda())
     return data, scale
 
 
@@ -349,7 +355,7 @@ def test_columnwise_grouped_tensor_regions(gen, fmt, dtype):
     """GroupedTensor's columnwise buffers: each member (K, pad(m)) at its own byte offset."""
     qk = _qk()
     x, ref, table, (data, scale), s = _regions_case(qk, gen, fmt, dtype, 96, rowwise=False)
-    qk.quantize_columnwise(x.cuda(), fmt, data, scale, table, s)
+    qk.quantize_columnwise(x.cuda(), facts(fmt), data, scale, table, s)
     assert_same_bytes(data, ref.columnwise_data, "columnwise_data")
     assert_same_bytes(scale, ref.columnwise_scale, "columnwise_scale")
 
@@ -369,8 +375,8 @@ def test_columnwise_graph_replay(gen, fmt):
     scale = torch.zeros(k, p // b, dtype=qk.SCALE_DTYPE[fmt], device="cuda")
 
     def step():
-        table = qk.group_table(sizes, fmt, data_row_bytes=data.shape[1], scale_row_bytes=scale.shape[1])
-        qk.quantize_columnwise(x, fmt, data, scale, table, s if fmt == "nvfp4" else None)
+        table = qk.group_table(sizes, facts(fmt), data_row_bytes=data.shape[1], scale_row_bytes=scale.shape[1])
+        qk.quantize_columnwise(x, facts(fmt), data, scale, table, s if fmt == "nvfp4" else None)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -408,21 +414,21 @@ def test_bad_arguments_raise_and_touch_nothing(fmt):
     scale = torch.zeros(4, 64 // b, dtype=qk.SCALE_DTYPE[fmt], device="cuda")
     s = torch.ones(4, device="cuda") if fmt == "nvfp4" else None
     with pytest.raises(ValueError, match="multiple of the"):
-        qk.quantize_rowwise(torch.randn(4, 40, device="cuda"), fmt, data, scale, s)
+        qk.quantize_rowwise(torch.randn(4, 40, device="cuda"), facts(fmt), data, scale, s)
     with pytest.raises(ValueError, match="data must have shape"):
-        qk.quantize_rowwise(x, fmt, data[:3], scale, s)
+        qk.quantize_rowwise(x, facts(fmt), data[:3], scale, s)
     with pytest.raises(ValueError, match="bf16 or fp32"):
-        qk.quantize_rowwise(x.half(), fmt, data, scale, s)
+        qk.quantize_rowwise(x.half(), facts(fmt), data, scale, s)
     with pytest.raises(ValueError, match="contiguous"):
-        qk.quantize_rowwise(torch.randn(64, 4, device="cuda").t(), fmt, data, scale, s)
+        qk.quantize_rowwise(torch.randn(64, 4, device="cuda").t(), facts(fmt), data, scale, s)
     if fmt == "nvfp4":
         with pytest.raises(ValueError, match="row_scale"):
-            qk.quantize_rowwise(x, fmt, data, scale, None)
+            qk.quantize_rowwise(x, facts(fmt), data, scale, None)
     else:
         with pytest.raises(ValueError, match="NVFP4 only"):
-            qk.quantize_rowwise(x, fmt, data, scale, torch.ones(4, device="cuda"))
+            qk.quantize_rowwise(x, facts(fmt), data, scale, torch.ones(4, device="cuda"))
     with pytest.raises(ValueError, match="groups must be"):
-        qk.quantize_columnwise(x, fmt, data, scale, torch.zeros(2, 7, dtype=torch.int64, device="cuda"), s)
+        qk.quantize_columnwise(x, facts(fmt), data, scale, torch.zeros(2, 7, dtype=torch.int64, device="cuda"), s)
     assert not data.view(torch.uint8).any() and not scale.view(torch.uint8).any()
 
 
@@ -437,9 +443,9 @@ def run_both(qk, x, fmt, sizes, col_ref, col_scale_s=None, row_scale_s=None):
     row_data.view(torch.uint8).fill_(0xA5)
     row_scale.view(torch.uint8).fill_(0xA5)
     col_data, col_scale = garbage_like(col_ref.data), garbage_like(col_ref.scale)
-    table = qk.group_table(torch.tensor(sizes, dtype=torch.int64, device="cuda"), fmt,
+    table = qk.group_table(torch.tensor(sizes, dtype=torch.int64, device="cuda"), facts(fmt),
                            data_row_bytes=col_data.shape[1], scale_row_bytes=col_scale.shape[1])
-    qk.quantize_both(x.cuda(), fmt, row_data, row_scale, col_data, col_scale, table,
+    qk.quantize_both(x.cuda(), facts(fmt), row_data, row_scale, col_data, col_scale, table,
                      None if row_scale_s is None else row_scale_s.float().cuda(),
                      None if col_scale_s is None else col_scale_s.float().cuda())
     return row_data, row_scale, col_data, col_scale
@@ -495,35 +501,32 @@ def test_both_many_groups(gen, fmt, dtype):
 def test_both_larger(gen, fmt, dtype, grid, monkeypatch):
     """Groups of all residues; with a grid of 3 CTAs each runs dozens of tiles through its stages."""
     qk = _qk()
-    monkeypatch.setattr(qk, "_GRID_LIMIT", grid)
+    monkeypatch.setattr(qk.launch, "GRID_LIMIT", grid)
     sizes = [1000, 31, 17, 1, 0, 513, 777]
     x = special(gen, sum(sizes), 1088).to(dtype)
     check_both(qk, x, fmt, sizes)
 
 
-# Other configurations of the bf16 kernels (quantize.FUSED2 for MXFP8, FUSED3 for NVFP4), with the
-# width K: warps and row-scale staging (K / 32 a multiple of 4, or not), tile orders (column tile
-# fastest, row tile fastest, bands of 3), a persistent grid, two cp.async stages.
-BF16_CONFIGS = {
-    "mxfp8": [(dict(warps=4, group_rows=16), 1024), (dict(warps=4, group_rows=16), 1088),
-              (dict(stage_rows=False, group_rows=1), 544), (dict(rl=32, warps=2, group_rows=1 << 20), 1088),
-              (dict(ctas_per_sm=1, group_rows=3), 1024)],
-    "nvfp4": [(dict(warps=4, ctas_per_sm=3), 1024), (dict(stages=2, ctas_per_sm=6, group_rows=1), 1104),
-              (dict(warps=2, ctas_per_sm=1, group_rows=3), 208)],
+# The bf16 kernels at other widths K (K / 32 a multiple of 4, or not; K % 64) with other tile
+# orders (group_rows: 1 column tile fastest, 1 << 20 row tile fastest, else bands) and grids (a
+# persistent grid): the same compiled kernel, other run-time arguments.
+BF16_RUNS = {
+    "mxfp8": [(1024, 16, None), (1088, 16, None), (544, 1, None), (1088, 1 << 20, None), (1024, 3, 132)],
+    "nvfp4": [(1024, 16, 396), (1104, 1, 792), (208, 3, 132)],
 }
 
 
 @gpu
 @fmt_param
-@pytest.mark.parametrize("variant", range(5))
-def test_both_bf16_kernel_configs(gen, fmt, variant, monkeypatch):
-    """The bf16 kernels' other configurations give the same bytes."""
+@pytest.mark.parametrize("run", range(5))
+def test_both_bf16_widths_and_tile_orders(gen, fmt, run, monkeypatch):
+    """The bf16 kernels give the same bytes at every width, tile order and grid."""
     qk = _qk()
-    if variant >= len(BF16_CONFIGS[fmt]):
-        pytest.skip("no such configuration for this format")
-    config, k = BF16_CONFIGS[fmt][variant]
-    name = "FUSED2" if fmt == "mxfp8" else "FUSED3"
-    monkeypatch.setattr(qk, name, {**getattr(qk, name), **config})
+    if run >= len(BF16_RUNS[fmt]):
+        pytest.skip("no such run for this format")
+    k, group_rows, grid = BF16_RUNS[fmt][run]
+    monkeypatch.setattr(qk.launch, "REGISTER_TILE_GROUP_ROWS" if fmt == "mxfp8" else "WARP_TILE_GROUP_ROWS", group_rows)
+    monkeypatch.setattr(qk.launch, "GRID_LIMIT", grid)
     sizes = [1000, 31, 17, 1, 0, 513, 777]
     x = special(gen, sum(sizes) + 5, k).to(torch.bfloat16)
     check_both(qk, x, fmt, sizes)
@@ -580,7 +583,7 @@ def test_both_grouped_tensor_regions(gen, fmt, dtype):
     r, b, epb = x.shape[0], BLOCK[fmt], EPB[fmt]
     data = garbage_like(ref.data)
     scale = garbage_like(ref.scale)
-    qk.quantize_both(x.cuda(), fmt, data[: r * k // epb].view(r, -1), scale[: r * k // b].view(r, -1),
+    qk.quantize_both(x.cuda(), facts(fmt), data[: r * k // epb].view(r, -1), scale[: r * k // b].view(r, -1),
                      col_data, col_scale, table, None, s)
     assert_same_quantized(data, scale, ref)
     assert_same_bytes(col_data, ref.columnwise_data, "columnwise_data")
@@ -589,10 +592,10 @@ def test_both_grouped_tensor_regions(gen, fmt, dtype):
 
 def _group_amax_case(qk, x, sizes):
     """Run group_amax into a NaN-poisoned S; -> (amax, S, expected amax)."""
-    table = qk.group_table(torch.tensor(sizes, dtype=torch.int64, device="cuda"), "nvfp4",
+    table = qk.group_table(torch.tensor(sizes, dtype=torch.int64, device="cuda"), facts("nvfp4"),
                            data_row_bytes=16, scale_row_bytes=16)
     s = torch.full((len(sizes),), float("nan"), device="cuda")
-    amax = qk.group_amax(x.cuda(), table, s)
+    amax = qk.group_amax(x.cuda(), facts("nvfp4"), table, s)
     want = torch.zeros(len(sizes))
     start = 0
     for g, m in enumerate(sizes):
@@ -609,7 +612,7 @@ def test_group_amax_matches(gen, dtype, sizes, monkeypatch):
     """The per-group finite amax kernel gives each group's amax and grouped.quantize's NVFP4 S exactly
     (S written by the last of several CTAs)."""
     qk = _qk()
-    monkeypatch.setattr(qk, "_GRID_LIMIT", 2)  # a CTA's tiles cross groups
+    monkeypatch.setattr(qk.launch, "GRID_LIMIT", 2)  # a CTA's tiles cross groups
     x = special(gen, sum(sizes) + 4, 272).to(dtype)
     x[-4:] = 1e30  # rows past the groups are not read
     amax, s, want = _group_amax_case(qk, x, sizes)
@@ -651,22 +654,22 @@ def test_both_bad_arguments_raise_and_touch_nothing(fmt):
     scale = torch.zeros(64, 64 // b, dtype=qk.SCALE_DTYPE[fmt], device="cuda")
     col_data = torch.zeros(64, 64 // epb, dtype=qk.DATA_DTYPE[fmt], device="cuda")
     col_scale = torch.zeros(64, 64 // b, dtype=qk.SCALE_DTYPE[fmt], device="cuda")
-    table = qk.group_table([64], fmt, device="cuda", data_row_bytes=64 // epb, scale_row_bytes=64 // b)
+    table = qk.group_table([64], facts(fmt), device="cuda", data_row_bytes=64 // epb, scale_row_bytes=64 // b)
     s = torch.ones(1, device="cuda") if fmt == "nvfp4" else None
     with pytest.raises(ValueError, match="row_data must have shape"):
-        qk.quantize_both(x, fmt, data[:3], scale, col_data, col_scale, table, None, s)
+        qk.quantize_both(x, facts(fmt), data[:3], scale, col_data, col_scale, table, None, s)
     with pytest.raises(ValueError, match="groups must be"):
-        qk.quantize_both(x, fmt, data, scale, col_data, col_scale, table[:, :7].contiguous(), None, s)
+        qk.quantize_both(x, facts(fmt), data, scale, col_data, col_scale, table[:, :7].contiguous(), None, s)
     with pytest.raises(ValueError, match="bf16 or fp32"):
-        qk.quantize_both(x.half(), fmt, data, scale, col_data, col_scale, table, None, s)
+        qk.quantize_both(x.half(), facts(fmt), data, scale, col_data, col_scale, table, None, s)
     if fmt == "nvfp4":
         with pytest.raises(ValueError, match="col_scale_s"):
-            qk.quantize_both(x, fmt, data, scale, col_data, col_scale, table, None, None)
+            qk.quantize_both(x, facts(fmt), data, scale, col_data, col_scale, table, None, None)
         with pytest.raises(ValueError, match="row_scale_s"):
-            qk.quantize_both(x, fmt, data, scale, col_data, col_scale, table, torch.ones(3, device="cuda"), s)
+            qk.quantize_both(x, facts(fmt), data, scale, col_data, col_scale, table, torch.ones(3, device="cuda"), s)
     else:
         with pytest.raises(ValueError, match="NVFP4 only"):
-            qk.quantize_both(x, fmt, data, scale, col_data, col_scale, table, None, torch.ones(1, device="cuda"))
+            qk.quantize_both(x, facts(fmt), data, scale, col_data, col_scale, table, None, torch.ones(1, device="cuda"))
     for t in (data, scale, col_data, col_scale):
         assert not t.view(torch.uint8).any()
 
@@ -680,7 +683,7 @@ def test_group_table_layout(fmt):
 
     b, epb = BLOCK[fmt], EPB[fmt]
     sizes = [5, 0, 37, 1, 64]
-    t = qk.group_table(torch.tensor(sizes), fmt, data_row_bytes=320 // epb, scale_row_bytes=320 // b)
+    t = qk.group_table(torch.tensor(sizes), facts(fmt), data_row_bytes=320 // epb, scale_row_bytes=320 // b)
     assert t.dtype == torch.int64 and tuple(t.shape) == (5, qk.TABLE_COLS)
     blocks = [-(-m // b) for m in sizes]
     starts = [sum(blocks[:g]) for g in range(5)]
@@ -692,7 +695,7 @@ def test_group_table_layout(fmt):
     assert t[:, qk.SCALE_OFFSET].tolist() == starts
     assert t[:, qk.SCALE_STRIDE].tolist() == [320 // b] * 5
     with pytest.raises(ValueError, match="multiples of"):
-        qk.group_table(sizes, fmt, data_offsets=[1, 0, 0, 0, 0], data_strides=64, scale_strides=4)
+        qk.group_table(sizes, facts(fmt), data_offsets=[1, 0, 0, 0, 0], data_strides=64, scale_strides=4)
 
 
 def test_arguments_off_the_gpu_are_refused():
@@ -700,10 +703,12 @@ def test_arguments_off_the_gpu_are_refused():
 
     x = torch.randn(4, 64)
     with pytest.raises(ValueError, match="CUDA"):
-        qk.quantize_rowwise(x, "mxfp8", torch.zeros(4, 64, dtype=torch.float8_e4m3fn), torch.zeros(4, 2, dtype=torch.uint8))
-    with pytest.raises(ValueError, match="fmt must be"):
-        qk.quantize_rowwise(x, "bf16", x, x)
-    reason = qk.can_implement_columnwise(x, "nvfp4", None, None, None)
+        qk.quantize_rowwise(x, facts("mxfp8"), torch.zeros(4, 64, dtype=torch.float8_e4m3fn), torch.zeros(4, 2, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="fmt must be one of"):
+        qk.quantize_rowwise(x, facts("bf16"), x, x)
+    with pytest.raises(ValueError, match="fmt must be a FormatFacts"):
+        qk.quantize_rowwise(x, "mxfp8", x, x)  # grouped hands its format facts, not a name
+    reason = qk.can_implement_columnwise(x, facts("nvfp4"), None, None, None)
     assert reason and "CUDA" in reason
 
 
@@ -711,11 +716,11 @@ def test_fused_arguments_off_the_gpu_are_refused():
     from cute_backend import quantize as qk
 
     x = torch.randn(4, 64)
-    table = qk.group_table([4], "mxfp8", data_row_bytes=32, scale_row_bytes=1)
+    table = qk.group_table([4], facts("mxfp8"), data_row_bytes=32, scale_row_bytes=1)
     data = torch.zeros(4, 64, dtype=torch.float8_e4m3fn)
     scale = torch.zeros(4, 2, dtype=torch.uint8)
     with pytest.raises(ValueError, match="CUDA"):
-        qk.quantize_both(x, "mxfp8", data, scale, data, scale, table)
-    assert "CUDA" in qk.can_implement_amax(x, table, torch.ones(1))
+        qk.quantize_both(x, facts("mxfp8"), data, scale, data, scale, table)
+    assert "CUDA" in qk.can_implement_amax(x, facts("nvfp4"), table, torch.ones(1))
     with pytest.raises(ValueError, match="fmt must be"):
-        qk.quantize_both(x, "bf16", data, scale, data, scale, table)
+        qk.quantize_both(x, facts("bf16"), data, scale, data, scale, table)
