@@ -19,7 +19,6 @@ from ..offsets import splits_to_offsets
 from ..problem import GemmCall, Problem
 from ..quantize import QuantizedTensor, split_sizes_to_list
 from ..scale_layout import blocked_numel, to_blocked
-from ..tensor import GroupedTensor
 from .base import Backend
 
 FORWARD_TOKEN_MULTIPLE = 256  # cuDNN frontend m_aligned / FIX_PAD_SIZE (forward, dgrad, glu)
