@@ -183,3 +183,43 @@ def test_threads_compile_once(tmp_path, monkeypatch):
         t.join()
     assert len(builds) == 1 and cache.compiles == 1
     assert len(results) == 4 and all(r is results[0] for r in results)
+
+
+def _module_level_imports(path: Path) -> set[str]:
+    """The modules ``path`` imports at module level (not inside functions), as dotted names."""
+    import ast
+
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+            module = f"{base}.{node.module}" if node.level and node.module else (node.module or base)
+            names.add(module)
+            names |= {f"{module}.{alias.name}" for alias in node.names}  # `from . import x`
+    return names
+
+
+def test_dependencies_point_one_way():
+    """cute_backend imports nothing of grouped (what a kernel needs to know arrives through its
+    config), and a device module (cutlass imported at module level) and a host module never import
+    each other at module level: what both need lives in a config module, and a host module reaches
+    device code only inside a compile entry."""
+    import ast
+
+    paths = sorted((ROOT / "cute_backend").rglob("*.py"))
+    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts): p for p in paths}
+    imports = {name: _module_level_imports(path) for name, path in modules.items()}
+    device = {name for name, found in imports.items() if any(m.split(".")[0] == "cutlass" for m in found)}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            found = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            assert not [m for m in found if m.split(".")[0] == "grouped"], f"{name} imports grouped"
+        ours = {m for m in imports[name] if m in modules and not m.endswith("config") and "." in m}
+        if name in device:
+            assert ours <= device, f"device module {name} imports host modules {sorted(ours - device)}"
+        else:
+            assert not ours & device, f"host module {name} imports device modules {sorted(ours & device)}"

@@ -133,6 +133,13 @@ def assert_same_quantized(data, scale, ref):
     assert_same_bytes(scale, ref.scale, "scale")
 
 
+def zeroed_outputs(qk, fmt, rows, k):
+    """Zeroed CUDA data and scale buffers of fmt for (rows, k) quantized rowwise."""
+    data = torch.zeros(rows, k // EPB[fmt], dtype=qk.DATA_DTYPE[fmt], device="cuda")
+    scale = torch.zeros(rows, k // BLOCK[fmt], dtype=qk.SCALE_DTYPE[fmt], device="cuda")
+    return data, scale
+
+
 def garbage_like(t):
     """A CUDA tensor like t filled with 0xA5 bytes, so a byte the kernel skips shows up."""
     out = torch.empty(t.shape, dtype=t.dtype, device="cuda")
@@ -150,12 +157,16 @@ def run_rowwise(qk, x, fmt, row_scale=None):
     return data, scale
 
 
-def run_columnwise(qk, x, fmt, sizes, ref, col_scale=None, size_tensor=None):
+def check_columnwise(qk, x, fmt, sizes):
+    """quantize_columnwise of x's groups into poisoned buffers (one (K, P) matrix) gives the bytes
+    of grouped.quantize(x, fmt, axis=0, split_sizes=sizes)."""
+    ref = grouped.quantize(x, fmt, axis=0, split_sizes=sizes)
     data, scale = garbage_like(ref.data), garbage_like(ref.scale)
-    splits = size_tensor if size_tensor is not None else torch.tensor(sizes, dtype=torch.int32, device="cuda")
+    splits = torch.tensor(sizes, dtype=torch.int32, device="cuda")
     table = qk.group_table(splits, facts(fmt), data_row_bytes=data.shape[1], scale_row_bytes=scale.shape[1])
-    qk.quantize_columnwise(x.cuda(), facts(fmt), data, scale, table, None if col_scale is None else col_scale.cuda())
-    return data, scale
+    s = None if ref.global_scale is None else ref.global_scale.cuda()
+    qk.quantize_columnwise(x.cuda(), facts(fmt), data, scale, table, s)
+    assert_same_quantized(data, scale, ref)
 
 
 def row_scales(ref, sizes, rows):
@@ -278,37 +289,7 @@ def test_rowwise_nonfinite_and_zero_blocks(gen, fmt, dtype):
 def test_columnwise_matches_quantize(gen, fmt, dtype, sizes, cols):
     qk = _qk()
     rows = sum(sizes) + 5  # rows past the groups are never read
-    x = special(gen, rows, cols).to(dtype)
-    ref = grouped.quantize(x, fmt, axis=0, split_sizes=sizes)
-    data, scale = run_columnwise(qk, x, fmt, sizes, ref, ref.global_scale)
-    assert_same_quantized(data, scale, ref)
-
-
-@gpu
-@fmt_param
-@dtype_param
-def test_columnwise_many_groups(gen, fmt, dtype):
-    qk = _qk()
-    sizes = torch.randint(0, 100, (37,), generator=gen)
-    sizes[torch.randint(0, 37, (6,), generator=gen)] = 0
-    sizes = sizes.tolist()
-    x = special(gen, sum(sizes), 256).to(dtype)
-    ref = grouped.quantize(x, fmt, axis=0, split_sizes=sizes)
-    data, scale = run_columnwise(qk, x, fmt, sizes, ref, ref.global_scale)
-    assert_same_quantized(data, scale, ref)
-
-
-@gpu
-@fmt_param
-@dtype_param
-def test_columnwise_subnormal_and_tiny_groups(gen, fmt, dtype):
-    """A group of subnormals only (NVFP4: S capped at the fp32 max, S / d = inf) next to normal ones."""
-    qk = _qk()
-    sizes = [40, 21, 64]
-    x = torch.cat([special(gen, 40, 128), subnormal_rows(gen, 21, 128), special(gen, 64, 128)]).to(dtype)
-    ref = grouped.quantize(x, fmt, axis=0, split_sizes=sizes)
-    data, scale = run_columnwise(qk, x, fmt, sizes, ref, ref.global_scale)
-    assert_same_quantized(data, scale, ref)
+    check_columnwise(qk, special(gen, rows, cols).to(dtype), fmt, sizes)
 
 
 @gpu
@@ -317,9 +298,7 @@ def test_columnwise_nvfp4_midpoints(gen, dtype):
     qk = _qk()
     sizes = [32, 16, 48]
     x = midpoint_rows(gen, 256, 96, 16).t().contiguous().to(dtype)  # blocks of 16 down each column
-    ref = grouped.quantize(x, "nvfp4", axis=0, split_sizes=sizes)
-    data, scale = run_columnwise(qk, x, "nvfp4", sizes, ref, ref.global_scale)
-    assert_same_quantized(data, scale, ref)
+    check_columnwise(qk, x, "nvfp4", sizes)
 
 
 def _region_table(qk, ref, sizes, fmt):
@@ -409,9 +388,7 @@ def test_columnwise_graph_replay(gen, fmt):
 def test_bad_arguments_raise_and_touch_nothing(fmt):
     qk = _qk()
     x = torch.randn(4, 64, device="cuda")
-    b, epb = BLOCK[fmt], EPB[fmt]
-    data = torch.zeros(4, 64 // epb, dtype=qk.DATA_DTYPE[fmt], device="cuda")
-    scale = torch.zeros(4, 64 // b, dtype=qk.SCALE_DTYPE[fmt], device="cuda")
+    data, scale = zeroed_outputs(qk, fmt, 4, 64)
     s = torch.ones(4, device="cuda") if fmt == "nvfp4" else None
     with pytest.raises(ValueError, match="multiple of the"):
         qk.quantize_rowwise(torch.randn(4, 40, device="cuda"), facts(fmt), data, scale, s)
@@ -485,13 +462,21 @@ def test_both_matches_quantize(gen, fmt, dtype, sizes, col_index):
 @gpu
 @fmt_param
 @dtype_param
-def test_both_many_groups(gen, fmt, dtype):
+@pytest.mark.parametrize("one_pass", [False, True], ids=["columnwise", "both"])
+@pytest.mark.parametrize("case", ["many_groups", "subnormal_group"])
+def test_awkward_groups(gen, fmt, dtype, one_pass, case):
+    """quantize_columnwise and quantize_both over 37 groups, some empty; and over a group of
+    subnormals only (NVFP4: S capped at the fp32 max, S / d = inf) next to normal ones."""
     qk = _qk()
-    sizes = torch.randint(0, 100, (37,), generator=gen)
-    sizes[torch.randint(0, 37, (6,), generator=gen)] = 0
-    sizes = sizes.tolist()
-    x = special(gen, sum(sizes) + 3, 288).to(dtype)
-    check_both(qk, x, fmt, sizes)
+    if case == "many_groups":
+        sizes = torch.randint(0, 100, (37,), generator=gen)
+        sizes[torch.randint(0, 37, (6,), generator=gen)] = 0
+        sizes = sizes.tolist()
+        x = special(gen, sum(sizes) + 3, 288)
+    else:
+        sizes = [40, 21, 64]
+        x = torch.cat([special(gen, 40, 256), subnormal_rows(gen, 21, 256), special(gen, 64, 256)])
+    (check_both if one_pass else check_columnwise)(qk, x.to(dtype), fmt, sizes)
 
 
 @gpu
@@ -529,17 +514,6 @@ def test_both_bf16_widths_and_tile_orders(gen, fmt, run, monkeypatch):
     monkeypatch.setattr(qk.launch, "GRID_LIMIT", grid)
     sizes = [1000, 31, 17, 1, 0, 513, 777]
     x = special(gen, sum(sizes) + 5, k).to(torch.bfloat16)
-    check_both(qk, x, fmt, sizes)
-
-
-@gpu
-@fmt_param
-@dtype_param
-def test_both_subnormal_and_tiny_groups(gen, fmt, dtype):
-    """A group of subnormals only (NVFP4: S at the fp32 max, S / d = inf) beside normal ones."""
-    qk = _qk()
-    sizes = [40, 21, 64]
-    x = torch.cat([special(gen, 40, 256), subnormal_rows(gen, 21, 256), special(gen, 64, 256)]).to(dtype)
     check_both(qk, x, fmt, sizes)
 
 
@@ -649,12 +623,9 @@ def test_group_amax_global_scale_edges(gen, dtype):
 def test_both_bad_arguments_raise_and_touch_nothing(fmt):
     qk = _qk()
     x = torch.randn(64, 64, device="cuda")
-    b, epb = BLOCK[fmt], EPB[fmt]
-    data = torch.zeros(64, 64 // epb, dtype=qk.DATA_DTYPE[fmt], device="cuda")
-    scale = torch.zeros(64, 64 // b, dtype=qk.SCALE_DTYPE[fmt], device="cuda")
-    col_data = torch.zeros(64, 64 // epb, dtype=qk.DATA_DTYPE[fmt], device="cuda")
-    col_scale = torch.zeros(64, 64 // b, dtype=qk.SCALE_DTYPE[fmt], device="cuda")
-    table = qk.group_table([64], facts(fmt), device="cuda", data_row_bytes=64 // epb, scale_row_bytes=64 // b)
+    (data, scale), (col_data, col_scale) = zeroed_outputs(qk, fmt, 64, 64), zeroed_outputs(qk, fmt, 64, 64)
+    table = qk.group_table([64], facts(fmt), device="cuda", data_row_bytes=col_data.shape[1],
+                           scale_row_bytes=col_scale.shape[1])
     s = torch.ones(1, device="cuda") if fmt == "nvfp4" else None
     with pytest.raises(ValueError, match="row_data must have shape"):
         qk.quantize_both(x, facts(fmt), data[:3], scale, col_data, col_scale, table, None, s)
@@ -703,7 +674,8 @@ def test_arguments_off_the_gpu_are_refused():
 
     x = torch.randn(4, 64)
     with pytest.raises(ValueError, match="CUDA"):
-        qk.quantize_rowwise(x, facts("mxfp8"), torch.zeros(4, 64, dtype=torch.float8_e4m3fn), torch.zeros(4, 2, dtype=torch.uint8))
+        qk.quantize_rowwise(x, facts("mxfp8"), torch.zeros(4, 64, dtype=torch.float8_e4m3fn),
+                            torch.zeros(4, 2, dtype=torch.uint8))
     with pytest.raises(ValueError, match="fmt must be one of"):
         qk.quantize_rowwise(x, facts("bf16"), x, x)
     with pytest.raises(ValueError, match="fmt must be a FormatFacts"):

@@ -53,6 +53,14 @@ def amax_bits(xb: cute.Tensor, n: int) -> Uint32:
     return amax
 
 
+def _block_amax(facts, xb: cute.Tensor, amax):
+    """fp32 form: (block size, the block's amax bits unless the caller has them, non-finite block)."""
+    n = facts.block_size
+    if amax is None:
+        amax = amax_bits(xb, n)
+    return n, amax, amax >= Uint32(INF_BITS)
+
+
 def packed_amax(words, first: int, count: int) -> Uint32:
     """max.u16x2 over |bf16 pairs| of words[first:first + count]: both halves' block amaxes at once."""
     m = Uint32(0)
@@ -189,10 +197,7 @@ def mxfp8_block(facts, xb: cute.Tensor, words: cute.Tensor, amax=None):
 
     ``amax``: the block's maximum |x| bit pattern, where the caller has it already.
     """
-    n = facts.block_size
-    if amax is None:
-        amax = amax_bits(xb, n)
-    bad = amax >= Uint32(INF_BITS)
+    n, amax, bad = _block_amax(facts, xb, amax)
     e = mxfp8_exponent(amax, facts)
     inv = pow2_neg(e)
     for w in range(n // 4):
@@ -345,10 +350,7 @@ def div_e2m1_max(facts, a, *, loc=None, ip=None) -> Float32:
 def nvfp4_block(facts, xb: cute.Tensor, words: cute.Tensor, s: Float32, amax=None):
     """fp32 form: a block of fp32 bit patterns and the per-tensor S -> its words of E2M1 nibbles;
     returns the E4M3 scale byte d. A zero or NaN d gives zero codes."""
-    n = facts.block_size
-    if amax is None:
-        amax = amax_bits(xb, n)
-    bad = amax >= Uint32(INF_BITS)
+    n, amax, bad = _block_amax(facts, xb, amax)
     scaled_amax = mul_rn(div_rn(f32(amax), f32(fp32_bits(facts.e2m1_max))), s)
     zero = Float32(0.0)
     d = sel(bad, facts.nan_scale, e4m3x4(scaled_amax, zero, zero, zero) & Uint32(0xFF), Uint32)

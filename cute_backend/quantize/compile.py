@@ -70,64 +70,34 @@ def compile_config(fmt: FormatFacts, input_dtype: torch.dtype, direction: str):
 # ---- both directions in one pass --------------------------------------------------------------
 
 
-def tiles_spec(fmt: FormatFacts, input_dtype: torch.dtype) -> KernelSpec:
-    """The shared-memory tile kernel (fused_rowcol.py)."""
-    config = (fmt, str(input_dtype), "both", TILE_THREADS, TILE_ROWS, TILE_COLS, TILE_STAGES, TABLE_COLS)
-    return KernelSpec(f"quantize_{fmt.name}_both", config, ARCH, SOURCES)
-
-
-def compile_tiles(fmt: FormatFacts, input_dtype: torch.dtype):
-    import cutlass
-
-    from . import fused_rowcol as k
-
-    x, table = _flat(input_dtype, 16), _flat(cutlass.Int64, 16)
-    row_data, row_scale = _flat(cutlass.Uint8, 16), _flat(cutlass.Uint8, 1)
-    col_data, col_scale = _flat(cutlass.Uint8, 16), _flat(cutlass.Uint8, 1)
-    head = (cutlass.Int32(1), cutlass.Int32(0), cutlass.Int64(1), cutlass.Int64(1))  # n_groups, steps, M, K
-    tail = (cutlass.Int64(1), cutlass.Int64(1), cutlass.Int32(1), cutlass.Int32(1))  # col bytes, ct_group, grid
-    tensors = (x, table, row_data, row_scale, col_data, col_scale)
-    if fmt.name == "mxfp8":
-        return compile_kernel(k.fused_rowcol_mxfp8_host, *tensors, *head, *tail, fmt)
-    s_row, s_col = _flat(cutlass.Float32, 4), _flat(cutlass.Float32, 4)
-    return compile_kernel(k.fused_rowcol_nvfp4_host, *tensors, s_row, s_col, *head, cutlass.Int32(0), *tail, fmt)
-
-
-def _bf16_tensors():
-    """x, table, row data / scales, column data / scales of the bf16 one-pass kernels."""
-    import cutlass
-
-    return (_flat(torch.bfloat16, 16), _flat(cutlass.Int64, 16), _flat(cutlass.Uint8, 16), _flat(cutlass.Uint8, 4),
-            _flat(cutlass.Uint8, 16), _flat(cutlass.Uint8, 1))
-
-
-def bf16_spec(fmt: FormatFacts) -> KernelSpec:
-    """The bf16 one-pass kernel of fmt: register tiles (MXFP8) or per-warp shared-memory tiles (NVFP4)."""
-    if fmt.name == "mxfp8":
-        config = (fmt, "torch.bfloat16", "both-registers", ROWS_PER_LANE, COLS_PER_LANE, REGISTER_TILE_WARPS,
-                  TILE_ROWS, TABLE_COLS)
+def both_spec(fmt: FormatFacts, input_dtype: torch.dtype, kernel: str) -> KernelSpec:
+    """quantize_both by ``kernel``: "tiles" (fused_rowcol.py, any input), or for bf16 input
+    "register-tiles" (MXFP8) / "warp-tiles" (NVFP4)."""
+    if kernel == "tiles":
+        config = (fmt, str(input_dtype), "both", TILE_THREADS, TILE_ROWS, TILE_COLS, TILE_STAGES, TABLE_COLS)
+        return KernelSpec(f"quantize_{fmt.name}_both", config, ARCH, SOURCES)
+    if kernel == "register-tiles":
+        shape = (ROWS_PER_LANE, COLS_PER_LANE, REGISTER_TILE_WARPS, TILE_ROWS)
     else:
-        config = (fmt, "torch.bfloat16", "both-warp-tiles", WARP_TILE_WARPS, TILE_ROWS, WARP_TILE_COLS, TABLE_COLS)
+        shape = (WARP_TILE_WARPS, TILE_ROWS, WARP_TILE_COLS)
+    config = (fmt, str(input_dtype), f"both-{kernel}", *shape, TABLE_COLS)
     return KernelSpec(f"quantize_{fmt.name}_both_bf16", config, ARCH, SOURCES)
 
 
-def compile_bf16(fmt: FormatFacts):
+def compile_both(fmt: FormatFacts, input_dtype: torch.dtype, kernel: str):
     import cutlass
 
+    from . import fused_rowcol_entry as k
+
+    # x, table, row data / scales (the bf16 kernels store 4 scale bytes at a time), column data / scales
+    tensors = (_flat(input_dtype, 16), _flat(cutlass.Int64, 16), _flat(cutlass.Uint8, 16),
+               _flat(cutlass.Uint8, 1 if kernel == "tiles" else 4), _flat(cutlass.Uint8, 16), _flat(cutlass.Uint8, 1))
+    head = (cutlass.Int32(1), cutlass.Int32(0), cutlass.Int64(1), cutlass.Int64(1))  # n_groups, steps, M, K
+    tail = (cutlass.Int64(1), cutlass.Int64(1), cutlass.Int32(1), cutlass.Int32(1))  # col bytes, unit, grid
     if fmt.name == "mxfp8":
-        from . import fused_rowcol_mxfp8_bf16 as k
-
-        # n_groups, steps, M, K, col data / scale bytes, group_rows, grid
-        scalars = (cutlass.Int32(1), cutlass.Int32(0), cutlass.Int64(1), cutlass.Int64(1), cutlass.Int64(1),
-                   cutlass.Int64(1), cutlass.Int32(1), cutlass.Int32(1))
-        return compile_kernel(k.fused_rowcol_mxfp8_bf16_host, *_bf16_tensors(), *scalars, fmt)
-    from . import fused_rowcol_nvfp4_bf16 as k
-
+        return compile_kernel(k.both_mxfp8_host, *tensors, *head, *tail, fmt, kernel)
     s_row, s_col = _flat(cutlass.Float32, 4), _flat(cutlass.Float32, 4)
-    # n_groups, steps, M, K, row_s_mode, col data / scale bytes, group_rows, grid
-    scalars = (cutlass.Int32(1), cutlass.Int32(0), cutlass.Int64(1), cutlass.Int64(1), cutlass.Int32(0),
-               cutlass.Int64(1), cutlass.Int64(1), cutlass.Int32(1), cutlass.Int32(1))
-    return compile_kernel(k.fused_rowcol_nvfp4_bf16_host, *_bf16_tensors(), s_row, s_col, *scalars, fmt)
+    return compile_kernel(k.both_nvfp4_host, *tensors, s_row, s_col, *head, cutlass.Int32(0), *tail, fmt, kernel)
 
 
 # ---- NVFP4's per-group amax -------------------------------------------------------------------
@@ -154,8 +124,9 @@ def configs(formats) -> list:
     for f in formats:
         out += [(direction_spec(f, d, r), (lambda f=f, d=d, r=r: compile_config(f, d, r)))
                 for d in INPUT_DTYPES for r in DIRECTIONS]
-        out += [(tiles_spec(f, d), (lambda f=f, d=d: compile_tiles(f, d))) for d in INPUT_DTYPES]
-        out.append((bf16_spec(f), (lambda f=f: compile_bf16(f))))
+        bf16_kernel = "register-tiles" if f.name == "mxfp8" else "warp-tiles"
+        for d, kernel in [(d, "tiles") for d in INPUT_DTYPES] + [(torch.bfloat16, bf16_kernel)]:
+            out.append((both_spec(f, d, kernel), (lambda f=f, d=d, kernel=kernel: compile_both(f, d, kernel))))
         if f.name == "nvfp4":
             out += [(amax_spec(f, d), (lambda f=f, d=d: compile_amax(f, d))) for d in INPUT_DTYPES]
     return out

@@ -28,11 +28,12 @@ from .codec import mxfp8_block, nvfp4_block, packed_amax
 from .config import (DATA_OFFSET, DATA_STRIDE, ROW_START, SCALE_OFFSET, SCALE_STRIDE, TILE_COLS, TILE_ROWS,
                      TILE_STAGES, TILE_THREADS)
 from .ptx import cp_async16, f32, join64, ld, sel, split64, st, u32
-from .tiles import find_block, tile_counts
+from .tiles import find_block, next_unit_tile, unit_schedule
 
 # A tile's group facts live in shared memory, one INFO_BYTES record a padded block, written by
-# thread bi for block bi: first x row, j, DATA_OFFSET, DATA_STRIDE, SCALE_OFFSET, SCALE_STRIDE
-# (Int64 each, from byte 0), then valid rows (Int32), group (Int32), the group's S (fp32 bits).
+# thread bi for block bi: first x row and j (Int64 each), at _DATA_PLACE its DATA_OFFSET and
+# DATA_STRIDE, at _SCALE_PLACE SCALE_OFFSET and SCALE_STRIDE (Int64 each), at _VALID the valid
+# rows, the group and the group's S (fp32 bits).
 INFO_BYTES = 64
 _J, _DATA_PLACE, _SCALE_PLACE, _VALID = 8, 16, 32, 48
 
@@ -82,36 +83,6 @@ class TileShape:
                 + TILE_COLS * self.blocks + self.slots * self.blocks * INFO_BYTES + 512)
 
 
-# ---- schedule ----------------------------------------------------------------------------------
-
-
-def _unit_schedule(table: cute.Tensor, n_groups: Int32, k_cols: Int64, n: int, ct_group: Int32):
-    """Units of ct_group neighbouring column tiles of one row tile, numbered row tile fastest,
-    dealt to the CTAs grid-stride; a CTA reads ct_group * TILE_COLS contiguous elements of each of
-    its rows. Returns (row tile, column unit, tiles of this CTA counting a unit's column tiles past
-    K, row tiles, column tiles, padded blocks, unit stride as (column units, row tiles))."""
-    n_rt, n_ct, total_blocks = tile_counts(table, n_groups, k_cols, n, TILE_ROWS, TILE_COLS)
-    n_cu = (Int32(n_ct) + (ct_group - 1)) // ct_group
-    n_units = Int32(n_rt) * n_cu
-    bid, _, _ = cute.arch.block_idx()
-    nb, _, _ = cute.arch.grid_dim()
-    b = Int32(bid)
-    g = Int32(nb)
-    rt32 = cutlass.max(Int32(n_rt), Int32(1))  # (no row tiles: no units)
-    units = sel(b < n_units, (n_units - b + (g - 1)) // g, 0, Int32)
-    return b % rt32, b // rt32, units * ct_group, rt32, Int32(n_ct), total_blocks, g // rt32, g % rt32
-
-
-def _next_unit_tile(rt: Int32, cu: Int32, h: Int32, n_rt: Int32, dq: Int32, dr: Int32, ct_group: Int32):
-    """The next tile (row tile, column unit, tile in the unit) of this CTA."""
-    last = h + 1 == ct_group
-    rt2 = rt + dr
-    wrap = rt2 >= n_rt
-    new_rt = sel(wrap, rt2 - n_rt, rt2, Int32)
-    new_cu = cu + dq + sel(wrap, 1, 0, Int32)
-    return (sel(last, new_rt, rt, Int32), sel(last, new_cu, cu, Int32), sel(last, 0, h + 1, Int32))
-
-
 # ---- a tile's group facts ----------------------------------------------------------------------
 
 
@@ -126,9 +97,9 @@ def _write_info(table, s_col, slot_addr: Int32, tid: Int32, rt: Int32, n_groups,
         s_bits = u32(s_col[g])
     at = slot_addr + tid * INFO_BYTES
     st("shared", at, split64(first) + split64(j))
-    st("shared", at + 16, split64(table[row + DATA_OFFSET]) + split64(table[row + DATA_STRIDE]))
-    st("shared", at + 32, split64(table[row + SCALE_OFFSET]) + split64(table[row + SCALE_STRIDE]))
-    st("shared", at + 48, [Uint32(valid), Uint32(g), s_bits, Uint32(0)])
+    st("shared", at + _DATA_PLACE, split64(table[row + DATA_OFFSET]) + split64(table[row + DATA_STRIDE]))
+    st("shared", at + _SCALE_PLACE, split64(table[row + SCALE_OFFSET]) + split64(table[row + SCALE_STRIDE]))
+    st("shared", at + _VALID, [Uint32(valid), Uint32(g), s_bits, Uint32(0)])
 
 
 def _read_first_valid(slot_addr: Int32, bi):
@@ -186,74 +157,74 @@ def _quantize_row(shape: cutlass.Constexpr, facts: cutlass.Constexpr, tid: Int32
     its 2 (MXFP8) / 4 (NVFP4) scale bytes straight to memory."""
     n = shape.block
     seg_chunks = 32 * shape.in_bytes // 16  # 16-byte input chunks of a 32-element row segment
-    rfirst, rvalid, rs_bits = _read_first_valid(slot, row_block)
-    xrow = rfirst + row_local
-    if row_local < rvalid and col0 < k_cols:
-        rs = Float32(1.0)
+    first, valid, s_bits = _read_first_valid(slot, row_block)
+    x_row = first + row_local
+    if row_local < valid and col0 < k_cols:
+        s = Float32(1.0)
         if cutlass.const_expr(shape.nvfp4):
-            rs = f32(rs_bits)
+            s = f32(s_bits)
             if row_s_mode != 0:
-                rs = s_row[xrow]
-        rscales = Uint32(0)
+                s = s_row[x_row]
+        scales = Uint32(0)
         for seg in cutlass.range_constexpr(TILE_COLS // 32):
-            rsrc = stage_addr + tid * shape.row_bytes
-            rxb = cute.make_rmem_tensor(32, Uint32)
-            rpacked = cute.make_rmem_tensor(16, Uint32)
-            for rc in cutlass.range_constexpr(seg_chunks):
-                w4 = ld("shared", rsrc + ((seg * seg_chunks + rc) ^ (tid & 7)) * 16, 4)
-                for rq in cutlass.range_constexpr(4):
+            src = stage_addr + tid * shape.row_bytes
+            xb = cute.make_rmem_tensor(32, Uint32)
+            packed = cute.make_rmem_tensor(16, Uint32)
+            for c in cutlass.range_constexpr(seg_chunks):
+                w4 = ld("shared", src + ((seg * seg_chunks + c) ^ (tid & 7)) * 16, 4)
+                for q in cutlass.range_constexpr(4):
                     if cutlass.const_expr(shape.bf16):
-                        rpacked[4 * rc + rq] = w4[rq]
-                        rxb[8 * rc + 2 * rq] = w4[rq] << Uint32(16)
-                        rxb[8 * rc + 2 * rq + 1] = w4[rq] & Uint32(0xFFFF0000)
+                        packed[4 * c + q] = w4[q]
+                        xb[8 * c + 2 * q] = w4[q] << Uint32(16)
+                        xb[8 * c + 2 * q + 1] = w4[q] & Uint32(0xFFFF0000)
                     else:
-                        rxb[4 * rc + rq] = w4[rq]
-            rout = row_stage + tid * shape.row_out
+                        xb[4 * c + q] = w4[q]
+            out = row_stage + tid * shape.row_out
             if cutlass.const_expr(not shape.nvfp4):
-                ramax = None
+                amax = None
                 if cutlass.const_expr(shape.bf16):
-                    rm = packed_amax(rpacked, 0, 16)
-                    ramax = cutlass.max(rm & Uint32(0xFFFF), rm >> Uint32(16)) << Uint32(16)
-                rwords = cute.make_rmem_tensor(8, Uint32)
-                rbyte = mxfp8_block(facts, rxb, rwords, ramax)
+                    m = packed_amax(packed, 0, 16)
+                    amax = cutlass.max(m & Uint32(0xFFFF), m >> Uint32(16)) << Uint32(16)
+                words = cute.make_rmem_tensor(8, Uint32)
+                byte = mxfp8_block(facts, xb, words, amax)
                 # 32 bytes = chunks 2 seg, 2 seg + 1 of the row's 4; slot k ^ ((row >> 1) & 3)
-                for rk in cutlass.range_constexpr(2):
-                    st("shared", rout + ((2 * seg + rk) ^ ((tid >> 1) & 3)) * 16,
-                       [rwords[4 * rk + i] for i in range(4)])
-                rscales = rscales | (rbyte << Uint32(8 * seg))
+                for k in cutlass.range_constexpr(2):
+                    st("shared", out + ((2 * seg + k) ^ ((tid >> 1) & 3)) * 16,
+                       [words[4 * k + i] for i in range(4)])
+                scales = scales | (byte << Uint32(8 * seg))
             else:
-                rwords = cute.make_rmem_tensor(4, Uint32)
-                for rh in cutlass.range_constexpr(2):
-                    rxh = cute.make_rmem_tensor(16, Uint32)
-                    for ri in cutlass.range_constexpr(16):
-                        rxh[ri] = rxb[16 * rh + ri]
-                    rhmax = None
+                words = cute.make_rmem_tensor(4, Uint32)
+                for h in cutlass.range_constexpr(2):
+                    xh = cute.make_rmem_tensor(16, Uint32)
+                    for i in cutlass.range_constexpr(16):
+                        xh[i] = xb[16 * h + i]
+                    half_amax = None
                     if cutlass.const_expr(shape.bf16):
-                        rhm = packed_amax(rpacked, 8 * rh, 8)
-                        rhmax = cutlass.max(rhm & Uint32(0xFFFF), rhm >> Uint32(16)) << Uint32(16)
-                    rwh = cute.make_rmem_tensor(2, Uint32)
-                    rhbyte = nvfp4_block(facts, rxh, rwh, rs, rhmax)
-                    rwords[2 * rh] = rwh[0]
-                    rwords[2 * rh + 1] = rwh[1]
-                    rscales = rscales | (rhbyte << Uint32(8 * (2 * seg + rh)))
+                        half_m = packed_amax(packed, 8 * h, 8)
+                        half_amax = cutlass.max(half_m & Uint32(0xFFFF), half_m >> Uint32(16)) << Uint32(16)
+                    half_words = cute.make_rmem_tensor(2, Uint32)
+                    half_byte = nvfp4_block(facts, xh, half_words, s, half_amax)
+                    words[2 * h] = half_words[0]
+                    words[2 * h + 1] = half_words[1]
+                    scales = scales | (half_byte << Uint32(8 * (2 * seg + h)))
                 # 16 bytes = chunk seg of the row's 2; slot seg ^ ((row >> 2) & 1)
-                st("shared", rout + (seg ^ ((tid >> 2) & 1)) * 16, [rwords[0], rwords[1], rwords[2], rwords[3]])
-        rsat = row_scale_addr + xrow * (k_cols // n) + col0 // n
-        rfull = col0 + TILE_COLS <= k_cols
+                st("shared", out + (seg ^ ((tid >> 2) & 1)) * 16, [words[0], words[1], words[2], words[3]])
+        scale_at = row_scale_addr + x_row * (k_cols // n) + col0 // n
+        full = col0 + TILE_COLS <= k_cols
         if cutlass.const_expr(not shape.nvfp4):
-            if rfull and k64:
-                st("global", rsat, rscales, 16)
+            if full and k64:
+                st("global", scale_at, scales, 16)
             else:
-                st("global", rsat, rscales, 8)
+                st("global", scale_at, scales, 8)
                 if col0 + 32 < k_cols:
-                    st("global", rsat + 1, rscales >> Uint32(8), 8)
+                    st("global", scale_at + 1, scales >> Uint32(8), 8)
         else:
-            if rfull and k64:
-                st("global", rsat, [rscales])
+            if full and k64:
+                st("global", scale_at, [scales])
             else:
-                for rb in cutlass.range_constexpr(4):
-                    if col0 + 16 * rb < k_cols:
-                        st("global", rsat + rb, rscales >> Uint32(8 * rb), 8)
+                for b in cutlass.range_constexpr(4):
+                    if col0 + 16 * b < k_cols:
+                        st("global", scale_at + b, scales >> Uint32(8 * b), 8)
 
 
 @cute.jit
@@ -265,50 +236,50 @@ def _quantize_columns(shape: cutlass.Constexpr, facts: cutlass.Constexpr, stage_
     n = shape.block
     lo = cute.make_rmem_tensor(32, Uint32)  # bf16: both columns packed; fp32: column 2 cpair
     hi = cute.make_rmem_tensor(32, Uint32)  # fp32: column 2 cpair + 1
-    for rr in cutlass.range_constexpr(32):
-        crow = 32 * quarter + rr
-        caddr = stage_addr + crow * shape.row_bytes + (((col_byte // 16) ^ (rr & 7)) * 16) + col_byte % 16
+    for r in cutlass.range_constexpr(32):
+        row = 32 * quarter + r
+        addr = stage_addr + row * shape.row_bytes + (((col_byte // 16) ^ (r & 7)) * 16) + col_byte % 16
         if cutlass.const_expr(shape.bf16):
-            lo[rr] = ld("shared", caddr, 1)[0]
+            lo[r] = ld("shared", addr, 1)[0]
         else:
-            pair = ld("shared", caddr, 2)
-            lo[rr] = pair[0]
-            hi[rr] = pair[1]
+            pair = ld("shared", addr, 2)
+            lo[r] = pair[0]
+            hi[r] = pair[1]
     for cb in cutlass.range_constexpr(32 // n):
-        cbi = quarter * (32 // n) + cb  # the tile's block this thread quantizes
-        cfirst, cvalid, cs_bits = _read_first_valid(slot, cbi)
-        if cvalid > Int64(0) and col0 < k_cols:
-            cm = Uint32(0)
+        bi = quarter * (32 // n) + cb  # the tile's block this thread quantizes
+        first, valid, s_bits = _read_first_valid(slot, bi)
+        if valid > Int64(0) and col0 < k_cols:
+            m = Uint32(0)
             if cutlass.const_expr(shape.bf16):
-                cm = packed_amax(lo, cb * n, n)
-            cs = f32(cs_bits)
-            for ch in cutlass.range_constexpr(2):
-                cc = 2 * cpair + ch  # column within the tile
-                cxb = cute.make_rmem_tensor(n, Uint32)
-                for ci in cutlass.range_constexpr(n):
+                m = packed_amax(lo, cb * n, n)
+            s = f32(s_bits)
+            for h in cutlass.range_constexpr(2):
+                c = 2 * cpair + h  # column within the tile
+                xb = cute.make_rmem_tensor(n, Uint32)
+                for i in cutlass.range_constexpr(n):
                     if cutlass.const_expr(shape.bf16):
-                        if cutlass.const_expr(ch == 0):
-                            cxb[ci] = lo[cb * n + ci] << Uint32(16)
+                        if cutlass.const_expr(h == 0):
+                            xb[i] = lo[cb * n + i] << Uint32(16)
                         else:
-                            cxb[ci] = lo[cb * n + ci] & Uint32(0xFFFF0000)
+                            xb[i] = lo[cb * n + i] & Uint32(0xFFFF0000)
                     else:
-                        cxb[ci] = lo[cb * n + ci] if ch == 0 else hi[cb * n + ci]
-                camax = None
+                        xb[i] = lo[cb * n + i] if h == 0 else hi[cb * n + i]
+                amax = None
                 if cutlass.const_expr(shape.bf16):
-                    camax = (cm << Uint32(16)) if ch == 0 else (cm & Uint32(0xFFFF0000))
-                cwords = cute.make_rmem_tensor(n // shape.epb // 4, Uint32)
+                    amax = (m << Uint32(16)) if h == 0 else (m & Uint32(0xFFFF0000))
+                words = cute.make_rmem_tensor(n // shape.epb // 4, Uint32)
                 if cutlass.const_expr(not shape.nvfp4):
-                    cbyte = mxfp8_block(facts, cxb, cwords, camax)
+                    byte = mxfp8_block(facts, xb, words, amax)
                     # 32 bytes = chunks 2 quarter, 2 quarter + 1 of the column's 8; slot k ^ (cpair & 7)
-                    for ck in cutlass.range_constexpr(2):
-                        st("shared", col_stage + cc * shape.col_out + ((2 * quarter + ck) ^ (cpair & 7)) * 16,
-                           [cwords[4 * ck + i] for i in range(4)])
+                    for k in cutlass.range_constexpr(2):
+                        st("shared", col_stage + c * shape.col_out + ((2 * quarter + k) ^ (cpair & 7)) * 16,
+                           [words[4 * k + i] for i in range(4)])
                 else:
-                    cbyte = nvfp4_block(facts, cxb, cwords, cs, camax)
+                    byte = nvfp4_block(facts, xb, words, s, amax)
                     # 8 bytes = half cb of chunk quarter of the column's 4; slot quarter ^ (cpair & 3)
-                    st("shared", col_stage + cc * shape.col_out + (quarter ^ (cpair & 3)) * 16 + 8 * cb,
-                       [cwords[0], cwords[1]])
-                st("shared", col_scale_stage + cc * shape.blocks + cbi, cbyte, 8)
+                    st("shared", col_stage + c * shape.col_out + (quarter ^ (cpair & 3)) * 16 + 8 * cb,
+                       [words[0], words[1]])
+                st("shared", col_scale_stage + c * shape.blocks + bi, byte, 8)
 
 
 # ---- write the staged tile out: every warp store covers whole runs of an output row -------------
@@ -320,27 +291,27 @@ def _write_row_data(shape: cutlass.Constexpr, tid: Int32, slot, col0: Int64, k_c
     """TILE_ROWS rows x row_out bytes, 16-byte chunks, a row's chunks on neighbouring threads."""
     n = shape.block
     row_chunks = shape.row_out // 16
-    for wi in cutlass.range_constexpr(TILE_ROWS * row_chunks // TILE_THREADS):
-        wk = tid + TILE_THREADS * wi
-        wr = wk // row_chunks
-        wq = wk % row_chunks
-        wfirst, wvalid, _ws = _read_first_valid(slot, wr // n)
-        wlocal = Int64(wr - (wr // n) * n)
-        wseg_col = col0 + Int64((16 if not shape.nvfp4 else 32) * wq)  # first column of the chunk
-        if wlocal < wvalid and wseg_col < k_cols:
-            wsw = ((wr >> 1) & 3) if not shape.nvfp4 else ((wr >> 2) & 1)
-            ww = ld("shared", row_stage + wr * shape.row_out + (wq ^ wsw) * 16, 4)
-            wxrow = wfirst + wlocal
+    for i in cutlass.range_constexpr(TILE_ROWS * row_chunks // TILE_THREADS):
+        chunk = tid + TILE_THREADS * i
+        row = chunk // row_chunks
+        q = chunk % row_chunks
+        first, valid, _ = _read_first_valid(slot, row // n)
+        local = Int64(row - (row // n) * n)
+        seg_col = col0 + Int64((16 if not shape.nvfp4 else 32) * q)  # first column of the chunk
+        if local < valid and seg_col < k_cols:
+            swizzle = ((row >> 1) & 3) if not shape.nvfp4 else ((row >> 2) & 1)
+            words = ld("shared", row_stage + row * shape.row_out + (q ^ swizzle) * 16, 4)
+            x_row = first + local
             if cutlass.const_expr(not shape.nvfp4):
-                st("global", row_data_addr + wxrow * k_cols + wseg_col, ww)
+                st("global", row_data_addr + x_row * k_cols + seg_col, words)
             else:
-                wat = row_data_addr + wxrow * (k_cols // 2) + wseg_col // 2
-                if k32 and wseg_col + 16 < k_cols:
-                    st("global", wat, ww)
+                at = row_data_addr + x_row * (k_cols // 2) + seg_col // 2
+                if k32 and seg_col + 16 < k_cols:
+                    st("global", at, words)
                 else:
-                    st("global", wat, [ww[0], ww[1]])
-                    if wseg_col + 16 < k_cols:
-                        st("global", wat + 8, [ww[2], ww[3]])
+                    st("global", at, [words[0], words[1]])
+                    if seg_col + 16 < k_cols:
+                        st("global", at + 8, [words[2], words[3]])
 
 
 @cute.jit
@@ -349,23 +320,23 @@ def _write_col_data(shape: cutlass.Constexpr, tid: Int32, slot, col0: Int64, k_c
     """TILE_COLS columns x col_out bytes."""
     col_chunks = shape.col_out // 16
     block_bytes = shape.block // shape.epb
-    for vi in cutlass.range_constexpr(TILE_COLS * col_chunks // TILE_THREADS):
-        vk = tid + TILE_THREADS * vi
-        vc = vk // col_chunks
-        vq = vk % col_chunks
-        vcol = col0 + Int64(vc)
-        vsw = ((vc >> 1) & 7) if not shape.nvfp4 else ((vc >> 1) & 3)
-        vw = ld("shared", col_stage + vc * shape.col_out + (vq ^ vsw) * 16, 4)
-        for vh in cutlass.range_constexpr(2 if shape.nvfp4 else 1):
-            vbi = (vq // 2) if not shape.nvfp4 else (2 * vq + vh)
-            vj, voff, vstride, vvalid = _read_placement(slot, vbi, True)
-            if vvalid > Int64(0) and vcol < k_cols:
-                vat = voff + vcol * vstride + vj * block_bytes
-                if vat >= Int64(0) and vat + block_bytes <= col_data_bytes:
+    for i in cutlass.range_constexpr(TILE_COLS * col_chunks // TILE_THREADS):
+        chunk = tid + TILE_THREADS * i
+        c = chunk // col_chunks
+        q = chunk % col_chunks
+        col = col0 + Int64(c)
+        swizzle = ((c >> 1) & 7) if not shape.nvfp4 else ((c >> 1) & 3)
+        words = ld("shared", col_stage + c * shape.col_out + (q ^ swizzle) * 16, 4)
+        for h in cutlass.range_constexpr(2 if shape.nvfp4 else 1):
+            bi = (q // 2) if not shape.nvfp4 else (2 * q + h)
+            j, offset, stride, valid = _read_placement(slot, bi, True)
+            if valid > Int64(0) and col < k_cols:
+                at = offset + col * stride + j * block_bytes
+                if at >= Int64(0) and at + block_bytes <= col_data_bytes:
                     if cutlass.const_expr(not shape.nvfp4):
-                        st("global", col_data_addr + vat + 16 * (vq % 2), vw)
+                        st("global", col_data_addr + at + 16 * (q % 2), words)
                     else:
-                        st("global", col_data_addr + vat, [vw[2 * vh], vw[2 * vh + 1]])
+                        st("global", col_data_addr + at, [words[2 * h], words[2 * h + 1]])
 
 
 @cute.jit
@@ -373,16 +344,16 @@ def _write_col_scales(shape: cutlass.Constexpr, tid: Int32, slot, col0: Int64, k
                       col_scale_stage: Int32, col_scale_addr: Int64, col_scale_bytes: Int64):
     """TILE_COLS columns x the tile's blocks, a byte each."""
     tb = shape.blocks
-    for si in cutlass.range_constexpr(TILE_COLS * tb // TILE_THREADS):
-        sk = tid + TILE_THREADS * si
-        sc = sk // tb
-        sbi = sk % tb
-        scol = col0 + Int64(sc)
-        sj, soff, sstride, svalid = _read_placement(slot, sbi, False)
-        if svalid > Int64(0) and scol < k_cols:
-            sat = soff + scol * sstride + sj
-            if sat >= Int64(0) and sat < col_scale_bytes:
-                st("global", col_scale_addr + sat, ld("shared", col_scale_stage + sk, bits=8)[0], 8)
+    for i in cutlass.range_constexpr(TILE_COLS * tb // TILE_THREADS):
+        entry = tid + TILE_THREADS * i
+        c = entry // tb
+        bi = entry % tb
+        col = col0 + Int64(c)
+        j, offset, stride, valid = _read_placement(slot, bi, False)
+        if valid > Int64(0) and col < k_cols:
+            at = offset + col * stride + j
+            if at >= Int64(0) and at < col_scale_bytes:
+                st("global", col_scale_addr + at, ld("shared", col_scale_stage + entry, bits=8)[0], 8)
 
 
 # ---- the kernel ---------------------------------------------------------------------------------
@@ -402,22 +373,15 @@ def fused_rowcol_kernel(
 
     tid = Int32(cute.arch.thread_idx()[0])
     smem = cutlass.utils.SmemAllocator()
-    staged = smem.allocate_tensor(Uint8, cute.make_layout(stages * shape.tile_bytes), byte_alignment=128)
-    col_stage = smem.allocate_tensor(Uint8, cute.make_layout(TILE_COLS * shape.col_out), byte_alignment=128)
-    row_stage = smem.allocate_tensor(Uint8, cute.make_layout(TILE_ROWS * shape.row_out), byte_alignment=128)
-    col_scale_stage = smem.allocate_tensor(Uint8, cute.make_layout(TILE_COLS * tb), byte_alignment=16)
-    info = smem.allocate_tensor(Uint8, cute.make_layout(shape.slots * info_bytes), byte_alignment=16)
-    sbase = staged.iterator.toint()
-    cbase = col_stage.iterator.toint()
-    rbase = row_stage.iterator.toint()
-    csbase = col_scale_stage.iterator.toint()
-    ibase = info.iterator.toint()
-    x_addr = x.iterator.toint()
-    row_data_addr = row_data.iterator.toint()
-    row_scale_addr = row_scale.iterator.toint()
-    col_data_addr = col_data.iterator.toint()
-    col_scale_addr = col_scale.iterator.toint()
-    rt, cu, count, n_rt, n_ct, total_blocks, dq, dr = _unit_schedule(table, n_groups, k_cols, n, ct_group)
+    # shared memory (bytes, alignment): input stages, column and row data staging, column scale
+    # staging, info records
+    buffers = [smem.allocate_tensor(Uint8, cute.make_layout(size), byte_alignment=align) for size, align in (
+        (stages * shape.tile_bytes, 128), (TILE_COLS * shape.col_out, 128), (TILE_ROWS * shape.row_out, 128),
+        (TILE_COLS * tb, 16), (shape.slots * info_bytes, 16))]
+    sbase, cbase, rbase, csbase, ibase = [b.iterator.toint() for b in buffers]
+    x_addr, row_data_addr, row_scale_addr, col_data_addr, col_scale_addr = [
+        t.iterator.toint() for t in (x, row_data, row_scale, col_data, col_scale)]
+    rt, cu, count, n_rt, n_ct, total_blocks, dq, dr = unit_schedule(table, n_groups, k_cols, n, ct_group)
     k32 = (k_cols % 32) == Int64(0)
     k64 = (k_cols % 64) == Int64(0)
 
@@ -446,7 +410,7 @@ def fused_rowcol_kernel(
         if tid < tb:
             _write_info(table, s_col, ibase + pf * info_bytes, tid, rt_nf, n_groups, steps, total_blocks, n,
                         shape.nvfp4)
-        rt_nf, cu_nf, h_nf = _next_unit_tile(rt_nf, cu_nf, h_nf, n_rt, dq, dr, ct_group)
+        rt_nf, cu_nf, h_nf = next_unit_tile(rt_nf, cu_nf, h_nf, n_rt, dq, dr, ct_group)
     cute.arch.sync_threads()
     for p in cutlass.range_constexpr(stages - 1):
         ctp = cu_in * ct_group + h_in
@@ -454,7 +418,7 @@ def fused_rowcol_kernel(
             _issue_tile(x_addr, sbase + p * shape.tile_bytes, ibase + p * info_bytes, tid, Int64(ctp) * TILE_COLS,
                         m_rows, k_cols, n, eb)
         cute.arch.cp_async_commit_group()
-        rt_in, cu_in, h_in = _next_unit_tile(rt_in, cu_in, h_in, n_rt, dq, dr, ct_group)
+        rt_in, cu_in, h_in = next_unit_tile(rt_in, cu_in, h_in, n_rt, dq, dr, ct_group)
 
     for it in cutlass.range(count, unroll=1):
         nxt = it + (stages - 1)
@@ -463,18 +427,18 @@ def fused_rowcol_kernel(
             _issue_tile(x_addr, sbase + (nxt % stages) * shape.tile_bytes, ibase + (nxt % shape.slots) * info_bytes,
                         tid, Int64(ctn) * TILE_COLS, m_rows, k_cols, n, eb)
         cute.arch.cp_async_commit_group()
-        rt_in, cu_in, h_in = _next_unit_tile(rt_in, cu_in, h_in, n_rt, dq, dr, ct_group)
+        rt_in, cu_in, h_in = next_unit_tile(rt_in, cu_in, h_in, n_rt, dq, dr, ct_group)
         if tid < tb:
             _write_info(table, s_col, ibase + ((it + stages) % shape.slots) * info_bytes, tid, rt_nf, n_groups,
                         steps, total_blocks, n, shape.nvfp4)
-        rt_nf, cu_nf, h_nf = _next_unit_tile(rt_nf, cu_nf, h_nf, n_rt, dq, dr, ct_group)
+        rt_nf, cu_nf, h_nf = next_unit_tile(rt_nf, cu_nf, h_nf, n_rt, dq, dr, ct_group)
         cute.arch.cp_async_wait_group(stages - 1)
         cute.arch.sync_threads()
 
         stage_addr = sbase + (it % stages) * shape.tile_bytes
         slot = ibase + (it % shape.slots) * info_bytes
         col0 = Int64(cu * ct_group + h) * TILE_COLS
-        rt, cu, h = _next_unit_tile(rt, cu, h, n_rt, dq, dr, ct_group)
+        rt, cu, h = next_unit_tile(rt, cu, h, n_rt, dq, dr, ct_group)
 
         _quantize_row(shape, facts, tid, stage_addr, slot, col0, k_cols, k64, row_block, row_local, rbase,
                       row_scale_addr, s_row, row_s_mode)
@@ -485,32 +449,10 @@ def fused_rowcol_kernel(
         _write_col_scales(shape, tid, slot, col0, k_cols, csbase, col_scale_addr, col_scale_bytes)
 
 
-def _launch(x, table, row_data, row_scale, col_data, col_scale, s_row, s_col, scalars, grid_ctas, stream, facts):
+def launch(x, table, row_data, row_scale, col_data, col_scale, s_row, s_col, scalars, grid_ctas, stream, facts):
+    """Launch from a @cute.jit entry (fused_rowcol_entry.py); scalars: n_groups .. ct_group."""
     bits = x.element_type.width
+    smem = TileShape.of(facts, bits, TILE_STAGES).smem_bytes()
     fused_rowcol_kernel(
         x, table, row_data, row_scale, col_data, col_scale, s_row, s_col, *scalars, facts, bits, TILE_STAGES
-    ).launch(grid=(grid_ctas, 1, 1), block=(TILE_THREADS, 1, 1), smem=TileShape.of(facts, bits, TILE_STAGES).smem_bytes(),
-             stream=stream)
-
-
-@cute.jit
-def fused_rowcol_mxfp8_host(
-    x: cute.Tensor, table: cute.Tensor, row_data: cute.Tensor, row_scale: cute.Tensor,
-    col_data: cute.Tensor, col_scale: cute.Tensor,
-    n_groups: Int32, steps: Int32, m_rows: Int64, k_cols: Int64, col_data_bytes: Int64, col_scale_bytes: Int64,
-    ct_group: Int32, grid_ctas: Int32, facts: cutlass.Constexpr, stream,
-):
-    scalars = (n_groups, steps, m_rows, k_cols, Int32(0), col_data_bytes, col_scale_bytes, ct_group)
-    _launch(x, table, row_data, row_scale, col_data, col_scale, table, table, scalars, grid_ctas, stream, facts)
-
-
-@cute.jit
-def fused_rowcol_nvfp4_host(
-    x: cute.Tensor, table: cute.Tensor, row_data: cute.Tensor, row_scale: cute.Tensor,
-    col_data: cute.Tensor, col_scale: cute.Tensor, s_row: cute.Tensor, s_col: cute.Tensor,
-    n_groups: Int32, steps: Int32, m_rows: Int64, k_cols: Int64, row_s_mode: Int32,
-    col_data_bytes: Int64, col_scale_bytes: Int64, ct_group: Int32, grid_ctas: Int32, facts: cutlass.Constexpr,
-    stream,
-):
-    scalars = (n_groups, steps, m_rows, k_cols, row_s_mode, col_data_bytes, col_scale_bytes, ct_group)
-    _launch(x, table, row_data, row_scale, col_data, col_scale, s_row, s_col, scalars, grid_ctas, stream, facts)
+    ).launch(grid=(grid_ctas, 1, 1), block=(TILE_THREADS, 1, 1), smem=smem, stream=stream)

@@ -167,15 +167,8 @@ def fused_rowcol_mxfp8_bf16_kernel(
         _flush_row_scales(ctx, stage, first_row, n_rows, ct)
 
 
-@cute.jit
-def fused_rowcol_mxfp8_bf16_host(
-    x: cute.Tensor, table: cute.Tensor, row_data: cute.Tensor, row_scale: cute.Tensor,
-    col_data: cute.Tensor, col_scale: cute.Tensor,
-    n_groups: Int32, steps: Int32, m_rows: Int64, k_cols: Int64, col_data_bytes: Int64, col_scale_bytes: Int64,
-    group_rows: Int32, grid_ctas: Int32, facts: cutlass.Constexpr, stream,
-):
-    fused_rowcol_mxfp8_bf16_kernel(
-        x, table, row_data, row_scale, col_data, col_scale, n_groups, steps, m_rows, k_cols, col_data_bytes,
-        col_scale_bytes, group_rows, facts
-    ).launch(grid=(grid_ctas, 1, 1), block=(32 * REGISTER_TILE_WARPS, 1, 1), smem=2 * ROW_SCALE_STAGE + 64,
-             stream=stream)
+def launch(x, table, row_data, row_scale, col_data, col_scale, scalars, grid_ctas, stream, facts):
+    """Launch from a @cute.jit entry (fused_rowcol_entry.py); scalars: n_groups .. group_rows."""
+    fused_rowcol_mxfp8_bf16_kernel(x, table, row_data, row_scale, col_data, col_scale, *scalars, facts).launch(
+        grid=(grid_ctas, 1, 1), block=(32 * REGISTER_TILE_WARPS, 1, 1), smem=2 * ROW_SCALE_STAGE + 64, stream=stream
+    )

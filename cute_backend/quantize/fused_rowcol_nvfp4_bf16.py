@@ -247,16 +247,9 @@ def fused_rowcol_nvfp4_bf16_kernel(
         cute.arch.sync_warp()
 
 
-@cute.jit
-def fused_rowcol_nvfp4_bf16_host(
-    x: cute.Tensor, table: cute.Tensor, row_data: cute.Tensor, row_scale: cute.Tensor,
-    col_data: cute.Tensor, col_scale: cute.Tensor, s_row: cute.Tensor, s_col: cute.Tensor,
-    n_groups: Int32, steps: Int32, m_rows: Int64, k_cols: Int64, row_s_mode: Int32,
-    col_data_bytes: Int64, col_scale_bytes: Int64, group_rows: Int32, grid_ctas: Int32, facts: cutlass.Constexpr,
-    stream,
-):
+def launch(x, table, row_data, row_scale, col_data, col_scale, s_row, s_col, scalars, grid_ctas, stream, facts):
+    """Launch from a @cute.jit entry (fused_rowcol_entry.py); scalars: n_groups .. group_rows."""
     fused_rowcol_nvfp4_bf16_kernel(
-        x, table, row_data, row_scale, col_data, col_scale, s_row, s_col, n_groups, steps, m_rows, k_cols,
-        row_s_mode, col_data_bytes, col_scale_bytes, group_rows, facts
+        x, table, row_data, row_scale, col_data, col_scale, s_row, s_col, *scalars, facts
     ).launch(grid=(grid_ctas, 1, 1), block=(32 * WARP_TILE_WARPS, 1, 1), smem=WARP_TILE_WARPS * WARP_SMEM,
              stream=stream)

@@ -30,11 +30,6 @@ def _stream(x: torch.Tensor) -> int:
     return torch.cuda.current_stream(x.device).cuda_stream
 
 
-def _bytes(*tensors) -> list[torch.Tensor]:
-    """Each tensor's bytes, flat (what the kernels take for data and scales)."""
-    return [t.view(torch.uint8).reshape(-1) for t in tensors]
-
-
 def _words(data: torch.Tensor) -> torch.Tensor:
     return data.view(torch.uint8).reshape(-1).view(torch.int32)
 
@@ -100,61 +95,33 @@ def quantize_both(x, fmt, row_data, row_scale, col_data, col_scale, groups,
     reason = can_implement_both(x, fmt, row_data, row_scale, col_data, col_scale, groups, row_scale_s, col_scale_s)
     if reason:
         raise ValueError(f"quantize_both: {reason}")
-    if x.numel() == 0 or groups.shape[0] == 0:
-        return
-    outputs = (row_data, row_scale, col_data, col_scale)
-    if x.dtype == torch.float32 or _tiles_upper_bound(x, fmt, groups.shape[0], TILE_ROWS, 32) >= 2**31:
-        _both_by_tiles(x, fmt, outputs, groups, row_scale_s, col_scale_s)
-    elif fmt.name == "nvfp4":
-        _both_nvfp4_bf16(x, fmt, outputs, groups, row_scale_s, col_scale_s)
-    else:
-        _both_mxfp8_bf16(x, fmt, outputs, groups)
-
-
-def _both_by_tiles(x, fmt, outputs, groups, row_scale_s, col_scale_s) -> None:
-    """quantize_both by the shared-memory tile kernel (fused_rowcol.py)."""
     n_groups = groups.shape[0]
     rows, k = x.shape
-    units = _tiles_upper_bound(x, fmt, n_groups, TILE_ROWS, TILE_COLS * TILE_COLUMN_UNIT)
-    bits = 16 if x.dtype == torch.bfloat16 else 32
-    grid = _grid(units, sm_count(x.device) * TILE_CTAS_PER_SM[(fmt.name, bits)])
-    u8 = _bytes(*outputs)
+    if x.numel() == 0 or n_groups == 0:
+        return
+    nvfp4 = fmt.name == "nvfp4"
+    if x.dtype == torch.float32 or _tiles_upper_bound(x, fmt, n_groups, TILE_ROWS, 32) >= 2**31:
+        kernel, unit = "tiles", TILE_COLUMN_UNIT
+        units = _tiles_upper_bound(x, fmt, n_groups, TILE_ROWS, TILE_COLS * unit)
+        grid = _grid(units, sm_count(x.device) * TILE_CTAS_PER_SM[(fmt.name, x.dtype.itemsize * 8)])
+    elif nvfp4:
+        kernel, unit = "warp-tiles", WARP_TILE_GROUP_ROWS
+        tiles = _tiles_upper_bound(x, fmt, n_groups, TILE_ROWS, WARP_TILE_COLS)
+        grid = _grid(ceil_div(tiles, WARP_TILE_WARPS), sm_count(x.device) * WARP_TILE_CTAS_PER_SM)
+    else:  # one CTA a tile
+        kernel, unit = "register-tiles", REGISTER_TILE_GROUP_ROWS
+        tiles = _tiles_upper_bound(x, fmt, n_groups, TILE_ROWS, REGISTER_TILE_COLS)
+        grid = _grid(tiles, tiles)
+    u8 = [t.view(torch.uint8).reshape(-1) for t in (row_data, row_scale, col_data, col_scale)]  # flat bytes
     args = [x.view(-1), groups.view(-1), *u8]
-    if fmt.name == "nvfp4":
+    if nvfp4:  # rows without their own S take their group's
         args += [col_scale_s if row_scale_s is None else row_scale_s, col_scale_s]
     args += [n_groups, (n_groups - 1).bit_length(), rows, k]
-    if fmt.name == "nvfp4":
+    if nvfp4:
         args.append(0 if row_scale_s is None else 1)
-    args += [u8[2].numel(), u8[3].numel(), TILE_COLUMN_UNIT, grid]
+    args += [u8[2].numel(), u8[3].numel(), unit, grid]
     with torch.cuda.device(x.device):
-        CACHE.get(c.tiles_spec(fmt, x.dtype), lambda: c.compile_tiles(fmt, x.dtype))(*args, _stream(x))
-
-
-def _both_nvfp4_bf16(x, fmt, outputs, groups, row_scale_s, col_scale_s) -> None:
-    """quantize_both for bf16 x to NVFP4: the per-warp tile kernel (fused_rowcol_nvfp4_bf16.py)."""
-    n_groups = groups.shape[0]
-    rows, k = x.shape
-    tiles = _tiles_upper_bound(x, fmt, n_groups, TILE_ROWS, WARP_TILE_COLS)
-    grid = _grid(ceil_div(tiles, WARP_TILE_WARPS), sm_count(x.device) * WARP_TILE_CTAS_PER_SM)
-    u8 = _bytes(*outputs)
-    args = [x.view(-1), groups.view(-1), *u8, col_scale_s if row_scale_s is None else row_scale_s, col_scale_s,
-            n_groups, (n_groups - 1).bit_length(), rows, k, 0 if row_scale_s is None else 1,
-            u8[2].numel(), u8[3].numel(), WARP_TILE_GROUP_ROWS, grid]
-    with torch.cuda.device(x.device):
-        CACHE.get(c.bf16_spec(fmt), lambda: c.compile_bf16(fmt))(*args, _stream(x))
-
-
-def _both_mxfp8_bf16(x, fmt, outputs, groups) -> None:
-    """quantize_both for bf16 x to MXFP8: the register-tile kernel (fused_rowcol_mxfp8_bf16.py)."""
-    n_groups = groups.shape[0]
-    rows, k = x.shape
-    tiles = _tiles_upper_bound(x, fmt, n_groups, TILE_ROWS, REGISTER_TILE_COLS)
-    grid = _grid(tiles, tiles)
-    u8 = _bytes(*outputs)
-    args = [x.view(-1), groups.view(-1), *u8, n_groups, (n_groups - 1).bit_length(), rows, k,
-            u8[2].numel(), u8[3].numel(), REGISTER_TILE_GROUP_ROWS, grid]
-    with torch.cuda.device(x.device):
-        CACHE.get(c.bf16_spec(fmt), lambda: c.compile_bf16(fmt))(*args, _stream(x))
+        CACHE.get(c.both_spec(fmt, x.dtype, kernel), lambda: c.compile_both(fmt, x.dtype, kernel))(*args, _stream(x))
 
 
 def group_amax(x, fmt, groups, global_scale) -> torch.Tensor:

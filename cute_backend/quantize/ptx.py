@@ -88,27 +88,22 @@ def _binary(ptx: str, ty, a, b, loc, ip):
 # ---- arithmetic ------------------------------------------------------------------------------
 
 
-@dsl_user_op
-def mul_rn(a, b, *, loc=None, ip=None) -> Float32:
-    """fp32 a * b, round to nearest even, subnormals kept."""
-    return _binary("mul.rn.f32 $0, $1, $2;", Float32, a, b, loc, ip)
+def _binary_op(ptx: str, ty, doc: str):
+    """A DSL op: pure asm ``ptx`` of two ``ty`` operands with one result."""
+
+    @dsl_user_op
+    def op(a, b, *, loc=None, ip=None):
+        return _binary(ptx, ty, a, b, loc, ip)
+
+    op.__doc__ = doc
+    return op
 
 
-@dsl_user_op
-def div_rn(a, b, *, loc=None, ip=None) -> Float32:
-    """IEEE fp32 a / b, round to nearest even, subnormals kept."""
-    return _binary("div.rn.f32 $0, $1, $2;", Float32, a, b, loc, ip)
-
-
-@dsl_user_op
-def max_u16x2(a, b, *, loc=None, ip=None) -> Uint32:
-    return _binary("max.u16x2 $0, $1, $2;", Uint32, a, b, loc, ip)
-
-
-@dsl_user_op
-def hmax_abs(a, b, *, loc=None, ip=None) -> Uint32:
-    """Both halves: max(|a|, |b|) of bf16 pairs (NaN if either is NaN); sign bits undefined."""
-    return _binary("max.NaN.xorsign.abs.bf16x2 $0, $1, $2;", Uint32, a, b, loc, ip)
+mul_rn = _binary_op("mul.rn.f32 $0, $1, $2;", Float32, "fp32 a * b, round to nearest even, subnormals kept.")
+div_rn = _binary_op("div.rn.f32 $0, $1, $2;", Float32, "IEEE fp32 a / b, round to nearest even, subnormals kept.")
+max_u16x2 = _binary_op("max.u16x2 $0, $1, $2;", Uint32, "Both halves: unsigned 16-bit maxima.")
+hmax_abs = _binary_op("max.NaN.xorsign.abs.bf16x2 $0, $1, $2;", Uint32,
+                      "Both halves: max(|a|, |b|) of bf16 pairs (NaN if either is NaN); sign bits undefined.")
 
 
 @dsl_user_op
@@ -128,6 +123,11 @@ def _guarded(predicate, first: int, loc, ip):
     return [Int32(predicate).ir_value(loc=loc, ip=ip)], ["r"], [".reg .pred p;", f"setp.ne.b32 p, ${first}, 0;"], "@p "
 
 
+def _vector(regs: list[str]) -> tuple[str, str]:
+    """(vector suffix, operand) of an access to 1, 2 or 4 registers."""
+    return {1: "", 2: ".v2", 4: ".v4"}[len(regs)], regs[0] if len(regs) == 1 else "{" + ", ".join(regs) + "}"
+
+
 @dsl_user_op
 def st(space: str, addr, values, bits: int = 32, pred=None, *, loc=None, ip=None):
     """Store to ``space`` ("global" or "shared") at addr: ``values`` one word, or a list of 1, 2 or 4
@@ -140,8 +140,8 @@ def st(space: str, addr, values, bits: int = 32, pred=None, *, loc=None, ip=None
     p_args, p_cons, lines, guard = _guarded(pred, 1, loc, ip)
     srcs = [f"${1 + len(p_args) + i}" for i in range(n)]
     if bits == 32:
-        vec = {1: "", 2: ".v2", 4: ".v4"}[n]
-        lines.append(f"{guard}st.{space}{vec}.b32 [$0], {srcs[0] if n == 1 else '{' + ', '.join(srcs) + '}'};")
+        vec, operand = _vector(srcs)
+        lines.append(f"{guard}st.{space}{vec}.b32 [$0], {operand};")
     else:
         lines += [".reg .b16 v;", f"cvt.u16.u32 v, {srcs[0]};", f"{guard}st.{space}.b{bits} [$0], v;"]
     args = [addr_type(addr).ir_value(loc=loc, ip=ip)] + p_args + [Uint32(w).ir_value(loc=loc, ip=ip) for w in words]
@@ -162,8 +162,8 @@ def ld(space: str, addr, n: int = 1, bits: int = 32, pred=None, ld: str | None =
     if pred is not None:
         lines += [f"mov.b32 {o}, 0;" for o in outs]
     if bits == 32:
-        vec = {1: "", 2: ".v2", 4: ".v4"}[n]
-        lines.append(f"{guard}{ld}{vec}.b32 {outs[0] if n == 1 else '{' + ', '.join(outs) + '}'}, [${n}];")
+        vec, operand = _vector(outs)
+        lines.append(f"{guard}{ld}{vec}.b32 {operand}, [${n}];")
     else:
         lines += [".reg .b16 v;", "mov.b16 v, 0;", f"{guard}{ld}.b8 v, [${n}];", "cvt.u32.u16 $0, v;"]
     args = [addr_type(addr).ir_value(loc=loc, ip=ip)] + p_args
@@ -221,7 +221,8 @@ def shfl_idx(value, src_lane, *, loc=None, ip=None) -> Uint32:
 
 
 def _vote(mode: str, predicate, loc, ip) -> Int32:
-    ptx = f"{{\n.reg .pred p;\nsetp.ne.b32 p, $1, 0;\nvote.sync.{mode}.pred p, p, 0xffffffff;\nselp.b32 $0, 1, 0, p;\n}}"
+    ptx = ("{\n.reg .pred p;\nsetp.ne.b32 p, $1, 0;\n"
+           f"vote.sync.{mode}.pred p, p, 0xffffffff;\nselp.b32 $0, 1, 0, p;\n}}")
     return Int32(asm_words(1, ptx, "=r,r", [Int32(predicate).ir_value(loc=loc, ip=ip)], loc, ip)[0])
 
 

@@ -37,19 +37,9 @@ def _split_sizes(split_sizes, device) -> torch.Tensor:
     return torch.tensor(list(split_sizes), dtype=torch.int64).to(device or "cpu")
 
 
-def group_table(
-    split_sizes,
-    fmt,
-    *,
-    data_row_bytes: int | None = None,
-    scale_row_bytes: int | None = None,
-    data_offsets=None,
-    data_strides=None,
-    scale_offsets=None,
-    scale_strides=None,
-    row_starts=None,
-    device=None,
-) -> torch.Tensor:
+def group_table(split_sizes, fmt, *, data_row_bytes: int | None = None, scale_row_bytes: int | None = None,
+                data_offsets=None, data_strides=None, scale_offsets=None, scale_strides=None, row_starts=None,
+                device=None) -> torch.Tensor:
     """The (G, TABLE_COLS) int64 group table of quantize_columnwise (see the package doc).
 
     split_sizes: a 1-D int tensor (kept on its device: no sync) or a list of ints.

@@ -1,4 +1,5 @@
-"""The group table on the device: which group a padded block is in, and tile orders (device code).
+"""The group table on the device: which group a padded block is in, and the orders tiles are
+dealt to CTAs in (device code).
 
 Padded blocks are numbered as BLOCK_START numbers them: group g's ceil(m_g / block) blocks
 follow the groups before it. A tile of TILE_ROWS rows is TILE_ROWS / block consecutive padded
@@ -9,7 +10,7 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Int32, Int64
 
-from .config import BLOCK_START, ROWS, TABLE_COLS
+from .config import BLOCK_START, ROWS, TABLE_COLS, TILE_COLS, TILE_ROWS
 from .ptx import sel
 
 
@@ -63,3 +64,32 @@ def banded_tile(t, n_rt, n_ct, group_rows):
     rem = t - band * span
     rows_in = cutlass.min(group_rows, n_rt - band * group_rows)
     return band * group_rows + rem % rows_in, rem // rows_in
+
+
+def unit_schedule(table: cute.Tensor, n_groups: Int32, k_cols: Int64, n: int, ct_group: Int32):
+    """fused_rowcol's order: units of ct_group neighbouring column tiles of one row tile, numbered
+    row tile fastest, dealt to the CTAs grid-stride. CTAs running together then work on
+    neighbouring row tiles of the same columns, so the pieces of a transposed output row are
+    written together; a CTA reads ct_group * TILE_COLS contiguous elements of each of its rows.
+    Returns (row tile, column unit, tiles of this CTA counting a unit's column tiles past
+    K, row tiles, column tiles, padded blocks, unit stride as (column units, row tiles))."""
+    n_rt, n_ct, total_blocks = tile_counts(table, n_groups, k_cols, n, TILE_ROWS, TILE_COLS)
+    n_cu = (Int32(n_ct) + (ct_group - 1)) // ct_group
+    n_units = Int32(n_rt) * n_cu
+    bid, _, _ = cute.arch.block_idx()
+    nb, _, _ = cute.arch.grid_dim()
+    b = Int32(bid)
+    g = Int32(nb)
+    rt32 = cutlass.max(Int32(n_rt), Int32(1))  # (no row tiles: no units)
+    units = sel(b < n_units, (n_units - b + (g - 1)) // g, 0, Int32)
+    return b % rt32, b // rt32, units * ct_group, rt32, Int32(n_ct), total_blocks, g // rt32, g % rt32
+
+
+def next_unit_tile(rt: Int32, cu: Int32, h: Int32, n_rt: Int32, dq: Int32, dr: Int32, ct_group: Int32):
+    """The next tile (row tile, column unit, tile in the unit) of this CTA."""
+    last = h + 1 == ct_group
+    rt2 = rt + dr
+    wrap = rt2 >= n_rt
+    new_rt = sel(wrap, rt2 - n_rt, rt2, Int32)
+    new_cu = cu + dq + sel(wrap, 1, 0, Int32)
+    return (sel(last, new_rt, rt, Int32), sel(last, new_cu, cu, Int32), sel(last, 0, h + 1, Int32))
