@@ -5,8 +5,10 @@ Host side (no cutlass import; works on a machine with no GPU when CUTE_DSL_ARCH 
 config.py (what host and device share, FormatFacts), checks.py, table.py (group_table),
 compile.py (specs, compile entries), launch.py (the functions below). Device code, imported only
 to compile: ptx.py (inline PTX), codec.py (the block codec), tiles.py (the group table on the
-device) and one file a kernel: rowwise.py, columnwise.py, fused_rowcol.py (both directions,
-shared-memory tiles), fused_rowcol_mxfp8_bf16.py, fused_rowcol_nvfp4_bf16.py, amax.py.
+device) and one file a kernel: rowwise.py, columnwise.py, amax.py, and for both directions in one
+pass fused_rowcol.py (shared-memory tiles, any input), fused_rowcol_mxfp8_bf16.py,
+fused_rowcol_nvfp4_bf16.py, with their compiled entries in fused_rowcol_entry.py. Measurements
+and what was tried: docs/performance.md.
 
 ``fmt`` is a FormatFacts everywhere: the caller's format facts (grouped.quantize.kernel_facts);
 the kernels compile them in. Bit-exact with the torch reference ``grouped.quantize``

@@ -56,8 +56,8 @@ ROWS_PER_LANE = 16
 COLS_PER_LANE = 8
 REGISTER_TILE_WARPS = 4
 REGISTER_TILE_COLS = 32 // (TILE_ROWS // ROWS_PER_LANE) * COLS_PER_LANE * REGISTER_TILE_WARPS  # a CTA's 128
-# fused_rowcol_nvfp4_bf16.py: a warp quantizes a TILE_ROWS x 64 tile on its own, in shared
-# memory; WARP_TILE_WARPS warps a CTA.
+# fused_rowcol_nvfp4_bf16.py: a warp quantizes a TILE_ROWS x WARP_TILE_COLS tile on its own, in
+# shared memory; WARP_TILE_WARPS warps a CTA.
 WARP_TILE_COLS = 64
 WARP_TILE_WARPS = 1
 

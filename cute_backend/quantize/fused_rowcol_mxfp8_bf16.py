@@ -38,7 +38,7 @@ ROW_SCALE_STAGE = TILE_ROWS * REGISTER_TILE_WARPS  # bytes: [tile row][warp]
 def _tile(ctx, facts, row_scale_stage: Int32, rt: Int32, ct: Int32):
     """One warp's tile: row tile rt, column tile ct of the CTA's columns (predicated, no branches).
     Returns the first x row of the lane's rows and how many of them are real."""
-    rl = ROWS_PER_LANE
+    rows = ROWS_PER_LANE
     k_cols, lane, warp = ctx.k_cols, ctx.lane, ctx.warp
     g, c = lane // LANES_ACROSS, lane % LANES_ACROSS
     slot = g // 2  # the tile's padded block this lane's rows lie in
@@ -50,36 +50,37 @@ def _tile(ctx, facts, row_scale_stage: Int32, rt: Int32, ct: Int32):
     col0 = Int64(ct) * CTA_COLS + Int64(warp * WARP_COLS + c * COLS_PER_LANE)
     col_ok = col0 < k_cols
     # rows of the lane's piece that are real: in the group (valid) and in x, none past K
-    n_rows = Int32(cutlass.max(cutlass.min(cutlass.min(valid - local0, ctx.m_rows - (first + local0)), Int64(rl)),
+    n_rows = Int32(cutlass.max(cutlass.min(cutlass.min(valid - local0, ctx.m_rows - (first + local0)), Int64(rows)),
                                Int64(0)))
     n_ok = sel(col_ok, n_rows, 0, Int32)
-    row_ok = [Int32(i) < n_ok for i in range(rl)]
+    row_ok = [Int32(i) < n_ok for i in range(rows)]
 
     # ---- loads: every row of the lane's piece, 16 bytes (its 8 columns) each, all issued before any use
     x_row0 = ctx.x_addr + ((first + local0) * k_cols + col0) * 2
     row_pitch = k_cols * 2
-    w = [ld("global", x_row0 + Int64(i) * row_pitch, 4, pred=pred(row_ok[i]), ld="ld.global") for i in range(rl)]
+    x_words = [ld("global", x_row0 + Int64(i) * row_pitch, 4, pred=pred(row_ok[i]), ld="ld.global")
+               for i in range(rows)]
     blk_ok = col_ok & (valid > Int64(0))
     d_off, d_stride = table[trow + DATA_OFFSET], table[trow + DATA_STRIDE]
     s_off, s_stride = table[trow + SCALE_OFFSET], table[trow + SCALE_STRIDE]
 
     # ---- rowwise: a row block is 4 lanes' 8 columns; two rows' amaxes a shuffle
-    rd = ctx.row_data_addr + (first + local0) * k_cols + col0
-    for i in range(0, rl, 2):
-        m0, m1 = hmax_tree(w[i]), hmax_tree(w[i + 1])
-        mm = hmax_abs(prmt(m0, m1, 0x5410), prmt(m0, m1, 0x7632))
-        mm = hmax_abs(mm, shfl_bfly(mm, 1))
-        mm = hmax_abs(mm, shfl_bfly(mm, 2))
+    row_data_at = ctx.row_data_addr + (first + local0) * k_cols + col0
+    for i in range(0, rows, 2):
+        m0, m1 = hmax_tree(x_words[i]), hmax_tree(x_words[i + 1])
+        row_m = hmax_abs(prmt(m0, m1, 0x5410), prmt(m0, m1, 0x7632))
+        row_m = hmax_abs(row_m, shfl_bfly(row_m, 1))
+        row_m = hmax_abs(row_m, shfl_bfly(row_m, 2))
         scales = []
-        for h, a in enumerate(amax_halves(mm)):
+        for h, a in enumerate(amax_halves(row_m)):
             r = i + h
             byte, inv, bad = mxfp8_scale_bits(a, facts)
             scales.append(byte)
-            out = [sel(bad, nan_word(facts), mxfp8_word(w[r][2 * q:2 * q + 2], "row", 0, inv), Uint32)
+            out = [sel(bad, nan_word(facts), mxfp8_word(x_words[r][2 * q:2 * q + 2], "row", 0, inv), Uint32)
                    for q in range(2)]
-            st("global", rd + Int64(r) * k_cols, out, 32, pred(row_ok[r]))
+            st("global", row_data_at + Int64(r) * k_cols, out, 32, pred(row_ok[r]))
         for h in range(2):  # to the CTA's staging area; _flush_row_scales stores them
-            st("shared", row_scale_stage + (Int32(g * rl + i + h) * REGISTER_TILE_WARPS + warp), scales[h], 8)
+            st("shared", row_scale_stage + (Int32(g * rows + i + h) * REGISTER_TILE_WARPS + warp), scales[h], 8)
 
     # column scales: the tile's 4 blocks of a column in one 4-byte store where they are one
     # group's consecutive blocks, 4-byte aligned (warp-uniform), else a byte a block
@@ -90,24 +91,25 @@ def _tile(ctx, facts, row_scale_stage: Int32, rt: Int32, ct: Int32):
                                   & (s_stride % 4 == Int64(0))))) != 0
     # ---- columnwise: 8 columns of the lane's 16 rows, the block's other half on lane ^ 4
     for kw in range(4):
-        cm = hmax_tree([w[i][kw] for i in range(rl)])
-        cm = hmax_abs(cm, shfl_bfly(cm, 4))
-        for h, a in enumerate(amax_halves(cm)):
+        col_m = hmax_tree([x_words[i][kw] for i in range(rows)])
+        col_m = hmax_abs(col_m, shfl_bfly(col_m, 4))
+        for h, a in enumerate(amax_halves(col_m)):
             col = col0 + (2 * kw + h)
             byte, inv, bad = mxfp8_scale_bits(a, facts)
-            out = [sel(bad, nan_word(facts), mxfp8_word([w[4 * q + e][kw] for e in range(4)], "col", h, inv), Uint32)
-                   for q in range(rl // 4)]
-            vat = d_off + col * d_stride + j * 32
-            ok = blk_ok & (vat >= Int64(0)) & (vat + 32 <= ctx.col_data_bytes)
-            st("global", ctx.col_data_addr + vat + local0, out, 32, pred(ok))
-            sat = s_off + col * s_stride + j
-            sok = blk_ok & (sat >= Int64(0)) & (sat < ctx.col_scale_bytes) & ((g % 2) == 0)
-            st("global", ctx.col_scale_addr + sat, byte, 8, pred(sok & (~quad_ok)))
+            col_words = [x_words[i][kw] for i in range(rows)]
+            out = [sel(bad, nan_word(facts), mxfp8_word(col_words[4 * q:4 * q + 4], "col", h, inv), Uint32)
+                   for q in range(rows // 4)]
+            data_at = d_off + col * d_stride + j * 32
+            ok = blk_ok & (data_at >= Int64(0)) & (data_at + 32 <= ctx.col_data_bytes)
+            st("global", ctx.col_data_addr + data_at + local0, out, 32, pred(ok))
+            scale_at = s_off + col * s_stride + j
+            scale_ok = blk_ok & (scale_at >= Int64(0)) & (scale_at < ctx.col_scale_bytes) & ((g % 2) == 0)
+            st("global", ctx.col_scale_addr + scale_at, byte, 8, pred(scale_ok & (~quad_ok)))
             quad = byte << (Uint32(8) * bslot)
             quad = quad | shfl_bfly(quad, 8)  # lanes of the neighbouring block of this column
             quad = quad | shfl_bfly(quad, 16)
-            qok = quad_ok & (g == 0) & col_ok & (sat >= Int64(0)) & (sat + 4 <= ctx.col_scale_bytes)
-            st("global", ctx.col_scale_addr + sat, quad, 32, pred(qok))
+            quad_store_ok = quad_ok & (g == 0) & col_ok & (scale_at >= Int64(0)) & (scale_at + 4 <= ctx.col_scale_bytes)
+            st("global", ctx.col_scale_addr + scale_at, quad, 32, pred(quad_store_ok))
     return first + local0, n_rows
 
 
@@ -115,23 +117,23 @@ def _flush_row_scales(ctx, row_scale_stage: Int32, first_row, n_rows, ct):
     """The CTA's staged row scales of the tile ([TILE_ROWS rows][warps] bytes): one 4-byte store a
     row where K / 32 is a multiple of 4 and the CTA's columns lie inside K, else a byte a block. A
     row's x row and validity come from the lanes of its 16 rows (g = row / 16)."""
-    w = REGISTER_TILE_WARPS
+    warps = REGISTER_TILE_WARPS
     k_cols = ctx.k_cols
     blk0 = Int64(ct) * (CTA_COLS // 32)  # the CTA's first row block
-    whole = ((k_cols // 32) % w == Int64(0)) & (Int64(ct) * CTA_COLS + CTA_COLS <= k_cols)
+    whole = ((k_cols // 32) % warps == Int64(0)) & (Int64(ct) * CTA_COLS + CTA_COLS <= k_cols)
     fw = split64(first_row)
-    for q in range(TILE_ROWS // (32 * w)):
-        big = ctx.tid + 32 * w * q  # row of the tile
+    for q in range(TILE_ROWS // (32 * warps)):
+        big = ctx.tid + 32 * warps * q  # row of the tile
         src = (big >> 4) * 4
         first = join64(shfl_idx(fw[0], src), shfl_idx(fw[1], src))
         ok = (big & 15) < Int32(shfl_idx(Uint32(n_rows), src))
         at = ctx.row_scale_addr + (first + Int64(big & 15)) * (k_cols // 32) + blk0
-        vals = [ld("shared", row_scale_stage + big * w + b, bits=8)[0] for b in range(w)]
+        vals = [ld("shared", row_scale_stage + big * warps + b, bits=8)[0] for b in range(warps)]
         packed = vals[0]
-        for b in range(1, w):
+        for b in range(1, warps):
             packed = packed | (vals[b] << Uint32(8 * b))
-        st("global", at, packed, 8 * w, pred(ok & whole))
-        for b in range(w):
+        st("global", at, packed, 8 * warps, pred(ok & whole))
+        for b in range(warps):
             st("global", at + b, vals[b], 8, pred(ok & (~whole) & (Int64(ct) * CTA_COLS + 32 * b < k_cols)))
 
 

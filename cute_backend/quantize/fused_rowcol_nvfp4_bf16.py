@@ -93,9 +93,9 @@ def _store_row(ctx, tile, r, out):
 
 def _store_col(ctx, tile, place, cc, out):
     col = tile.col0 + Int64(cc)
-    vat = place.d_off + col * place.d_stride + tile.j * 8
-    ok = place.blk_ok & (vat >= Int64(0)) & (vat + 8 <= ctx.col_data_bytes)
-    st("global", ctx.col_data_addr + vat, out, 32, pred(ok))
+    data_at = place.d_off + col * place.d_stride + tile.j * 8
+    ok = place.blk_ok & (data_at >= Int64(0)) & (data_at + 8 <= ctx.col_data_bytes)
+    st("global", ctx.col_data_addr + data_at, out, 32, pred(ok))
 
 
 def _quantize_rows(ctx, facts, tile, base, s_grp, rp):
@@ -139,9 +139,9 @@ def _quantize_cols(ctx, facts, tile, place, base, s_grp, t2):
         codes = e2m1_bf16(facts, words, "col", e, rr)
         _store_col(ctx, tile, place, cc, [sel(skip, 0, cw, Uint32) for cw in codes])
         col = tile.col0 + Int64(cc)
-        sat = place.s_off + col * place.s_stride + tile.j
-        sok = place.blk_ok & (sat >= Int64(0)) & (sat < ctx.col_scale_bytes) & (~place.oct_ok)
-        st("global", ctx.col_scale_addr + sat, d, 8, pred(sok))
+        scale_at = place.s_off + col * place.s_stride + tile.j
+        scale_ok = place.blk_ok & (scale_at >= Int64(0)) & (scale_at < ctx.col_scale_bytes) & (~place.oct_ok)
+        st("global", ctx.col_scale_addr + scale_at, d, 8, pred(scale_ok))
         st("shared", ctx.cs_stage + (ctx.c * 16 + cc) * 8 + ctx.g, d, 8)
         fix = fix | (sel(need, 1, 0, Uint32) << Uint32(16 + cc))
     return fix
@@ -169,9 +169,9 @@ def _flush_scales(ctx, tile, place):
     v = ld("shared", ctx.cs_stage + lane * 16, 4)
     for e in range(2):
         col = row_col0 + Int64(lane * 2 + e)
-        sat = place.s_off + col * place.s_stride + j0
-        ok = place.oct_ok & (col < k_cols) & (sat >= Int64(0)) & (sat + 8 <= ctx.col_scale_bytes)
-        st("global", ctx.col_scale_addr + sat, v[2 * e:2 * e + 2], 32, pred(ok))
+        scale_at = place.s_off + col * place.s_stride + j0
+        ok = place.oct_ok & (col < k_cols) & (scale_at >= Int64(0)) & (scale_at + 8 <= ctx.col_scale_bytes)
+        st("global", ctx.col_scale_addr + scale_at, v[2 * e:2 * e + 2], 32, pred(ok))
 
 
 @cute.kernel
