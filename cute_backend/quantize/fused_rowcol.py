@@ -378,7 +378,7 @@ def fused_rowcol_kernel(
     buffers = [smem.allocate_tensor(Uint8, cute.make_layout(size), byte_alignment=align) for size, align in (
         (stages * shape.tile_bytes, 128), (TILE_COLS * shape.col_out, 128), (TILE_ROWS * shape.row_out, 128),
         (TILE_COLS * tb, 16), (shape.slots * info_bytes, 16))]
-    sbase, cbase, rbase, csbase, ibase = [b.iterator.toint() for b in buffers]
+    stage_base, col_stage, row_stage, col_scale_stage, info_base = [b.iterator.toint() for b in buffers]
     x_addr, row_data_addr, row_scale_addr, col_data_addr, col_scale_addr = [
         t.iterator.toint() for t in (x, row_data, row_scale, col_data, col_scale)]
     rt, cu, count, n_rt, n_ct, total_blocks, dq, dr = unit_schedule(table, n_groups, k_cols, n, ct_group)
@@ -408,15 +408,15 @@ def fused_rowcol_kernel(
     h_nf = h
     for pf in cutlass.range_constexpr(stages):
         if tid < tb:
-            _write_info(table, s_col, ibase + pf * info_bytes, tid, rt_nf, n_groups, steps, total_blocks, n,
+            _write_info(table, s_col, info_base + pf * info_bytes, tid, rt_nf, n_groups, steps, total_blocks, n,
                         shape.nvfp4)
         rt_nf, cu_nf, h_nf = next_unit_tile(rt_nf, cu_nf, h_nf, n_rt, dq, dr, ct_group)
     cute.arch.sync_threads()
     for p in cutlass.range_constexpr(stages - 1):
         ctp = cu_in * ct_group + h_in
         if Int32(p) < count and ctp < n_ct:
-            _issue_tile(x_addr, sbase + p * shape.tile_bytes, ibase + p * info_bytes, tid, Int64(ctp) * TILE_COLS,
-                        m_rows, k_cols, n, eb)
+            _issue_tile(x_addr, stage_base + p * shape.tile_bytes, info_base + p * info_bytes, tid,
+                        Int64(ctp) * TILE_COLS, m_rows, k_cols, n, eb)
         cute.arch.cp_async_commit_group()
         rt_in, cu_in, h_in = next_unit_tile(rt_in, cu_in, h_in, n_rt, dq, dr, ct_group)
 
@@ -424,29 +424,31 @@ def fused_rowcol_kernel(
         nxt = it + (stages - 1)
         ctn = cu_in * ct_group + h_in
         if nxt < count and ctn < n_ct:
-            _issue_tile(x_addr, sbase + (nxt % stages) * shape.tile_bytes, ibase + (nxt % shape.slots) * info_bytes,
-                        tid, Int64(ctn) * TILE_COLS, m_rows, k_cols, n, eb)
+            _issue_tile(x_addr, stage_base + (nxt % stages) * shape.tile_bytes,
+                        info_base + (nxt % shape.slots) * info_bytes, tid, Int64(ctn) * TILE_COLS, m_rows, k_cols,
+                        n, eb)
         cute.arch.cp_async_commit_group()
         rt_in, cu_in, h_in = next_unit_tile(rt_in, cu_in, h_in, n_rt, dq, dr, ct_group)
         if tid < tb:
-            _write_info(table, s_col, ibase + ((it + stages) % shape.slots) * info_bytes, tid, rt_nf, n_groups,
+            _write_info(table, s_col, info_base + ((it + stages) % shape.slots) * info_bytes, tid, rt_nf, n_groups,
                         steps, total_blocks, n, shape.nvfp4)
         rt_nf, cu_nf, h_nf = next_unit_tile(rt_nf, cu_nf, h_nf, n_rt, dq, dr, ct_group)
         cute.arch.cp_async_wait_group(stages - 1)
         cute.arch.sync_threads()
 
-        stage_addr = sbase + (it % stages) * shape.tile_bytes
-        slot = ibase + (it % shape.slots) * info_bytes
+        stage_addr = stage_base + (it % stages) * shape.tile_bytes
+        slot = info_base + (it % shape.slots) * info_bytes
         col0 = Int64(cu * ct_group + h) * TILE_COLS
         rt, cu, h = next_unit_tile(rt, cu, h, n_rt, dq, dr, ct_group)
 
-        _quantize_row(shape, facts, tid, stage_addr, slot, col0, k_cols, k64, row_block, row_local, rbase,
+        _quantize_row(shape, facts, tid, stage_addr, slot, col0, k_cols, k64, row_block, row_local, row_stage,
                       row_scale_addr, s_row, row_s_mode)
-        _quantize_columns(shape, facts, stage_addr, slot, col0, k_cols, cpair, quarter, col_byte, cbase, csbase)
+        _quantize_columns(shape, facts, stage_addr, slot, col0, k_cols, cpair, quarter, col_byte, col_stage,
+                          col_scale_stage)
         cute.arch.sync_threads()
-        _write_row_data(shape, tid, slot, col0, k_cols, k32, rbase, row_data_addr)
-        _write_col_data(shape, tid, slot, col0, k_cols, cbase, col_data_addr, col_data_bytes)
-        _write_col_scales(shape, tid, slot, col0, k_cols, csbase, col_scale_addr, col_scale_bytes)
+        _write_row_data(shape, tid, slot, col0, k_cols, k32, row_stage, row_data_addr)
+        _write_col_data(shape, tid, slot, col0, k_cols, col_stage, col_data_addr, col_data_bytes)
+        _write_col_scales(shape, tid, slot, col0, k_cols, col_scale_stage, col_scale_addr, col_scale_bytes)
 
 
 def launch(x, table, row_data, row_scale, col_data, col_scale, s_row, s_col, scalars, grid_ctas, stream, facts):
