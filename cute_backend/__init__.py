@@ -14,4 +14,4 @@ def kernel_configs(quantize_formats) -> list:
     from . import offsets, quantize
     from .sm90 import grouped_gemm
 
-    return offsets.configs() + quantize.configs(quantize_formats) + grouped_gemm.configs()
+    return offsets.configs() + quantize.configs(quantize_formats) + grouped_gemm.configs(quantize_formats)

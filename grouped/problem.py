@@ -83,6 +83,7 @@ class GemmCall:
     m_total: int
     num_groups: int
     out_shape: tuple[int, ...]
+    contraction: int  # the length of the contracted dim: K (forward), N (dgrad), tokens (wgrad)
     device: torch.device
     out: torch.Tensor | None
     split_sizes: tuple[int, ...] | None  # host split sizes, when given on the host
@@ -288,7 +289,9 @@ def prepare(a, b, split_sizes, *, offsets, layout, out, accumulate, out_dtype) -
         and num_groups <= LARGE_EXPERTS_MAX_GROUPS
         and sum(sizes) >= LARGE_EXPERTS_MIN_ROWS * num_groups,
     )
-    return GemmCall(problem, fmt_a, a, b, m_total, num_groups, out_shape, device, out, sizes, counts, ends)
+    contraction = {"forward": k, "dgrad": n, "wgrad": m_total}[layout]
+    return GemmCall(problem, fmt_a, a, b, m_total, num_groups, out_shape, contraction, device, out, sizes, counts,
+                    ends)
 
 
 def _check_grouping(name: str, op, layout: str, sizes) -> None:

@@ -281,8 +281,8 @@ def quantize(
 
 @functools.lru_cache(maxsize=None)
 def kernel_facts(fmt: Format):
-    """What cute_backend's quantize kernels compile in about fmt (they import nothing from grouped)."""
-    from cute_backend.quantize import FormatFacts
+    """What cute_backend's kernels compile in about fmt (they import nothing from grouped)."""
+    from cute_backend.facts import FormatFacts
 
     from . import elements as el
     from .formats import _NVFP4_AMAX_TO_S

@@ -230,6 +230,21 @@ class GroupedTensor:
             )
         return views
 
+    def stacked(self, *, columnwise: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The members' quantized data and scales as two (sum of rows, cols) uint8 tensors, views of
+        the buffers, when the members' regions follow each other with no alignment gap and share
+        their width (else None). Rows: m_i rowwise; K per member columnwise (stored transposed)."""
+        prefix = "columnwise_" if columnwise else ""
+        views = []
+        for name in (prefix + "data", prefix + "scale"):
+            regions = self._regions[name]
+            widths = {r.shape[1] * r.dtype.itemsize for r in regions}
+            if len(widths) != 1 or any(b.offset != a.offset + a.nbytes for a, b in zip(regions, regions[1:])):
+                return None
+            rows, width, start = sum(r.shape[0] for r in regions), widths.pop(), regions[0].offset
+            views.append(getattr(self, name)[start: start + rows * width].view(rows, width))
+        return views[0], views[1]
+
     def dequantize(self) -> list[torch.Tensor]:
         """fp32 value of every member (from rowwise storage where present)."""
         if not self.fmt.quantized:

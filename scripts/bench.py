@@ -24,6 +24,8 @@ What it does, in order:
    and the peers ``torch._grouped_mm``,
    a per-expert torch.mm loop and quack's varlen GEMM; fp8 rowwise
    ``torch._scaled_grouped_mm`` is a speed reference row (forward only), not a peer;
+   ``ours:cute mxfp8`` runs the same case on MXFP8 operands quantized beforehand (as
+   GroupedLinear hands them over) and is reported against our BF16 kernel (xbf16);
 4. metrics: TFLOP/s (2 * M_total * N * K), the floor time
    max(FLOPs / matmul rate, bytes / copy bandwidth) and the % of it achieved,
    and for our backends the speedup over the best peer (best peer ms / our ms,
@@ -67,7 +69,8 @@ L2_FLUSH_BYTES = 256 << 20
 # GPU cycles spun after the flush (~200 us at H100/H200 clocks): more than any contender's host
 # time to its launch, which a call right after a synchronize pays with cold CPU caches
 LAUNCH_COVER_CYCLES = 400_000
-ERR_LIMIT = {"bf16": 1e-2, "fp8": 0.1}  # normwise relative error vs the per-expert loop
+ERR_LIMIT = {"bf16": 1e-2, "fp8": 0.1, "mxfp8": 0.1}  # normwise relative error vs the per-expert loop
+OPERAND_BYTES = {"bf16": 2.0, "fp8": 1.0, "mxfp8": 1.0 + 1.0 / 32}  # a stored element, with its block scale
 FP8_API_USED = [None]  # which fp8 grouped GEMM API worked, for the report
 
 
@@ -265,20 +268,21 @@ class Case:
     def flops(self) -> float:
         return 2.0 * self.m_total * self.shape.n * self.shape.k
 
-    @property
-    def bytes(self) -> float:
-        """Each operand read once, the output written once (bf16). Forward/dgrad read
-        only the weights of experts that have tokens; wgrad writes every expert's dW."""
+    def bytes(self, precision: str = "bf16") -> float:
+        """Each operand read once (``precision``'s bytes an element), the output written once
+        (bf16). Forward/dgrad read only the weights of experts that have tokens; wgrad writes
+        every expert's dW."""
         m, n, k, g = self.m_total, self.shape.n, self.shape.k, self.shape.experts
         used = sum(1 for s in self.sizes if s)
-        elems = {"forward": m * k + used * n * k + m * n,
-                 "dgrad": m * n + used * n * k + m * k,
-                 "wgrad": m * n + m * k + g * n * k}[self.layout]
-        return 2.0 * elems
+        operands, output = {"forward": (m * k + used * n * k, m * n),
+                            "dgrad": (m * n + used * n * k, m * k),
+                            "wgrad": (m * n + m * k, g * n * k)}[self.layout]
+        return OPERAND_BYTES[precision] * operands + 2.0 * output
 
-    def floor_ms(self, ceilings: dict) -> float:
+    def floor_ms(self, ceilings: dict, precision: str = "bf16") -> float:
+        """max(FLOPs / the bf16 matmul rate, bytes / copy bandwidth): MXFP8 runs bf16 MMAs too."""
         compute = self.flops / (ceilings["matmul_tflops"] * 1e12)
-        memory = self.bytes / (ceilings["copy_gbps"] * 1e9)
+        memory = self.bytes(precision) / (ceilings["copy_gbps"] * 1e9)
         return max(compute, memory) * 1e3
 
 
@@ -370,6 +374,25 @@ def build_ours(name: str):
         a, b, layout = case.a, case.b, case.layout
         return lambda: grouped.gemm(a, b, layout=layout, backend=name, **kwargs)
     return build
+
+
+def build_ours_mxfp8(case: Case):
+    """Our cute kernel on MXFP8 operands, each quantized along its GEMM's contraction dim first."""
+    sizes = list(case.sizes)
+    if case.a.device.type != "cuda":
+        raise Skip("the MXFP8 kernel runs on a Hopper GPU")
+    if case.layout == "forward":
+        qa, qb = grouped.quantize(case.a, "mxfp8"), grouped.quantize(case.b, "mxfp8")
+    elif case.layout == "dgrad":
+        qa, qb = grouped.quantize(case.a, "mxfp8"), grouped.quantize(case.b, "mxfp8", axis=1)
+    else:
+        qa = grouped.quantize(case.a, "mxfp8", axis=0, split_sizes=sizes)
+        qb = grouped.quantize(case.b, "mxfp8", axis=0, split_sizes=sizes)
+    decision = grouped.explain(qa, qb, layout=case.layout, offsets=case.offs, backend="cute")
+    if decision.backend != "cute":
+        raise Skip(f"cute cannot serve MXFP8 here: {decision.reasons['cute']}")
+    offs, layout = case.offs, case.layout
+    return lambda: grouped.gemm(qa, qb, layout=layout, offsets=offs, backend="cute")
 
 
 def build_dense_mm(case: Case):
@@ -505,6 +528,7 @@ def build_contenders(case: Case, include_reference: bool, quack: tuple) -> tuple
         Contender("quack varlen", "peer", build_quack(*quack)),
     ]
     peers.append(Contender("dense mm, same FLOPs", "reference", build_dense_mm, grouped_result=False))
+    peers.append(Contender("ours:cute mxfp8", "ours-mxfp8", build_ours_mxfp8, precision="mxfp8"))
     if case.layout == "forward":
         peers.append(Contender("fp8 rowwise scaled_gmm", "reference", build_fp8_scaled, precision="fp8"))
     return ours + peers, skipped
@@ -532,6 +556,7 @@ class Row:
     pct_floor: float | None = None
     speedup_vs_best_peer: float | None = None  # best peer ms / this ms (ours only)
     vs_dense: float | None = None  # dense mm of the same FLOPs ms / this ms (ours only)
+    vs_bf16: float | None = None  # our bf16 cute kernel's ms / this ms (ours on MXFP8)
     rel_err: float | None = None
     first_call_s: float | None = None  # includes compilation / autotuning
     notes: list[str] = field(default_factory=list)
@@ -570,7 +595,7 @@ def prepare_contender(case: Case, c: Contender, ceilings: dict, device) -> tuple
     callable is None when it cannot run."""
     s = case.shape
     row = Row(s.name, case.split, case.layout, s.experts, case.m_total, s.n, s.k, c.name, c.kind)
-    row.floor_ms = case.floor_ms(ceilings)
+    row.floor_ms = case.floor_ms(ceilings, c.precision)
     try:
         fn = c.build(case)
         t0 = time.perf_counter()
@@ -624,9 +649,14 @@ def fill_peer_ratios(rows: list[Row]) -> None:
     for r in rows:
         if r.kind == "ours" and r.ms:
             r.speedup_vs_best_peer = best.ms / r.ms
+    bf16 = next((r for r in rows if r.contender == "ours:cute" and r.ms), None)
+    for r in rows:
+        if r.kind == "ours-mxfp8" and r.ms and bf16 is not None:
+            r.vs_bf16 = bf16.ms / r.ms
+            r.notes.append(f"xbf16 {r.vs_bf16:.2f}")
 
 
-def run_all(plan, ceilings, device, flush, include_reference, quack, max_reps, table) -> list[Row]:
+def run_all(plan, ceilings, device, flush, include_reference, quack, max_reps, table, only=()) -> list[Row]:
     rows: list[Row] = []
     reported: set[str] = set()
     for shape, splits, layouts in plan:
@@ -640,6 +670,8 @@ def run_all(plan, ceilings, device, flush, include_reference, quack, max_reps, t
                 case = make_case(shape, split, layout, sizes, ops, offs)
                 case.expected = per_expert_loop(case.a, case.b, sizes, layout)
                 contenders, skipped = build_contenders(case, include_reference, quack)
+                if only:
+                    contenders = [c for c in contenders if c.name.startswith(only)]
                 case_rows = run_case(case, contenders, ceilings, device, flush, max_reps)
                 fill_peer_ratios(case_rows)
                 for r in case_rows:
@@ -659,6 +691,8 @@ def run_all(plan, ceilings, device, flush, include_reference, quack, max_reps, t
 
 def build_plan(args, dry_run: bool):
     shapes = [QUICK_SHAPE] if args.quick else list(SHAPES)
+    if args.shapes:
+        shapes = [s for s in shapes if s.name in args.shapes.split(",")]
     if dry_run:
         shapes = [s.scaled_for_dry_run() for s in shapes]
     splits = ("uniform",) if args.quick else SPLITS
@@ -858,6 +892,20 @@ def print_summary(info, ceilings, rows, overhead, quack_log, elapsed_s, out_file
                   f"{o['grouped_us']:.1f} us - direct {o['direct_us']:.1f} us = {o['overhead_us']:.1f} us/call")
         else:
             print(f"host overhead [{o['call']}->{o['backend']}]: {o['status']}")
+    mx = [r for r in rows if r.kind == "ours-mxfp8" and r.ms]
+    if mx:
+        print(f"MXFP8 (ours:cute on pre-quantized operands) against our BF16 kernel, same case:")
+        for r in mx:
+            print(f"  {r.shape + ' K' + str(r.k) + ' N' + str(r.n) + ' ' + r.split[:4]:<27} {r.layout[:5]:<5} "
+                  f"{r.ms:8.3f} ms {fmt(r.tflops, '6.0f')} TFLOP/s {fmt(r.pct_floor, '4.0f')}% floor "
+                  f"xbf16 {fmt(r.vs_bf16, '5.2f')}")
+        for label, chosen in (("compute-bound shapes", [r for r in mx if r.shape != "decode"]),
+                              ("decode", [r for r in mx if r.shape == "decode"])):
+            ratios = [r.vs_bf16 for r in chosen if r.vs_bf16]
+            if ratios:
+                geo = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
+                print(f"  {label}: xbf16 geomean {geo:.3f}, range {min(ratios):.2f}-{max(ratios):.2f} "
+                      f"({len(ratios)} cases)")
     errors = sorted({f"{r.contender}: {r.status[:90]}" for r in rows if r.status.startswith("error")})
     for e in errors[:6]:
         print(f"ERROR {e}")
@@ -879,6 +927,8 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, perf_counter timing: checks the script")
     p.add_argument("--out", default="./bench_out", help="directory for results.json, table.txt, bench.png")
     p.add_argument("--max-reps", type=int, default=MAX_REPS, help="timed repetitions per contender (max)")
+    p.add_argument("--contenders", default="", help="comma-separated name prefixes to run (default: all)")
+    p.add_argument("--shapes", default="", help="comma-separated shape names to run (default: all)")
     return p.parse_args(argv)
 
 
@@ -904,7 +954,8 @@ def main(argv=None) -> None:
     max_reps = min(args.max_reps, 3) if args.dry_run else args.max_reps
     table = Table()
     table.start()
-    rows = run_all(plan, ceilings, device, flush, args.quick or args.dry_run, quack, max_reps, table)
+    only = tuple(name for name in args.contenders.split(",") if name)
+    rows = run_all(plan, ceilings, device, flush, args.quick or args.dry_run, quack, max_reps, table, only)
 
     print("\nhost overhead (tiny forward: 8 experts, 64 tokens, 128x128):")
     overhead = measure_host_overhead(device, calls=100 if args.dry_run else 1000)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import grouped
+from grouped.quantize import kernel_facts
 from grouped import kernels, selector
 from grouped.problem import Problem
 from gemm_operands import layout_operands
@@ -421,14 +422,26 @@ def test_unaligned_bf16_on_sm90_goes_to_cublas():
     assert d.backend == "cublas"
 
 
-@pytest.mark.parametrize("fmt", ["mxfp8", "nvfp4"])
-def test_quantized_on_sm90(fmt):
-    d = selector.decide(_problem(fmt=fmt, capability=(9, 0)))
+def test_mxfp8_on_sm90_runs_cute_when_asked():
+    """Until its GPU tests have run, the sm90 MXFP8 kernel serves when forced and comes after the
+    reference in the automatic order (grouped/selector.py)."""
+    problem = _problem(fmt="mxfp8", capability=(9, 0))
+    d = selector.decide(problem)
+    assert d.backend == "reference" and selector.preference(problem) == ("reference", "cute")
+    assert "Blackwell" in d.reasons["cudnn"]
+    assert "mxfp8" in d.reasons["cublas"] and "mxfp8" in d.reasons["torch"]
+    forced = selector.decide(problem, "cute")
+    if d.reasons["cute"] is None:
+        assert forced.backend == "cute" and forced.forced
+    else:  # only without the CuTe DSL toolchain
+        assert "not installed" in d.reasons["cute"]
+
+
+def test_nvfp4_on_sm90_falls_to_reference():
+    d = selector.decide(_problem(fmt="nvfp4", capability=(9, 0)))
     assert re.search(r"not landed|not installed", d.reasons["cute"])
     if "not installed" not in d.reasons["cute"]:
-        assert fmt.upper() in d.reasons["cute"]
-    assert "Blackwell" in d.reasons["cudnn"]
-    assert fmt in d.reasons["cublas"] and fmt in d.reasons["torch"]
+        assert "NVFP4" in d.reasons["cute"]
     assert d.backend == "reference"  # the only one left that serves the format
     assert selector.preference(d.problem)[0] == "cute"
 
@@ -442,11 +455,13 @@ def test_quantized_on_sm100(fmt):
     assert selector.preference(d.problem)[0] == "cudnn"
 
 
-@pytest.mark.parametrize("fmt", ["mxfp8", "nvfp4"])
-def test_quantized_under_capture_with_device_splits_has_no_backend(fmt):
-    # No quantized kernel has landed and the reference is not graph-safe: refuse, with reasons.
+def test_quantized_under_capture_with_device_splits():
+    # MXFP8: the cute kernel is graph-safe. NVFP4 has no kernel on sm90 and the reference is not
+    # graph-safe: refuse, with reasons.
+    mx = selector.decide(_problem(fmt="mxfp8", capturing=True, device_splits=True))
+    assert mx.backend == "cute" or "not installed" in mx.reasons["cute"]
     with pytest.raises(ValueError, match=r"no backend can serve.*graph"):
-        selector.decide(_problem(fmt=fmt, capturing=True, device_splits=True))
+        selector.decide(_problem(fmt="nvfp4", capturing=True, device_splits=True))
 
 
 def test_sm80_bf16():
@@ -498,7 +513,8 @@ def test_availability_hopper():
     assert table["bf16"]["cublas"] is None and table["bf16"]["torch"] is None
     assert table["bf16"]["reference"] is None
     assert (table["bf16"]["cute"] is None) == CUTE
-    assert table["mxfp8"]["cute"] is not None and "Blackwell" in table["mxfp8"]["cudnn"]
+    assert (table["mxfp8"]["cute"] is None) == CUTE and "Blackwell" in table["mxfp8"]["cudnn"]
+    assert "NVFP4" in table["nvfp4"]["cute"] or not CUTE
 
 
 def test_availability_cuda_unknown_capability():
@@ -562,6 +578,8 @@ def test_sm90_schedule_is_a_compiled_config(call, expected, monkeypatch):
     schedule = sm90.schedule_for(*call, torch.device("cuda"))
     assert schedule == expected
     layout = call[0]
-    compiled = set(sm90.configs_for_layouts())
-    for out_dtype, accumulate in [(torch.bfloat16, False), (torch.float32, False)] + [(torch.float32, True)] * (layout == "wgrad"):
-        assert sm90.config_for(layout, out_dtype, accumulate, *schedule) in compiled
+    mxfp8 = kernel_facts(grouped.MXFP8)
+    compiled = {spec.config for spec, _ in sm90.configs([mxfp8])}
+    for fmt in (None, mxfp8):
+        for out_dtype, accumulate in [(torch.bfloat16, False), (torch.float32, False)] + [(torch.float32, True)] * (layout == "wgrad"):
+            assert sm90._spec(sm90.config_for(layout, out_dtype, accumulate, *schedule, fmt)).config in compiled

@@ -22,7 +22,7 @@ from cutlass import Float32, Int32, Uint16, Uint32
 from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 
-from .ptx import asm, asm_words, div_rn, f32, fp32_bits, fp32_hex, hmax_abs, max_u16x2, mul_rn, sel, u32
+from ..ptx import asm, asm_words, div_rn, f32, fp32_bits, fp32_hex, hmax_abs, max_u16x2, mul_rn, sel, u32
 
 ABS_MASK = 0x7FFFFFFF
 INF_BITS = 0x7F800000

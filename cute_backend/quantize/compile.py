@@ -19,7 +19,7 @@ from .config import (AMAX_COLS, AMAX_ROWS, AMAX_THREADS, COL_THREADS, COLS_PER_L
                      WARP_TILE_WARPS, FormatFacts)
 
 DIRECTIONS = ("rowwise", "columnwise")
-SOURCES = tuple(sorted(str(p) for p in Path(__file__).parent.glob("*.py")))
+SOURCES = tuple(sorted(str(p) for p in [*Path(__file__).parent.glob("*.py"), Path(__file__).parents[1] / "ptx.py"]))
 
 
 def _flat(dtype, align=None):

@@ -11,7 +11,7 @@ import cutlass.cute as cute
 from cutlass import Int32, Int64
 
 from .config import BLOCK_START, ROWS, TABLE_COLS, TILE_COLS, TILE_ROWS
-from .ptx import sel
+from ..ptx import sel
 
 
 @cute.jit

@@ -1,4 +1,4 @@
-"""Inline PTX the quantize kernels are built from (device code).
+"""Inline PTX our kernels are built from (device code).
 
 Exactness hangs on instructions the DSL would not pick by itself: correctly rounded fp32
 ``mul.rn`` / ``div.rn`` (no ftz, never contracted into an fma). Memory operations are asm with
@@ -236,3 +236,9 @@ def vote_all(predicate, *, loc=None, ip=None) -> Int32:
 def vote_any(predicate, *, loc=None, ip=None) -> Int32:
     """1 where predicate != 0 in some lane of the warp, else 0."""
     return _vote("any", predicate, loc, ip)
+
+
+@dsl_user_op
+def mul_bf16x2(a, b, *, loc=None, ip=None) -> Uint32:
+    """Both bf16 halves a * b, round to nearest (exact for a power-of-two b)."""
+    return _binary("mul.rn.bf16x2 $0, $1, $2;", Uint32, a, b, loc, ip)
