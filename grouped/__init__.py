@@ -13,6 +13,7 @@ from .offsets import splits_to_offsets
 from .ops import GroupedLinear, GroupedMLP
 from .quantize import QuantizedTensor, quantize
 from .scale_layout import from_blocked, to_blocked
+from .splits import Splits
 from .tensor import GroupedTensor
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "GroupedMLP",
     "GroupedTensor",
     "QuantizedTensor",
+    "Splits",
     "from_blocked",
     "get_format",
     "quantize",

@@ -34,10 +34,7 @@ import torch.nn.functional as F
 from . import buffers, selector
 from .backends import BACKENDS
 from .gemm import gemm
-from .offsets import splits_to_offsets
-from .problem import GemmCall, prepare
-
-OUT_DTYPES = (torch.bfloat16, torch.float32)
+from .problem import OUT_DTYPES, GemmCall, prepare
 
 
 @dataclass
@@ -113,14 +110,6 @@ def explain_swiglu(a, b, split_sizes, probs=None, *, out=None, backend=None) -> 
     return _plan(call, probs, out_dtype, backend)
 
 
-def _total_rows(split_sizes, call: GemmCall):
-    """sum(split_sizes): a Python int for host sizes, a 0-d device tensor for GPU sizes (no sync)."""
-    if call.split_sizes is not None:
-        return sum(call.split_sizes)
-    ends = splits_to_offsets(split_sizes, strides=[1], include_leading_zero=[False], dtypes=[torch.int64])[0]
-    return ends[-1]
-
-
 def _write(result_rows: torch.Tensor, total, m: int, out, dtype, device) -> torch.Tensor:
     """Place the first rows of the activation into out / a new (m, F) tensor (rows past total: 0 / untouched)."""
     f = result_rows.shape[1]
@@ -139,7 +128,8 @@ def _write(result_rows: torch.Tensor, total, m: int, out, dtype, device) -> torc
     return out
 
 
-def _swiglu_torch(h: torch.Tensor, probs) -> torch.Tensor:
+def swiglu(h: torch.Tensor, probs) -> torch.Tensor:
+    """silu(gate) * up (* probs) in fp32, h (M, 2F): first half gate, second half up (differentiable)."""
     gate, up = h.float().chunk(2, dim=1)
     act = F.silu(gate) * up
     if probs is not None:
@@ -164,7 +154,7 @@ def gemm_swiglu(a, b, split_sizes, probs=None, *, out=None, backend=None) -> tor
         if out is None or out.stride() == (out.shape[1], 1):
             return fuser.run_swiglu(call, probs, out)
         act = fuser.run_swiglu(call, probs)  # a strided out: through a dense result
-        return _write(act, _total_rows(split_sizes, call), m, out, out_dtype, call.device)
-    h = gemm(a, b, split_sizes, backend=backend)
-    act = _swiglu_torch(h, probs)
-    return _write(act, _total_rows(split_sizes, call), m, out, out_dtype, call.device)
+        return _write(act, call.splits.total(), m, out, out_dtype, call.device)
+    h = gemm(a, b, call.splits, backend=backend)
+    act = swiglu(h, probs)
+    return _write(act, call.splits.total(), m, out, out_dtype, call.device)

@@ -31,7 +31,8 @@ def gemm(
     dgrad, X (M, K) for wgrad. bf16 tensors, or MXFP8/NVFP4 operands quantized
     along the contraction dim (QuantizedTensor or GroupedTensor).
     split_sizes: rows per expert (list, or int tensor on CPU or GPU), summing to
-    at most M; or give ``offsets`` instead: the inclusive end offsets (G,).
+    at most M, or a ``grouped.Splits`` built once for several calls; or give
+    ``offsets`` instead: the inclusive end offsets (G,).
     out: the caller's buffer (forward/dgrad output, or the wgrad buffer that
     accumulate=True adds into, fp32 main_grad); written in place, rows past the
     split total untouched. out_dtype: bf16 (default) or fp32. backend: force one.

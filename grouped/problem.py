@@ -29,13 +29,12 @@ import torch
 
 from . import buffers
 from .formats import BF16, Format
-from .quantize import QuantizedTensor, split_sizes_to_list
+from .quantize import QuantizedTensor
+from .splits import Splits
 from .tensor import GroupedTensor
 
 LAYOUTS = ("forward", "dgrad", "wgrad")
 OUT_DTYPES = (torch.bfloat16, torch.float32)
-# Per-expert cuBLAS GEMMs pay off only for a few large experts (scripts/bench.py, H200).
-LARGE_EXPERTS_MAX_GROUPS, LARGE_EXPERTS_MIN_ROWS = 16, 2048
 # The storage direction each operand must have, per layout: (a, b); True = columnwise.
 _COLUMNWISE = {"forward": (False, False), "dgrad": (False, True), "wgrad": (True, True)}
 
@@ -55,7 +54,7 @@ class Problem:
     caller_buffer: bool
     aligned: bool  # every operand and output row 16-byte aligned, base addresses too
     grouped_operands: bool  # an operand is a GroupedTensor (per-member buffers)
-    large_experts: bool = False  # few experts averaging many rows (the LARGE_EXPERTS_* bounds), host sizes
+    large_experts: bool = False  # host split sizes of a few large experts (selector.few_large_experts)
 
     def describe(self) -> str:
         arch = f"sm{self.capability[0]}{self.capability[1]}" if self.capability else self.device_type
@@ -64,7 +63,7 @@ class Problem:
             parts.append("accumulate")
         parts.append("GPU split sizes" if self.device_splits else "host split sizes")
         if self.large_experts:
-            parts.append(f"<= {LARGE_EXPERTS_MAX_GROUPS} experts of >= {LARGE_EXPERTS_MIN_ROWS} rows")
+            parts.append("a few large experts")
         if self.capturing:
             parts.append("graph capture")
         if self.caller_buffer:
@@ -86,36 +85,11 @@ class GemmCall:
     contraction: int  # the length of the contracted dim: K (forward), N (dgrad), tokens (wgrad)
     device: torch.device
     out: torch.Tensor | None
-    split_sizes: tuple[int, ...] | None  # host split sizes, when given on the host
-    device_counts: torch.Tensor | None = None  # split sizes given as a CUDA tensor
-    device_offsets: torch.Tensor | None = None  # end offsets given as a CUDA tensor
+    splits: Splits
 
     @property
     def layout(self) -> str:
         return self.problem.layout
-
-    def host_sizes(self) -> tuple[int, ...]:
-        """Split sizes on the host (one device sync when they were given on the GPU)."""
-        if self.split_sizes is None:
-            if self.device_counts is not None:
-                sizes = self.device_counts.tolist()
-            else:
-                ends = [0, *self.device_offsets.tolist()]
-                sizes = [e - s for s, e in zip(ends, ends[1:])]
-            self.split_sizes = _check_sizes(sizes, self.m_total, self.num_groups)
-        return self.split_sizes
-
-    def end_offsets(self, dtype: torch.dtype = torch.int32) -> torch.Tensor:
-        """Inclusive prefix sums of the split sizes (G,), on the device, no host sync."""
-        if self.device_offsets is not None:
-            return self.device_offsets.to(dtype)
-        if self.device_counts is not None:
-            return torch.cumsum(self.device_counts, 0, dtype=dtype)
-        ends, total = [], 0
-        for m in self.split_sizes:
-            total += m
-            ends.append(total)
-        return torch.tensor(ends, dtype=dtype).to(self.device, non_blocking=True)
 
     def output(self) -> torch.Tensor:
         """The caller's buffer, or a new one (see ``finish_new_output`` for rows past the total)."""
@@ -127,16 +101,9 @@ class GemmCall:
         """Rows past the split total of a library-allocated (M, .) output: zeroed when the
         split sizes are on the host (a slice); left unspecified when they are on the GPU,
         where finding them would cost a pass over the output (pass ``out=`` to control them)."""
-        if self.layout != "wgrad" and self.split_sizes is not None:
-            t[sum(self.split_sizes) :].zero_()
+        if self.layout != "wgrad" and self.splits.sizes is not None:
+            t[sum(self.splits.sizes) :].zero_()
         return t
-
-
-def _check_sizes(sizes, m_total: int, num_groups: int, argument: str = "split_sizes") -> tuple[int, ...]:
-    sizes = split_sizes_to_list(sizes, rows=m_total, argument=argument)
-    if len(sizes) != num_groups:
-        raise ValueError(f"{argument} has {len(sizes)} entries, expected one per expert ({num_groups})")
-    return sizes
 
 
 def _operand(op, name: str, role_columnwise: bool, layout: str):
@@ -178,32 +145,6 @@ def _operand(op, name: str, role_columnwise: bool, layout: str):
     )
 
 
-def _splits(split_sizes, offsets, m_total: int, num_groups: int | None, device):
-    """-> (host sizes or None, device counts or None, device offsets or None, G)."""
-    if (split_sizes is None) == (offsets is None):
-        raise ValueError("give exactly one of split_sizes and offsets")
-    given, name = (split_sizes, "split_sizes") if offsets is None else (offsets, "offsets")
-    if isinstance(given, torch.Tensor) and given.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"{name} must be on the CPU or a CUDA device, got a tensor on {given.device}")
-    if isinstance(given, torch.Tensor) and given.device.type == "cuda":
-        if given.dim() != 1 or given.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"{name} must be a 1-D int32/int64 tensor, got {given.dtype} of shape {tuple(given.shape)}")
-        if given.device != device:
-            raise ValueError(f"{name} is on {given.device}, the operands on {device}")
-        g = given.shape[0]
-        if num_groups is not None and g != num_groups:
-            raise ValueError(f"{name} has {g} entries, expected one per expert ({num_groups})")
-        return (None, given, None, g) if offsets is None else (None, None, given, g)
-    if offsets is not None:
-        ends = split_sizes_to_list(offsets, rows=2**62, argument="offsets")
-        if any(b < a for a, b in zip(ends, ends[1:])):
-            raise ValueError(f"offsets must be non-decreasing end offsets, got {list(ends)}")
-        given = [e - s for s, e in zip((0, *ends), ends)]
-    g = len(given) if num_groups is None else num_groups
-    label = name if offsets is None else "offsets (as split sizes)"
-    return _check_sizes(given, m_total, g, label), None, None, g
-
-
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
@@ -215,6 +156,8 @@ def _capability(device: torch.device) -> tuple[int, int] | None:
 
 def prepare(a, b, split_sizes, *, offsets, layout, out, accumulate, out_dtype) -> GemmCall:
     """Check a grouped GEMM call (see the module doc); raise ValueError on bad input."""
+    from . import selector  # the problem class is selection policy (selector imports this module)
+
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     col_a, col_b = _COLUMNWISE[layout]
@@ -242,7 +185,8 @@ def prepare(a, b, split_sizes, *, offsets, layout, out, accumulate, out_dtype) -
         if shape_a[1] != contraction:
             dim = "N" if layout == "dgrad" else "K"
             raise ValueError(f"{layout}: a has {shape_a[1]} columns, b's {dim} is {contraction}; they must match")
-    sizes, counts, ends, num_groups = _splits(split_sizes, offsets, m_total, num_groups, device)
+    splits = Splits.of(split_sizes, offsets, rows=m_total, num_groups=num_groups, device=device)
+    num_groups, sizes = splits.num_groups, splits.sizes
     if num_groups == 0:
         raise ValueError("there must be at least one expert (got zero groups)")
     for name, op in (("a", a), ("b", b)):
@@ -285,13 +229,10 @@ def prepare(a, b, split_sizes, *, offsets, layout, out, accumulate, out_dtype) -
         caller_buffer=out is not None,
         aligned=row_bytes_aligned and strides_aligned,
         grouped_operands=isinstance(a, GroupedTensor) or isinstance(b, GroupedTensor),
-        large_experts=sizes is not None
-        and num_groups <= LARGE_EXPERTS_MAX_GROUPS
-        and sum(sizes) >= LARGE_EXPERTS_MIN_ROWS * num_groups,
+        large_experts=sizes is not None and selector.few_large_experts(sizes),
     )
     contraction = {"forward": k, "dgrad": n, "wgrad": m_total}[layout]
-    return GemmCall(problem, fmt_a, a, b, m_total, num_groups, out_shape, contraction, device, out, sizes, counts,
-                    ends)
+    return GemmCall(problem, fmt_a, a, b, m_total, num_groups, out_shape, contraction, device, out, splits)
 
 
 def _check_grouping(name: str, op, layout: str, sizes) -> None:

@@ -37,6 +37,13 @@ from .problem import GemmCall, Problem
 # so it goes first; the cuBLAS loop stays next for a few large experts with host
 # split sizes (the classes still split elsewhere, where there is no cute kernel).
 _LARGE, _OTHER = "a few large experts, host split sizes", "many or small experts, or GPU split sizes"
+# Per-expert cuBLAS GEMMs pay off only for a few large experts (scripts/bench.py, H200).
+LARGE_EXPERTS_MAX_GROUPS, LARGE_EXPERTS_MIN_ROWS = 16, 2048
+
+
+def few_large_experts(sizes: tuple[int, ...]) -> bool:
+    """Host split sizes of at most LARGE_EXPERTS_MAX_GROUPS experts averaging LARGE_EXPERTS_MIN_ROWS rows."""
+    return len(sizes) <= LARGE_EXPERTS_MAX_GROUPS and sum(sizes) >= LARGE_EXPERTS_MIN_ROWS * len(sizes)
 _PREFERENCE: dict[tuple[str, str, str], tuple[str, ...]] = {
     ("bf16", "sm90", _LARGE): ("cute", "cublas", "torch", "reference"),
     ("bf16", "sm90", _OTHER): ("cute", "torch", "cublas", "reference"),

@@ -33,10 +33,17 @@ from grouped.backends import cudnn as cb
 from grouped.formats import MXFP8, NVFP4
 from grouped.problem import Problem, prepare
 from grouped.scale_layout import blocked_numel, from_blocked, to_blocked
+from grouped.splits import Splits
 
 FORMATS = ("mxfp8", "nvfp4")
 FMT = {"mxfp8": MXFP8, "nvfp4": NVFP4}
 
+
+
+def with_gpu_counts(call, counts):
+    """The call as if its split sizes had come as a device tensor (here on the CPU)."""
+    ends = torch.cumsum(torch.as_tensor(counts), 0, dtype=torch.int32)
+    return dataclasses.replace(call, splits=Splits(call.num_groups, call.device, ends=ends))
 
 # ---- a fake cuDNN frontend ---------------------------------------------------------------------
 
@@ -628,25 +635,25 @@ def test_gpu_split_sizes_path(fake_cudnn, gen, fmt):
     out = torch.zeros(m_total, ref.shape[1], dtype=torch.bfloat16)
     call = simulate(prepare(a, b, sizes, offsets=None, layout="forward", out=out, accumulate=False, out_dtype=None))
     counts = torch.tensor(sizes, dtype=torch.int32)
-    dev = dataclasses.replace(call, split_sizes=None, device_counts=counts)
+    dev = with_gpu_counts(call, counts)
     kw = cb.forward_arguments(dev, out)
     assert kw["a_tensor"].shape[0] == m_total and kw["d_tensor"].shape[0] == m_total  # all rows (no host total)
     assert kw["padded_offsets"].tolist() == torch.cumsum(counts, 0).tolist()
     assert kw["padded_offsets"].data_ptr() % 16 == 0
     # end offsets given instead of sizes
-    ends = dataclasses.replace(call, split_sizes=None, device_offsets=torch.cumsum(counts, 0).to(torch.int64))
+    ends = dataclasses.replace(call, splits=Splits(call.num_groups, call.device, ends=torch.cumsum(counts, 0).to(torch.int64)))
     assert torch.equal(cb.forward_arguments(ends, out)["padded_offsets"], kw["padded_offsets"])
     # a count that breaks the rule trips the device-side assertion (on a GPU: a broken CUDA context), and the
     # explanation says so
     assert BACKENDS["cudnn"].accepts(dev) is None
     assert "device-side assert" in BACKENDS["cudnn"].note(dataclasses.replace(dev.problem, device_splits=True))
-    bad = dataclasses.replace(call, split_sizes=None, device_counts=torch.tensor([128] + sizes[1:-1] + [sizes[-1] + 128]))
+    bad = with_gpu_counts(call, torch.tensor([128] + sizes[1:-1] + [sizes[-1] + 128]))
     with pytest.raises(RuntimeError, match="multiple of 256"):
         cb.forward_arguments(bad, out)
     # with GPU sizes the whole token tensor goes in: its row count must be a multiple of 256
     a2, b2, sizes2, m2, _ = forward_case(gen, fmt, extra_rows=5)
     c2 = simulate(prepare(a2, b2, sizes2, offsets=None, layout="forward", out=None, accumulate=False, out_dtype=None))
-    c2 = dataclasses.replace(c2, split_sizes=None, device_counts=torch.tensor(sizes2))
+    c2 = with_gpu_counts(c2, torch.tensor(sizes2))
     assert re.search(f"multiple of 256; got {m2} rows", BACKENDS["cudnn"].accepts(c2))
 
 
@@ -732,7 +739,7 @@ def test_wgrad_token_rule_refused(fake_cudnn, gen, fmt, monkeypatch):
                             out_dtype=torch.float32))
     check_refused(call, r"multiple of 128.*expert 1: 64, expert 2: 64", monkeypatch)
     # with the call's split sizes on the GPU the rule is read off the quantized operands' host sizes
-    check_refused(dataclasses.replace(call, split_sizes=None, device_counts=torch.tensor(sizes)),
+    check_refused(with_gpu_counts(call, torch.tensor(sizes)),
                   r"multiple of 128.*expert 1: 64", monkeypatch)
     assert fake_cudnn.calls == [] and torch.equal(out, torch.zeros(3, 64, 64))
 
@@ -767,7 +774,7 @@ def test_wgrad_gpu_split_sizes(fake_cudnn, gen):
     qdy, qx, sizes = wgrad_case(gen, "mxfp8")
     call = simulate(prepare(qdy, qx, sizes, offsets=None, layout="wgrad", out=None, accumulate=False,
                             out_dtype=torch.float32))
-    dev = dataclasses.replace(call, split_sizes=None, device_counts=torch.tensor(sizes))
+    dev = with_gpu_counts(call, torch.tensor(sizes))
     kw = cb.wgrad_arguments(dev)
     assert kw["offsets_tensor"].tolist() == torch.cumsum(torch.tensor(sizes), 0).tolist()
 

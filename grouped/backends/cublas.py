@@ -47,7 +47,7 @@ class CublasBackend(Backend):
         return None
 
     def run(self, call: GemmCall) -> torch.Tensor:
-        sizes = call.host_sizes()
+        sizes = call.splits.host_sizes()
         out = call.output()
         a, b, product = call.a, call.b, _product(call.problem)
         start = 0

@@ -213,22 +213,12 @@ def _alpha(fmt_name: str, s_a, s_b, groups: int, device) -> torch.Tensor:
     return torch.reciprocal(sa * sb).float().contiguous()
 
 
-def _device_counts(call: GemmCall) -> torch.Tensor:
-    """Per-expert token counts on the operands' device (int64), without a host sync."""
-    if call.split_sizes is not None:
-        return torch.tensor(call.split_sizes, dtype=torch.int64).to(call.device, non_blocking=True)
-    if call.device_counts is not None:
-        return call.device_counts.to(torch.int64)
-    ends = call.device_offsets.to(torch.int64)
-    return torch.diff(ends, prepend=ends.new_zeros(1))
-
-
 def padded_offsets(call: GemmCall, counts: torch.Tensor | None = None) -> torch.Tensor:
     """int32 inclusive end offsets (G,) from splits_to_offsets, one 16-byte aligned allocation.
 
     The token rule is refused, not padded, so these are the plain end offsets.
     """
-    counts = _device_counts(call) if counts is None else counts
+    counts = call.splits.counts() if counts is None else counts
     (offsets,) = splits_to_offsets(
         counts, strides=[1], include_leading_zero=[False], dtypes=[torch.int32], bulk_allocate=True
     )
@@ -248,7 +238,7 @@ def _check_counts_on_device(counts: torch.Tensor, multiple: int) -> None:
 
 def _valid_rows(call: GemmCall) -> int:
     """Rows handed to cuDNN for forward/dgrad: the split total (host sizes) or all rows (GPU sizes)."""
-    return sum(call.split_sizes) if call.split_sizes is not None else call.m_total
+    return sum(call.splits.sizes) if call.splits.sizes is not None else call.m_total
 
 
 def _data_refusal(call: GemmCall) -> str | None:
@@ -260,10 +250,10 @@ def _data_refusal(call: GemmCall) -> str | None:
             f"got {call.num_groups}"
         )
     if layout == "wgrad":  # the quantized operands carry host split sizes even when the call's are on the GPU
-        sizes = call.split_sizes if call.split_sizes is not None else call.a.split_sizes
+        sizes = call.splits.sizes if call.splits.sizes is not None else call.a.split_sizes
         return token_rule_violation(layout, sizes)
-    if call.split_sizes is not None:
-        reason = token_rule_violation(layout, call.split_sizes)
+    if call.splits.sizes is not None:
+        reason = token_rule_violation(layout, call.splits.sizes)
         if reason:
             return reason
     elif call.m_total % FORWARD_TOKEN_MULTIPLE:
@@ -276,12 +266,12 @@ def _data_refusal(call: GemmCall) -> str | None:
         call.fmt.name == "nvfp4"
         and isinstance(a, QuantizedTensor)
         and a.split_sizes is not None
-        and call.split_sizes is not None
-        and tuple(a.split_sizes) != tuple(call.split_sizes)
+        and call.splits.sizes is not None
+        and tuple(a.split_sizes) != tuple(call.splits.sizes)
     ):
         return (
             f"a was quantized with split_sizes {list(a.split_sizes)} (one NVFP4 tensor scale per group) but the call "
-            f"has {list(call.split_sizes)}; alpha is per expert, so they must match"
+            f"has {list(call.splits.sizes)}; alpha is per expert, so they must match"
         )
     out = call.out
     if out is not None and _valid_rows(call) > 0:
@@ -358,8 +348,8 @@ def forward_arguments(call: GemmCall, out: torch.Tensor | None = None) -> dict |
 def _blockscaled_operands(call: GemmCall, rows: int, *, columnwise: bool, interleave=None) -> dict:
     """The A / B / scales / offsets / alpha tensors the quant and GLU kernels share."""
     fmt = call.fmt.name
-    counts = _device_counts(call)
-    if call.split_sizes is None:
+    counts = call.splits.counts()
+    if call.splits.sizes is None:
         _check_counts_on_device(counts, FORWARD_TOKEN_MULTIPLE)
     a_data, sfa, s_a = _token_operand(call.a, rows)
     b_data, sfb, s_b = _weight_operand(call.b, columnwise=columnwise, interleave=interleave)
@@ -399,8 +389,8 @@ def wgrad_arguments(call: GemmCall, out: torch.Tensor | None = None) -> dict | N
     out = call.output() if out is None else out
     if dy.data.shape[1] == 0:
         return None
-    counts = _device_counts(call)
-    if call.split_sizes is None:
+    counts = call.splits.counts()
+    if call.splits.sizes is None:
         _check_counts_on_device(counts, WGRAD_TOKEN_MULTIPLE)
     sizes = dy.split_sizes  # host sizes of the quantized operands (equal to the call's; checked by prepare)
     block = call.fmt.block_size
@@ -577,7 +567,7 @@ class CudnnBackend(Backend):
 
     def run_swiglu(self, call: GemmCall, probs=None, out=None) -> torch.Tensor:
         m, f = call.m_total, call.out_shape[1] // 2
-        if out is None and call.split_sizes is None:  # rows past a total kept on the GPU: zeroed up front
+        if out is None and call.splits.sizes is None:  # rows past a total kept on the GPU: zeroed up front
             out = torch.zeros(m, f, dtype=torch.bfloat16, device=call.device)
         elif out is None:
             out = call.finish_new_output(torch.empty(m, f, dtype=torch.bfloat16, device=call.device))

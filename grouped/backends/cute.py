@@ -58,7 +58,7 @@ class CuteBackend(Backend):
 
         out = call.output()
         problem, layout = call.problem, call.layout
-        ends = call.end_offsets(torch.int32)
+        ends = call.splits.end_offsets(torch.int32)
         if out.numel() == 0:
             return out
         if call.m_total == 0 or call.contraction == 0:  # an empty contraction: TMA cannot map it

@@ -47,7 +47,7 @@ class TorchBackend(Backend):
 
     def run(self, call: GemmCall) -> torch.Tensor:
         a, b, layout = call.a, call.b, call.layout
-        offsets = call.end_offsets(torch.int32)
+        offsets = call.splits.end_offsets(torch.int32)
         if layout == "forward":
             result = torch._grouped_mm(a, b.transpose(1, 2), offs=offsets)
         elif layout == "dgrad":
@@ -59,8 +59,8 @@ class TorchBackend(Backend):
         out = call.out
         if layout == "wgrad":
             out.copy_(result)
-        elif call.split_sizes is not None:
-            total = sum(call.split_sizes)
+        elif call.splits.sizes is not None:
+            total = sum(call.splits.sizes)
             out[:total].copy_(result[:total])
         else:
             rows = torch.arange(call.m_total, device=call.device) < offsets[-1]

@@ -11,8 +11,8 @@ dgrad; dY and X columnwise, blocks restarting at expert boundaries, for
 wgrad). The quantized weight lives in one persistent GroupedTensor (rowwise
 for forward, columnwise for dgrad), written in place.
 
-What backward uses is fixed at forward: the split sizes (copied when given on
-the host, turned into new end offsets when given on the GPU), X (saved through
+What backward uses is fixed at forward: the split sizes (a grouped.Splits
+built once a step: host sizes copied, GPU sizes turned into new end offsets), X (saved through
 autograd, so an in-place change of it before backward raises as it does for
 nn.Linear; quantized recipes keep their own quantized copy) and the weights
 (saved through autograd). Every caller buffer (out, grad_input, main_grad) is
@@ -33,8 +33,8 @@ from torch import nn
 from .. import buffers
 from ..formats import get_format
 from ..gemm import gemm
-from ..offsets import splits_to_offsets
-from ..quantize import quantize, split_sizes_to_list
+from ..quantize import quantize
+from ..splits import Splits
 from ..tensor import GroupedTensor
 
 MAIN_GRAD_MODES = ("accumulate", "overwrite")
@@ -48,64 +48,19 @@ def _positive_int(value, name: str) -> int:
     return value
 
 
-class StepSplits:
-    """The split sizes of one layer step, fixed when forward runs.
+def _zero_rows_past_total(t: torch.Tensor, splits: Splits, groups: torch.Tensor) -> None:
+    """grouped.gemm zeroes them itself for host split sizes; with GPU split sizes it leaves
+    them unspecified, and a layer's outputs and gradients must not carry garbage."""
+    if splits.on_device:
+        t.masked_fill_((groups == splits.num_groups).unsqueeze(1), 0)
 
-    Host split sizes (a list or CPU tensor) are copied into a tuple, so a later change of the
-    caller's object cannot reach backward. GPU split sizes become their int32 end offsets, a
-    new tensor (one launch, no sync), passed to every GEMM as ``offsets=``.
-    """
 
-    def __init__(self, split_sizes, rows: int, num_experts: int, device: torch.device):
-        self.num_experts = num_experts
-        self.sizes: tuple[int, ...] | None = None
-        if isinstance(split_sizes, torch.Tensor) and split_sizes.device.type != "cpu":
-            if split_sizes.device != device:
-                raise ValueError(f"split_sizes is on {split_sizes.device}, x on {device}")
-            if split_sizes.dim() != 1 or split_sizes.shape[0] != num_experts:
-                raise ValueError(
-                    f"split_sizes must have one entry per expert ({num_experts}), got shape {tuple(split_sizes.shape)}"
-                )
-            (self.ends,) = splits_to_offsets(split_sizes, strides=[1], include_leading_zero=[False],
-                                              dtypes=[torch.int32])
-        else:
-            sizes = split_sizes_to_list(split_sizes, rows=rows)
-            if len(sizes) != num_experts:
-                raise ValueError(f"split_sizes has {len(sizes)} entries, expected one per expert ({num_experts})")
-            self.sizes = sizes
-            ends = torch.tensor(sizes, dtype=torch.int64).cumsum(0).to(torch.int32)
-            self.ends = ends.to(device, non_blocking=True)
-
-    @property
-    def on_device(self) -> bool:
-        return self.sizes is None
-
-    def gemm_args(self) -> dict:
-        """How every GEMM of this step gets the splits."""
-        return {"offsets": self.ends} if self.on_device else {"split_sizes": self.sizes}
-
-    def split_sizes(self):
-        """The sizes as grouped.gemm_swiglu takes them: the host tuple, or device counts (from the ends)."""
-        if not self.on_device:
-            return self.sizes
-        return torch.diff(self.ends, prepend=self.ends.new_zeros(1))
-
-    def host_sizes(self) -> tuple[int, ...]:
-        """Host sizes (one sync when they were given on the GPU; quantized recipes need them)."""
-        if self.sizes is None:
-            ends = [0, *self.ends.tolist()]
-            self.sizes = tuple(e - s for s, e in zip(ends, ends[1:]))
-        return self.sizes
-
-    def row_groups(self, rows: int) -> torch.Tensor:
-        """Each row's expert index (num_experts for rows past the split total), without a host sync."""
-        return torch.searchsorted(self.ends, torch.arange(rows, device=self.ends.device, dtype=torch.int32), right=True)
-
-    def zero_rows_past_total(self, t: torch.Tensor, groups: torch.Tensor) -> None:
-        """grouped.gemm zeroes them itself for host split sizes; with GPU split sizes it leaves
-        them unspecified, and a layer's outputs and gradients must not carry garbage."""
-        if self.on_device:
-            t.masked_fill_((groups == self.num_experts).unsqueeze(1), 0)
+def layer_splits(split_sizes, x: torch.Tensor, num_experts: int) -> Splits:
+    """The split sizes of one layer step, fixed now (see grouped.splits)."""
+    if isinstance(split_sizes, Splits):
+        split_sizes.check(x.shape[0], num_experts, x.device)
+        return split_sizes
+    return Splits.of(split_sizes, rows=x.shape[0], num_groups=num_experts, device=x.device)
 
 
 class _GroupedLinearFunction(torch.autograd.Function):
@@ -116,9 +71,9 @@ class _GroupedLinearFunction(torch.autograd.Function):
         groups = splits.row_groups(x.shape[0])
         quantized = layer.fmt.quantized
         x_operand = quantize(x, layer.fmt, split_sizes=splits.host_sizes()) if quantized else x
-        y = gemm(x_operand, weight_operand, **splits.gemm_args(), out=out, out_dtype=x.dtype)
+        y = gemm(x_operand, weight_operand, splits, out=out, out_dtype=x.dtype)
         if out is None:
-            splits.zero_rows_past_total(y, groups)
+            _zero_rows_past_total(y, splits, groups)
         if bias is not None:
             with_bias = y + torch.cat((bias, bias.new_zeros(1, bias.shape[1])))[groups]
             y.copy_(torch.where((groups < layer.num_experts).unsqueeze(1), with_bias, y))
@@ -141,10 +96,9 @@ class _GroupedLinearFunction(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[1]:
             dy = quantize(grad_y, layer.fmt, split_sizes=splits.host_sizes()) if layer.fmt.quantized else grad_y
-            grad_x = gemm(dy, ctx.weight_operand, **splits.gemm_args(), layout="dgrad", out=ctx.grad_input,
-                          out_dtype=grad_y.dtype)
+            grad_x = gemm(dy, ctx.weight_operand, splits, layout="dgrad", out=ctx.grad_input, out_dtype=grad_y.dtype)
             if ctx.grad_input is None:
-                splits.zero_rows_past_total(grad_x, ctx.groups)
+                _zero_rows_past_total(grad_x, splits, ctx.groups)
 
         no_grads = (None, grad_x, None, None, None, None, None, *[None] * len(weights))
         if not any(ctx.needs_input_grad[3:]):
@@ -161,7 +115,7 @@ class _GroupedLinearFunction(torch.autograd.Function):
 class _WeightGradient:
     """The wgrad (and bias gradient) of one backward, run now or later (delayed wgrad)."""
 
-    def __init__(self, layer, grad_y, x_for_wgrad, splits: StepSplits, groups, weights, has_bias):
+    def __init__(self, layer, grad_y, x_for_wgrad, splits: Splits, groups, weights, has_bias):
         self.layer, self.grad_y, self.x, self.splits = layer, grad_y, x_for_wgrad, splits
         self.groups, self.weights, self.has_bias = groups, weights, has_bias
 
@@ -179,10 +133,10 @@ class _WeightGradient:
         grads: list = [None] * len(self.weights)
         if len(self.weights) == 1 and main_grads[0] is not None:
             accumulate = layer.main_grad_mode == "accumulate"
-            gemm(dy, self.x, **splits.gemm_args(), layout="wgrad", out=main_grads[0], accumulate=accumulate)
+            gemm(dy, self.x, splits, layout="wgrad", out=main_grads[0], accumulate=accumulate)
         else:
             dtype = torch.float32 if any(m is not None for m in main_grads) else self.weights[0].dtype
-            dw = gemm(dy, self.x, **splits.gemm_args(), layout="wgrad", out_dtype=dtype)
+            dw = gemm(dy, self.x, splits, layout="wgrad", out_dtype=dtype)
             parts = [dw] if len(self.weights) == 1 else list(dw.unbind(0))
             for i, (part, main_grad) in enumerate(zip(parts, main_grads)):
                 if main_grad is None:
@@ -336,11 +290,11 @@ class GroupedLinear(nn.Module):
     def forward(self, x: torch.Tensor, split_sizes, *, out: torch.Tensor | None = None,
                 grad_input: torch.Tensor | None = None, reuse_weight_cache: bool = False) -> torch.Tensor:
         self.check_call(x, out, grad_input)
-        splits = StepSplits(split_sizes, x.shape[0], self.num_experts, x.device)
+        splits = layer_splits(split_sizes, x, self.num_experts)
         return self.run(x, splits, out=out, grad_input=grad_input, reuse_weight_cache=reuse_weight_cache)
 
-    def run(self, x, splits: StepSplits, *, out=None, grad_input=None, reuse_weight_cache=False, weight_operand=None):
-        """forward on checked arguments and this step's splits (GroupedMLP shares one StepSplits
+    def run(self, x, splits: Splits, *, out=None, grad_input=None, reuse_weight_cache=False, weight_operand=None):
+        """forward on checked arguments and this step's splits (GroupedMLP shares one Splits
         between its two layers)."""
         weights = self.weights()
         if weight_operand is None:

@@ -11,19 +11,18 @@ reads). Autograd covers the activation and the probabilities' gradient. When no
 gradient is needed (inference, torch.no_grad), FC1 + SwiGLU + probs go through
 ``grouped.gemm_swiglu``, which fuses them where a backend can and otherwise
 computes exactly what the training path does. The split sizes are fixed once
-per step (``StepSplits``) and shared by both layers.
+per step (``grouped.Splits``) and shared by both layers.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import buffers
-from ..fused import gemm_swiglu
+from ..fused import gemm_swiglu, swiglu
 from ..quantize import quantize
-from .linear import GroupedLinear, StepSplits
+from .linear import GroupedLinear, layer_splits
 
 ACTIVATIONS = ("swiglu",)
 
@@ -60,19 +59,16 @@ class GroupedMLP(nn.Module):
                                  + ([grad_input] if grad_input is not None else []))
         self.fc2.check_main_grads([x, *self.fc1.weights(), *self.fc2.weights()]
                                   + [t for t in (out, grad_input) if t is not None])
-        splits = StepSplits(split_sizes, x.shape[0], self.fc1.num_experts, x.device)
+        splits = layer_splits(split_sizes, x, self.fc1.num_experts)
         if self._inference_only(x, probs, grad_input):
             # FC1 + SwiGLU + probs through the fused entry (one kernel where a backend fuses it).
             fc1 = self.fc1
             a = x if not fc1.fmt.quantized else quantize(x, fc1.fmt, split_sizes=splits.host_sizes())
             weight = fc1._forward_weight(fc1.weights(), reuse_cache=reuse_weight_cache)
-            act = gemm_swiglu(a, weight, splits.split_sizes(), probs)
+            act = gemm_swiglu(a, weight, splits, probs)
             return self.fc2.run(act.to(x.dtype), splits, out=out, reuse_weight_cache=reuse_weight_cache)
         h = self.fc1.run(x, splits, grad_input=grad_input, reuse_weight_cache=reuse_weight_cache)
-        gate, up = h.float().chunk(2, dim=1)
-        a = F.silu(gate) * up
-        if probs is not None:
-            a = a * probs.float().unsqueeze(1)
+        a = swiglu(h, probs)
         return self.fc2.run(a.to(x.dtype), splits, out=out, reuse_weight_cache=reuse_weight_cache)
 
     def _inference_only(self, x, probs, grad_input) -> bool:
