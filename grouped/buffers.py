@@ -13,7 +13,12 @@ from typing import Iterable
 
 import torch
 
-ALIGN_BYTES = 16
+ALIGN_BYTES = 16  # rows, row strides and base addresses: what TMA and vector loads need
+
+
+def ceil_to(n: int, m: int) -> int:
+    """n rounded up to a multiple of m."""
+    return -(-n // m) * m
 
 
 def byte_span(t: torch.Tensor) -> tuple[int, int]:

@@ -26,13 +26,13 @@ from typing import Sequence
 import torch
 
 from . import kernels
+from .buffers import ALIGN_BYTES, ceil_to
 
 __all__ = ["splits_to_offsets"]
 
 _NAME = "splits_to_offsets"
 _OUT_DTYPES = (torch.int32, torch.int64)
 _INT64_MAX = torch.iinfo(torch.int64).max
-_ALIGN = 16  # byte alignment of each output inside a bulk allocation
 
 
 def _fail(msg: str) -> ValueError:
@@ -103,7 +103,7 @@ def _empty_outputs(lengths, dtypes, device, bulk_allocate) -> list[torch.Tensor]
         return [torch.empty(n, dtype=d, device=device) for n, d in zip(lengths, dtypes)]
     starts, nbytes = [], 0
     for n, d in zip(lengths, dtypes):
-        nbytes = -(-nbytes // _ALIGN) * _ALIGN
+        nbytes = ceil_to(nbytes, ALIGN_BYTES)
         starts.append(nbytes)
         nbytes += n * d.itemsize
     buf = torch.empty(nbytes, dtype=torch.uint8, device=device)

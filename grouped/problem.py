@@ -211,9 +211,10 @@ def prepare(a, b, split_sizes, *, offsets, layout, out, accumulate, out_dtype) -
         owned = [t for t in (*owned_a, *owned_b) if t is not None]
         buffers.check_buffer(out, name="out", shape=out_shape, dtype=dtype, device=device, inputs=owned)
 
-    row_bytes_aligned = all(fmt_a.data_nbytes(d) % 16 == 0 for d in (n, k))
+    row_bytes_aligned = all(fmt_a.data_nbytes(d) % buffers.ALIGN_BYTES == 0 for d in (n, k))
     strides_aligned = all(  # caller buffers were checked by check_buffer
-        t.data_ptr() % 16 == 0 and (t.dim() != 2 or t.stride(0) * t.element_size() % 16 == 0)
+        t.data_ptr() % buffers.ALIGN_BYTES == 0
+        and (t.dim() != 2 or t.stride(0) * t.element_size() % buffers.ALIGN_BYTES == 0)
         for t in (a, b)
         if isinstance(t, torch.Tensor)
     )

@@ -43,15 +43,13 @@ from typing import Sequence
 import torch
 
 from . import kernels
+from .buffers import ceil_to
 from .formats import Format, get_format
 from .scale_layout import from_blocked, to_blocked
 
 _INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+KERNEL_INPUT_DTYPES = (torch.bfloat16, torch.float32)  # what the quantize kernels read (fp16 goes as fp32, exactly)
 LAYOUTS = ("compact", "blocked")
-
-
-def _ceil_to(n: int, m: int) -> int:
-    return -(-n // m) * m
 
 
 def finite_row_amax(t: torch.Tensor) -> torch.Tensor:
@@ -129,7 +127,7 @@ class _Geometry:
 
     @property
     def padded_splits(self) -> list[int]:
-        return [_ceil_to(m, self.fmt.block_size) for m in self.split_sizes]
+        return [ceil_to(m, self.fmt.block_size) for m in self.split_sizes]
 
     def _padded_rows(self, device) -> torch.Tensor:
         """For each real row of x (grouped, columnwise): its row in the padded layout."""
@@ -302,7 +300,7 @@ def _quantize_on_gpu(x: torch.Tensor, geometry: _Geometry):
     fmt, axis, sizes = geometry.fmt, geometry.axis, geometry.split_sizes
     facts = kernel_facts(fmt)
     block, epb = fmt.block_size, fmt.elements_per_byte
-    if x.dtype not in (torch.bfloat16, torch.float32):
+    if x.dtype not in KERNEL_INPUT_DTYPES:
         x = x.float()  # fp16 -> fp32 is exact
     rows = x.contiguous().reshape(-1, x.shape[-1])  # (R, K): a 3-D weight's experts stacked
     k = rows.shape[1]

@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import torch
 
+from .buffers import ceil_to
+
 TILE_ROWS, TILE_COLS = 128, 4
-
-
-def _ceil_to(n: int, m: int) -> int:
-    return -(-n // m) * m
 
 
 def blocked_numel(rows: int, cols: int) -> int:
     """Bytes a (rows, cols) scale matrix takes in the blocked layout."""
-    return _ceil_to(rows, TILE_ROWS) * _ceil_to(cols, TILE_COLS)
+    return ceil_to(rows, TILE_ROWS) * ceil_to(cols, TILE_COLS)
 
 
 def to_blocked(scales: torch.Tensor) -> torch.Tensor:
@@ -36,7 +34,7 @@ def to_blocked(scales: torch.Tensor) -> torch.Tensor:
             f"got shape {tuple(scales.shape)} dtype {scales.dtype}"
         )
     *batch, rows, cols = scales.shape
-    rows_p, cols_p = _ceil_to(rows, TILE_ROWS), _ceil_to(cols, TILE_COLS)
+    rows_p, cols_p = ceil_to(rows, TILE_ROWS), ceil_to(cols, TILE_COLS)
     padded = scales.new_zeros((*batch, rows_p, cols_p), dtype=torch.uint8)
     padded[..., :rows, :cols] = scales.view(torch.uint8)
     # row = tile_r*128 + hi*32 + lo, col = tile_c*4 + c  ->  [tile_r, tile_c, lo, hi, c]
@@ -49,7 +47,7 @@ def to_blocked(scales: torch.Tensor) -> torch.Tensor:
 
 def from_blocked(blocked: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """Inverse of to_blocked: (..., blocked_numel(rows, cols)) -> (..., rows, cols)."""
-    rows_p, cols_p = _ceil_to(rows, TILE_ROWS), _ceil_to(cols, TILE_COLS)
+    rows_p, cols_p = ceil_to(rows, TILE_ROWS), ceil_to(cols, TILE_COLS)
     if blocked.dim() < 1 or blocked.shape[-1] != rows_p * cols_p or blocked.element_size() != 1:
         raise ValueError(
             f"from_blocked: blocked must be (..., {rows_p * cols_p}) 1-byte elements for "

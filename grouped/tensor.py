@@ -31,10 +31,11 @@ from typing import Sequence
 import torch
 
 from . import kernels
+from .buffers import ALIGN_BYTES, ceil_to
 from .formats import Format, get_format
-from .quantize import QuantizedTensor, finite_row_amax, kernel_facts, quantize, split_sizes_to_list
+from .quantize import (KERNEL_INPUT_DTYPES, QuantizedTensor, finite_row_amax, kernel_facts, quantize,
+                       split_sizes_to_list)
 
-ALIGN_BYTES = 16
 
 
 STORAGE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # bf16 storage, and what quantize_ reads
@@ -52,8 +53,6 @@ def _member_shapes(shapes) -> list[tuple[int, ...]]:
     return members
 
 
-def _align(n: int) -> int:
-    return -(-n // ALIGN_BYTES) * ALIGN_BYTES
 
 
 @dataclass(frozen=True)
@@ -81,7 +80,7 @@ def _plan(shapes: list[tuple[int, ...]], dtype: torch.dtype) -> tuple[list[_Regi
     for shape in shapes:
         region = _Region(offset, shape, dtype)
         regions.append(region)
-        offset = _align(offset + region.nbytes)
+        offset = ceil_to(offset + region.nbytes, ALIGN_BYTES)
     return regions, offset
 
 
@@ -156,7 +155,7 @@ class GroupedTensor:
             )
 
     def _pad(self, m: int) -> int:
-        return -(-m // self.fmt.block_size) * self.fmt.block_size
+        return ceil_to(m, self.fmt.block_size)
 
     def _buffer_specs(self):
         """(buffer name, per-member stored shapes, dtype) for each buffer this tensor has."""
@@ -322,7 +321,7 @@ class GroupedTensor:
         fmt, sizes = self.fmt, [m for m, _ in self.shapes]
         facts = kernel_facts(fmt)
         rows = _stacked(tensors)
-        if rows.dtype not in (torch.bfloat16, torch.float32):
+        if rows.dtype not in KERNEL_INPUT_DTYPES:
             rows = rows.float()
         k = rows.shape[1]
         counts, table = self._device_tables()

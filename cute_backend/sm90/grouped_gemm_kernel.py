@@ -230,9 +230,9 @@ class GroupedGemmSm90:
         @cute.struct
         class SharedStorage:
             ab_barriers: cute.struct.MemRange[Int64, self.ab_stages * 2]
-            load_barriers: cute.struct.MemRange[Int64, self.load_stages * 2]
             work_barriers: cute.struct.MemRange[Int64, WORK_SLOTS * 2]
             work_slots: cute.struct.MemRange[Int32, WORK_SLOTS]
+            load_barriers: cute.struct.MemRange[Int64, self.load_stages * 2]
             sA: cute.struct.Align[cute.struct.MemRange[self.a_dtype, cute.cosize(self.a_smem_layout)], 1024]
             sB: cute.struct.Align[cute.struct.MemRange[self.b_dtype, cute.cosize(self.b_smem_layout)], 1024]
             sC: cute.struct.Align[cute.struct.MemRange[self.c_dtype, cute.cosize(self.epi_smem_layout)], 1024]
@@ -659,6 +659,9 @@ class GroupedGemmSm90:
         if warp_group == 0:
             cute.arch.setmaxregister_decrease(DECODING_PRODUCER_REGISTERS if const_expr(self.block_scaled)
                                               else PRODUCER_REGISTERS)
+        # Each role claims or reads its next work item and advances its states in its own loop body:
+        # the DSL carries across loop iterations what the body itself assigns or advances, so moving
+        # that into a shared helper changes the generated code (seen in the dynamic configs' PTX).
         if warp_idx == LOAD_WARP:
             state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.load_stages if const_expr(
                 self.block_scaled) else self.ab_stages)

@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..buffers import ceil_to
 from ..offsets import splits_to_offsets
 from ..problem import GemmCall, Problem
 from ..quantize import QuantizedTensor, split_sizes_to_list
@@ -36,8 +37,7 @@ WRAPPERS = {
 }
 WGRAD_WORKSPACE_SIZE = "get_grouped_gemm_wgrad_workspace_size_sm100"
 FRONTEND_REQUIREMENT = "nvidia-cudnn-frontend>=1.32,<1.33"
-# sf_vec_size and the scale dtype cuDNN wants for each format.
-SF_VEC_SIZE = {"mxfp8": 32, "nvfp4": 16}
+# The dtypes cuDNN wants each format's scales and data viewed as (sf_vec_size is the block size).
 SCALE_DTYPE = {"mxfp8": torch.float8_e8m0fnu, "nvfp4": torch.float8_e4m3fn}
 DATA_DTYPE = {"mxfp8": torch.float8_e4m3fn, "nvfp4": torch.float4_e2m1fn_x2}
 NOT_RUN_NOTE = "the cudnn path has not run on Blackwell hardware here"
@@ -116,7 +116,7 @@ def padded_split_sizes(split_sizes, multiple: int, rows: int) -> PaddedDispatch:
     shift = torch.cat([padded_ends - padded - (ends - counts), (padded_ends[-1:] - ends[-1:])])
     row = torch.arange(rows, device=counts.device)
     row_index = row + shift[torch.searchsorted(ends, row, right=True)]
-    padded_rows = -(-(rows + len(counts) * (multiple - 1)) // multiple) * multiple
+    padded_rows = ceil_to(rows + len(counts) * (multiple - 1), multiple)
     sizes = padded.to(split_sizes.dtype) if given_tensor else padded.tolist()
     return PaddedDispatch(sizes, row_index, padded_rows)
 
@@ -338,7 +338,7 @@ def forward_arguments(call: GemmCall, out: torch.Tensor | None = None) -> dict |
         **_blockscaled_operands(call, rows, columnwise=call.layout == "dgrad"),
         "b_major": "k",
         "cd_major": "n",
-        "sf_vec_size": SF_VEC_SIZE[call.fmt.name],
+        "sf_vec_size": call.fmt.block_size,
         "d_dtype": out.dtype,
         "d_tensor": out[:rows],
         "generate_amax": False,  # nothing reads it; False allocates and computes none
@@ -411,7 +411,7 @@ def wgrad_arguments(call: GemmCall, out: torch.Tensor | None = None) -> dict | N
         "global_scale_a": gs_a,
         "global_scale_b": gs_b,
         "wgrad_dtype": out.dtype,
-        "sf_vec_size": SF_VEC_SIZE[fmt],
+        "sf_vec_size": call.fmt.block_size,
         "accumulate_on_output": call.problem.accumulate,
     }
 
@@ -493,7 +493,7 @@ def _glu_kernel(call: GemmCall, kwargs: dict):
     kernel = _glu_kernels.get(key)
     if kernel is None:
         samples = {"sample_" + name.removesuffix("_tensor"): t for name, t in kwargs.items()}
-        kernel = _frontend(WRAPPERS["swiglu"])(**samples, sf_vec_size=SF_VEC_SIZE[call.fmt.name], act_func="swiglu")
+        kernel = _frontend(WRAPPERS["swiglu"])(**samples, sf_vec_size=call.fmt.block_size, act_func="swiglu")
         kernel.check_support()  # raises on what it cannot serve
         kernel.compile()
         _glu_kernels[key] = kernel
