@@ -36,7 +36,6 @@ entry nor compile it twice. In one process, each entry compiles at most once.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import functools
@@ -45,6 +44,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 import threading
 import warnings
@@ -298,6 +298,9 @@ class KernelCache:
     def _build_and_load(self, spec: KernelSpec, build, dir_fd: int | None, key: str):
         """Compile and link in a private temporary directory, publish into the cache when
         ``dir_fd`` is given, and load the bytes just built."""
+        where = f"kept in {cache_dir()}" if dir_fd is not None else "for this process only"
+        print(f"grouped: compiling kernel {spec.name} for {spec.arch} (first use, a few seconds; {where})",
+              file=sys.stderr, flush=True)
         compiled = _compile(build)
         with tempfile.TemporaryDirectory(prefix="grouped-kernel-") as tmp:  # 0700, the user's own
             obj, so = Path(tmp) / "kernel.o", Path(tmp) / "kernel.so"
@@ -319,7 +322,8 @@ def _compile(build):
     try:
         return build()
     except ImportError as e:
-        raise KernelUnavailable(f"the CuTe DSL toolchain cannot be imported ({e}): pip install nvidia-cutlass-dsl") from e
+        raise KernelUnavailable(
+            f"the CuTe DSL toolchain cannot be imported ({e}): pip install nvidia-cutlass-dsl") from e
 
 
 def _link(obj: Path, so: Path) -> None:

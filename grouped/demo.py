@@ -124,7 +124,8 @@ def _backends(mlp: GroupedMLP, x, sizes) -> dict[str, str]:
         ops = {
             "forward": (quantize(x, fc1.fmt), w),
             "dgrad": (quantize(dy, fc1.fmt), w),
-            "wgrad": (quantize(dy, fc1.fmt, axis=0, split_sizes=sizes), quantize(x, fc1.fmt, axis=0, split_sizes=sizes)),
+            "wgrad": (quantize(dy, fc1.fmt, axis=0, split_sizes=sizes),
+                      quantize(x, fc1.fmt, axis=0, split_sizes=sizes)),
         }
     else:
         ops = {"forward": (x, w), "dgrad": (dy, w), "wgrad": (dy, x)}

@@ -29,7 +29,8 @@ ENV_VARS: dict[str, EnvVar] = {
         EnvVar("GROUPED_BACKEND_BF16", "", _BACKEND_CHOICES, "backend for BF16; wins over GROUPED_BACKEND"),
         EnvVar("GROUPED_BACKEND_MXFP8", "", _BACKEND_CHOICES, "backend for MXFP8; wins over GROUPED_BACKEND"),
         EnvVar("GROUPED_BACKEND_NVFP4", "", _BACKEND_CHOICES, "backend for NVFP4; wins over GROUPED_BACKEND"),
-        EnvVar("GROUPED_STRICT", "0", _FLAG_CHOICES, "1: a forced backend that cannot serve raises instead of falling back"),
+        EnvVar("GROUPED_STRICT", "0", _FLAG_CHOICES,
+               "1: a forced backend that cannot serve, or kernels that cannot be built, raise instead of falling back"),
         EnvVar("GROUPED_LOG", "0", _FLAG_CHOICES, "1: log each new (problem kind -> backend, reason) decision once"),
         EnvVar("GROUPED_CACHE_DIR", "", None, "where compiled CuTe DSL kernels are kept (default: the user cache dir)"),
     )

@@ -177,4 +177,5 @@ def _offsets_on_gpu(split_sizes, outs, strides, include_leading_zero) -> None:
 
     step = offsets_kernel.MAX_OUTPUTS
     for i in range(0, len(outs), step):  # one launch per 8 outputs
-        offsets_kernel.launch(split_sizes, outs[i : i + step], strides[i : i + step], include_leading_zero[i : i + step])
+        offsets_kernel.launch(split_sizes, outs[i : i + step], strides[i : i + step],
+                              include_leading_zero[i : i + step])

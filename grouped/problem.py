@@ -246,7 +246,8 @@ def _check_grouping(name: str, op, layout: str, sizes) -> None:
     if isinstance(op, GroupedTensor):
         members = tuple(s[0] for s in op.shapes)
         if sizes is not None and members != sizes:
-            raise ValueError(f"{name}: the GroupedTensor's member sizes {list(members)} differ from split_sizes {list(sizes)}")
+            raise ValueError(
+                f"{name}: the GroupedTensor's member sizes {list(members)} differ from split_sizes {list(sizes)}")
     elif isinstance(op, QuantizedTensor) and op.columnwise:
         if op.split_sizes is None:
             raise ValueError(
@@ -254,6 +255,7 @@ def _check_grouping(name: str, op, layout: str, sizes) -> None:
                 "axis=0 and split_sizes"
             )
         if sizes is not None and op.split_sizes != sizes:
-            raise ValueError(f"{name} was quantized with split_sizes {list(op.split_sizes)}, the call has {list(sizes)}")
+            raise ValueError(
+                f"{name} was quantized with split_sizes {list(op.split_sizes)}, the call has {list(sizes)}")
     elif isinstance(op, torch.Tensor) and op.dim() == 2 and op.stride(-1) != 1:
         raise ValueError(f"{name} must have unit stride along its last dim, got strides {op.stride()}")

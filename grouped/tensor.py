@@ -33,10 +33,7 @@ import torch
 from . import kernels
 from .buffers import ALIGN_BYTES, ceil_to
 from .formats import Format, get_format
-from .quantize import (KERNEL_INPUT_DTYPES, QuantizedTensor, finite_row_amax, kernel_facts, quantize,
-                       split_sizes_to_list)
-
-
+from .quantize import KERNEL_INPUT_DTYPES, QuantizedTensor, kernel_facts, quantize, split_sizes_to_list
 
 STORAGE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # bf16 storage, and what quantize_ reads
 
@@ -125,7 +122,8 @@ class GroupedTensor:
         if self.device.type == "cuda" and self.device.index is None:  # "cuda" -> "cuda:<current>"
             self.device = torch.device("cuda", torch.cuda.current_device())
         if not self.fmt.quantized and dtype not in STORAGE_DTYPES:
-            raise ValueError(f"GroupedTensor: dtype must be one of {STORAGE_DTYPES} for {self.fmt.name} storage, got {dtype}")
+            raise ValueError(
+                f"GroupedTensor: dtype must be one of {STORAGE_DTYPES} for {self.fmt.name} storage, got {dtype}")
         self.dtype = dtype if not self.fmt.quantized else None
 
         self.data = self.scale = self.columnwise_data = self.columnwise_scale = None
@@ -318,7 +316,7 @@ class GroupedTensor:
         """
         from cute_backend import quantize as kernel
 
-        fmt, sizes = self.fmt, [m for m, _ in self.shapes]
+        fmt = self.fmt
         facts = kernel_facts(fmt)
         rows = _stacked(tensors)
         if rows.dtype not in KERNEL_INPUT_DTYPES:

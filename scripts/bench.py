@@ -168,7 +168,8 @@ def _one_time_ms(fn, device, flush) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def time_interleaved(fns: list[Callable], device: torch.device, flush, max_reps: int = MAX_REPS) -> list[tuple[float, int]]:
+def time_interleaved(fns: list[Callable], device: torch.device, flush,
+                     max_reps: int = MAX_REPS) -> list[tuple[float, int]]:
     """(median ms, rounds) of each warmed-up fn, timed in rounds of one call each (~BUDGET_MS a fn)."""
     estimates = [min(_one_time_ms(fn, device, flush) for _ in range(2)) for fn in fns]
     rounds = max(MIN_REPS, min(max_reps, math.ceil(BUDGET_MS * len(fns) / max(sum(estimates), 1e-3))))
@@ -894,7 +895,7 @@ def print_summary(info, ceilings, rows, overhead, quack_log, elapsed_s, out_file
             print(f"host overhead [{o['call']}->{o['backend']}]: {o['status']}")
     mx = [r for r in rows if r.kind == "ours-mxfp8" and r.ms]
     if mx:
-        print(f"MXFP8 (ours:cute on pre-quantized operands) against our BF16 kernel, same case:")
+        print("MXFP8 (ours:cute on pre-quantized operands) against our BF16 kernel, same case:")
         for r in mx:
             print(f"  {r.shape + ' K' + str(r.k) + ' N' + str(r.n) + ' ' + r.split[:4]:<27} {r.layout[:5]:<5} "
                   f"{r.ms:8.3f} ms {fmt(r.tflops, '6.0f')} TFLOP/s {fmt(r.pct_floor, '4.0f')}% floor "

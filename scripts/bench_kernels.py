@@ -68,7 +68,6 @@ def torch_path(fn):
 
 def bench_quantize(copy: float) -> list[str]:
     from cute_backend import quantize as qk
-
     from grouped.quantize import kernel_facts
 
     m, k = 32768, 7168

@@ -84,13 +84,8 @@ def run_layer(name: str, recipes: list[str]) -> None:
     results["torch composition"] = (gpu_ms(train(lambda: forward(x, offs, probs), params)),
                                     gpu_ms(torch.no_grad()(lambda: forward(x, offs, probs))))
     for recipe in recipes:
-        mlp = grouped.GroupedMLP(experts, hidden, ffn, recipe=recipe).to(device)
-        backend = grouped.explain(*_fc1_operands(mlp, x, sizes), sizes).backend
-        results[f"GroupedMLP {recipe} ({backend})"] = (
-            gpu_ms(train(lambda: mlp(x, sizes, probs), list(mlp.parameters()))),
-            gpu_ms(torch.no_grad()(lambda: mlp(x, sizes, probs))),
-        )
-        del mlp
+        label, times = time_grouped_mlp(recipe, (experts, hidden, ffn), x, sizes, probs, train)
+        results[label] = times
         torch.cuda.empty_cache()
     base_train, base_infer = results["torch composition"]
     bf16 = next((v for k, v in results.items() if k.startswith("GroupedMLP bf16")), None)
@@ -100,6 +95,15 @@ def run_layer(name: str, recipes: list[str]) -> None:
         vs_bf16 = f"{bf16[0] / train_ms:5.2f} / {bf16[1] / infer_ms:5.2f}" if bf16 else "-"
         print(f"  {label:<36} {train_ms:9.3f} {infer_ms:9.3f} {base_train / train_ms:10.2f} / "
               f"{base_infer / infer_ms:5.2f}     {vs_bf16:>15}")
+
+
+def time_grouped_mlp(recipe, dims, x, sizes, probs, train):
+    """(label, (train ms, inference ms)) of a GroupedMLP in one recipe."""
+    mlp = grouped.GroupedMLP(*dims, recipe=recipe).to(x.device)
+    backend = grouped.explain(*_fc1_operands(mlp, x, sizes), sizes).backend
+    times = (gpu_ms(train(lambda: mlp(x, sizes, probs), list(mlp.parameters()))),
+             gpu_ms(torch.no_grad()(lambda: mlp(x, sizes, probs))))
+    return f"GroupedMLP {recipe} ({backend})", times
 
 
 def _fc1_operands(mlp, x, sizes):

@@ -211,8 +211,9 @@ class FakeCudnn(types.ModuleType):
                 continue
             # expert e's scales: its own blocked matrix, starting at round_up(rows, 128) * start / sf_vec
             oa, ob = _ceil(hidden, 128) * 128 * start // sf_vec, _ceil(inter, 128) * 128 * start // sf_vec
-            sa = from_blocked(sfa.view(torch.uint8)[oa : oa + _ceil(hidden, 128) * 128 * t // sf_vec], hidden, t // sf_vec)
-            sb = from_blocked(sfb.view(torch.uint8)[ob : ob + _ceil(inter, 128) * 128 * t // sf_vec], inter, t // sf_vec)
+            a_bytes, b_bytes = _ceil(hidden, 128) * 128 * t // sf_vec, _ceil(inter, 128) * 128 * t // sf_vec
+            sa = from_blocked(sfa.view(torch.uint8)[oa : oa + a_bytes], hidden, t // sf_vec)
+            sb = from_blocked(sfb.view(torch.uint8)[ob : ob + b_bytes], inter, t // sf_vec)
             A = _dequant(a[:, start // pack : end // pack], sa)
             B = _dequant(bt[:, start // pack : end // pack], sb)
             dw = scale[e] * (A @ B.T)
@@ -457,7 +458,8 @@ def test_import_grouped_does_not_import_cudnn():
     import subprocess
 
     code = "import sys, grouped, grouped.fused; assert 'cudnn' not in sys.modules; print('ok')"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "ok"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "ok"
 
 
 # ---- forward / dgrad arguments --------------------------------------------------------------------
@@ -641,7 +643,8 @@ def test_gpu_split_sizes_path(fake_cudnn, gen, fmt):
     assert kw["padded_offsets"].tolist() == torch.cumsum(counts, 0).tolist()
     assert kw["padded_offsets"].data_ptr() % 16 == 0
     # end offsets given instead of sizes
-    ends = dataclasses.replace(call, splits=Splits(call.num_groups, call.device, ends=torch.cumsum(counts, 0).to(torch.int64)))
+    given_ends = torch.cumsum(counts, 0).to(torch.int64)
+    ends = dataclasses.replace(call, splits=Splits(call.num_groups, call.device, ends=given_ends))
     assert torch.equal(cb.forward_arguments(ends, out)["padded_offsets"], kw["padded_offsets"])
     # a count that breaks the rule trips the device-side assertion (on a GPU: a broken CUDA context), and the
     # explanation says so
@@ -695,7 +698,8 @@ def test_wgrad_arguments_exact(fake_cudnn, gen, fmt, accumulate):
     assert name == "wgrad" and fake_cudnn.devices == [call.device]
     # a TMA-descriptor workspace of its own, of the size the frontend asks for (not the one shared by a shape)
     workspace = kw["descriptor_workspace"]
-    assert workspace.dtype == torch.uint8 and workspace.numel() == fake_cudnn.get_grouped_gemm_wgrad_workspace_size_sm100(groups)
+    assert workspace.dtype == torch.uint8
+    assert workspace.numel() == fake_cudnn.get_grouped_gemm_wgrad_workspace_size_sm100(groups)
     assert workspace.device == call.device
     f = FMT[fmt]
     # A = dY^T (hidden N, tokens) and B = X (tokens, K): views of the columnwise data, token innermost
@@ -787,7 +791,8 @@ def test_run_without_wrapper_names_the_version(monkeypatch, gen):
     monkeypatch.setitem(sys.modules, "cudnn", old)
     a, b, sizes, _, _ = forward_case(gen, "mxfp8", extra_rows=0)
     call = simulate(prepare(a, b, sizes, offsets=None, layout="forward", out=None, accumulate=False, out_dtype=None))
-    with pytest.raises(ImportError, match=r"1\.10\.0 does not provide grouped_gemm_quant_wrapper_sm100.*>=1\.32,<1\.33"):
+    missing = r"1\.10\.0 does not provide grouped_gemm_quant_wrapper_sm100.*>=1\.32,<1\.33"
+    with pytest.raises(ImportError, match=missing):
         BACKENDS["cudnn"].run(call)
 
 

@@ -19,11 +19,11 @@ stored; and dynamic scheduling (work items claimed from a global counter).
 from __future__ import annotations
 
 import pytest
-from conftest import kernels_unavailable
 import torch
+from conftest import kernels_unavailable
+from test_gemm_gpu import assert_close, bits, caller_buffer, make_operands, out_shape, reference, valid
 
 import grouped
-from test_gemm_gpu import assert_close, bits, caller_buffer, make_operands, out_shape, reference, valid
 
 G, M, N, K = 9, 12000, 1000, 1000  # N, K not multiples of the 128 x 192 x 64 tile
 # sum 9885 < M: a tail of rows in no group. Groups stay <= 4000 tokens: wgmma's fp32

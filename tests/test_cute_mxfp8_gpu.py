@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import kernels_unavailable
+from test_gemm_gpu import bits, caller_buffer, out_shape, reference, valid
 
 import grouped
-from conftest import kernels_unavailable
-from test_gemm_gpu import PAD, bits, caller_buffer, out_shape, reference, valid
 
 G, M = 9, 12000
 SIZES = [1, 0, 127, 4000, 129, 128, 0, 3500, 2000]  # sum 9885 < M; 1, 127, 129 not block multiples

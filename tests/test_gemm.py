@@ -10,10 +10,10 @@ are taken as they are). Tolerances are DESIGN.md's "Tolerances in tests".
 
 import pytest
 import torch
+from gemm_operands import layout_operands
 
 import grouped
 from grouped import GroupedTensor
-from gemm_operands import layout_operands
 
 FORMATS = ["bf16", "mxfp8", "nvfp4"]
 QUANTIZED = ["mxfp8", "nvfp4"]

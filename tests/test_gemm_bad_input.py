@@ -4,10 +4,10 @@ left byte-for-byte unchanged. Empty groups are not errors (last class)."""
 
 import pytest
 import torch
+from gemm_operands import layout_operands
 
 import grouped
 from grouped import GroupedTensor
-from gemm_operands import layout_operands
 
 G, N, K = 4, 32, 64
 SIZES = [10, 0, 25, 13]  # total 48

@@ -34,8 +34,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from conftest import kernels_unavailable
 import torch
+from conftest import kernels_unavailable
 
 import grouped
 from grouped import selector
@@ -392,7 +392,8 @@ def test_wgrad_main_grad_and_empty_experts(dest, split_source, backend, gen):
         if m != 0:
             continue
         if dest == "accumulate":
-            assert torch.equal(bits(main_grad[g]), bits(before[g])), f"accumulate changed main_grad[{g}] of an empty expert"
+            assert torch.equal(bits(main_grad[g]), bits(before[g])), (
+                f"accumulate changed main_grad[{g}] of an empty expert")
         else:
             assert (main_grad[g] == 0).all(), f"expert {g} has no rows but dW[{g}] is not all zeros"
     expected = before.double() + ref if dest == "accumulate" else ref
@@ -487,7 +488,8 @@ def test_cuda_graph_replay_with_new_gpu_split_sizes(layout, gen):
     out = torch.full(shape, float("nan"), dtype=torch.bfloat16, device="cuda")
 
     decision = grouped.explain(a, b, splits_dev, layout=layout, out=out)
-    assert BACKENDS[decision.backend].graph_safe, f"automatic choice with GPU split sizes is not graph-safe:\n{decision}"
+    assert BACKENDS[decision.backend].graph_safe, (
+        f"automatic choice with GPU split sizes is not graph-safe:\n{decision}")
     chosen = decision.backend
 
     # Warm up on a side stream (torch.cuda.graphs docs), then capture once.

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import torch
+from ops_reference import bounds, rel_err
 
 import grouped
 from grouped import GroupedLinear, GroupedMLP, GroupedTensor
-from ops_reference import bounds, rel_err
 
 RECIPES = ["bf16", "mxfp8", "nvfp4"]
 G, M, K, N = 4, 64, 64, 32

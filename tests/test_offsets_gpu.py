@@ -3,8 +3,8 @@
 import itertools
 
 import pytest
-from conftest import kernels_unavailable
 import torch
+from conftest import kernels_unavailable
 
 import grouped
 from grouped import kernels
@@ -79,5 +79,6 @@ def test_one_launch_and_graph_replay(gen):
         sizes.copy_(new)
         graph.replay()
         torch.cuda.synchronize()
-        for got, want in zip(outs, _reference(new.tolist(), args["strides"], args["include_leading_zero"], args["dtypes"])):
+        expected = _reference(new.tolist(), args["strides"], args["include_leading_zero"], args["dtypes"])
+        for got, want in zip(outs, expected):
             assert torch.equal(got.cpu(), want)

@@ -26,10 +26,10 @@ MLP's SwiGLU and routing probabilities, and argument validation.
 import pytest
 import torch
 import torch.nn.functional as F
+from ops_reference import bounds, mlp_ref, rel_err
 
 import grouped
 from grouped import GroupedLinear, GroupedMLP
-from ops_reference import bounds, mlp_ref, rel_err
 
 RECIPES = ["bf16", "mxfp8", "nvfp4"]
 QUANTIZED = ["mxfp8", "nvfp4"]

@@ -13,10 +13,10 @@ import importlib
 
 import pytest
 import torch
+from ops_reference import mlp_ref, rel_err
 
 from grouped import GroupedMLP
 from grouped.backends import BACKENDS
-from ops_reference import mlp_ref, rel_err
 
 pytestmark = pytest.mark.gpu
 

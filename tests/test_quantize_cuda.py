@@ -1,8 +1,8 @@
 """grouped.quantize and GroupedTensor.quantize_ on CUDA (the CuTe DSL kernels) equal the CPU reference bytes."""
 
 import pytest
-from conftest import kernels_unavailable
 import torch
+from conftest import kernels_unavailable
 
 import grouped
 from grouped import kernels
@@ -20,7 +20,8 @@ def _needs_kernels():
 
 def _wide(gen, *shape, dtype=torch.bfloat16):
     """Values spanning many binades, some zero blocks, a NaN and an Inf block."""
-    x = torch.randn(*shape, generator=gen) * torch.exp2(torch.randint(-30, 30, shape[:-1] + (1,), generator=gen).float())
+    exponents = torch.randint(-30, 30, shape[:-1] + (1,), generator=gen).float()
+    x = torch.randn(*shape, generator=gen) * torch.exp2(exponents)
     flat = x.view(-1)
     if flat.numel() > 200:
         flat[:32] = 0
@@ -47,11 +48,13 @@ def _same(a: grouped.QuantizedTensor, b: grouped.QuantizedTensor):
 )
 def test_quantize_cuda_matches_cpu(gen, fmt, dtype, shape, axis, sizes):
     x = _wide(gen, *shape, dtype=dtype)
-    _same(grouped.quantize(x.cuda(), fmt, axis=axis, split_sizes=sizes), grouped.quantize(x, fmt, axis=axis, split_sizes=sizes))
+    _same(grouped.quantize(x.cuda(), fmt, axis=axis, split_sizes=sizes),
+          grouped.quantize(x, fmt, axis=axis, split_sizes=sizes))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("members", [[(64, 128)] * 8, [(17, 96), (0, 96), (64, 96), (3, 96)]], ids=["weights", "tokens"])
+@pytest.mark.parametrize("members", [[(64, 128)] * 8, [(17, 96), (0, 96), (64, 96), (3, 96)]],
+                         ids=["weights", "tokens"])
 def test_grouped_tensor_quantize_cuda_and_noop(gen, fmt, members):
     on_gpu = grouped.GroupedTensor(members, fmt, columnwise=True, device="cuda")
     on_cpu = grouped.GroupedTensor(members, fmt, columnwise=True)

@@ -10,8 +10,8 @@ The last tests (group table, argument checks that need no GPU) run everywhere.
 """
 
 import pytest
-from conftest import kernels_unavailable
 import torch
+from conftest import kernels_unavailable
 
 import grouped
 from grouped import kernels

@@ -419,7 +419,8 @@ def test_nvfp4_non_unit_global_scale():
     assert_codes(q.data, [pad([7, 5, 3, 15, 4, 2], 16) + pad([7, 5, 14, 1], 16)])
     # dequant = fp32(q*d) / S with S = 2688
     s = torch.tensor(2688.0, dtype=F32)
-    qd = t32(pad([6 * 448, 3 * 448, 1.5 * 448, -6 * 448, 2 * 448, 1 * 448], 16) + pad([6 * 44, 3 * 44, -4 * 44, 0.5 * 44], 16))
+    qd = t32(pad([6 * 448, 3 * 448, 1.5 * 448, -6 * 448, 2 * 448, 1 * 448], 16)
+             + pad([6 * 44, 3 * 44, -4 * 44, 0.5 * 44], 16))
     assert_exact(q.dequantize(), (qd / s).reshape(1, 32))
     # sanity of the hand values above: 2688/2688 = 1, 1344/2688 = 0.5, 672/2688 = 0.25
     assert q.dequantize()[0, :4].tolist() == [1.0, 0.5, 0.25, -1.0]

@@ -3,17 +3,16 @@ decision log, simulated GPUs (Problem objects built by hand), caching."""
 
 import dataclasses
 import re
-
 import sys
 
 import pytest
 import torch
+from gemm_operands import layout_operands
 
 import grouped
-from grouped.quantize import kernel_facts
 from grouped import kernels, selector
 from grouped.problem import Problem
-from gemm_operands import layout_operands
+from grouped.quantize import kernel_facts
 
 BACKEND_NAMES = ("reference", "cublas", "torch", "cute", "cudnn")
 # Whether the cute kernels' packages are installed here: on a (simulated) Hopper GPU the cute
@@ -581,5 +580,6 @@ def test_sm90_schedule_is_a_compiled_config(call, expected, monkeypatch):
     mxfp8 = kernel_facts(grouped.MXFP8)
     compiled = {spec.config for spec, _ in sm90.configs([mxfp8])}
     for fmt in (None, mxfp8):
-        for out_dtype, accumulate in [(torch.bfloat16, False), (torch.float32, False)] + [(torch.float32, True)] * (layout == "wgrad"):
+        kinds = [(torch.bfloat16, False), (torch.float32, False)] + [(torch.float32, True)] * (layout == "wgrad")
+        for out_dtype, accumulate in kinds:
             assert sm90._spec(sm90.config_for(layout, out_dtype, accumulate, *schedule, fmt)).config in compiled

@@ -71,11 +71,31 @@ be captured in a CUDA graph):
   ``scale_strides`` (= pad(m_g) / block) per group.
 """
 
-from .checks import (DATA_DTYPE, INPUT_DTYPES, SCALE_DTYPE, can_implement_amax, can_implement_both,
-                     can_implement_columnwise, can_implement_rowwise)
+from .checks import (
+                     DATA_DTYPE,
+                     INPUT_DTYPES,
+                     SCALE_DTYPE,
+                     can_implement_amax,
+                     can_implement_both,
+                     can_implement_columnwise,
+                     can_implement_rowwise,
+)
 from .compile import DIRECTIONS, compile_config, configs
-from .config import (BLOCK_START, COL_THREADS, DATA_ALIGN, DATA_OFFSET, DATA_STRIDE, FORMATS, ROW_START, ROW_THREADS,
-                     ROWS, SCALE_OFFSET, SCALE_STRIDE, TABLE_COLS, FormatFacts)
+from .config import (
+                     BLOCK_START,
+                     COL_THREADS,
+                     DATA_ALIGN,
+                     DATA_OFFSET,
+                     DATA_STRIDE,
+                     FORMATS,
+                     ROW_START,
+                     ROW_THREADS,
+                     ROWS,
+                     SCALE_OFFSET,
+                     SCALE_STRIDE,
+                     TABLE_COLS,
+                     FormatFacts,
+)
 from .launch import group_amax, kernel, quantize_both, quantize_columnwise, quantize_rowwise
 from .table import group_table
 

@@ -10,10 +10,9 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, Int64, Uint32
 
+from ..ptx import atom_add_u32, div_rn, f32, fence_gpu, fp32_bits, ld, red_max_u32, sel, st, u32, warp_max_u32
 from .codec import ABS_MASK, INF_BITS
 from .config import AMAX_COLS, AMAX_ROWS, AMAX_THREADS, ROW_START
-from ..ptx import (atom_add_u32, div_rn, f32, fence_gpu, fp32_bits, ld, red_max_u32, sel, st, u32,
-                  warp_max_u32)
 from .tiles import find_block, tile_counts
 
 FP32_MAX_BITS = 0x7F7FFFFF

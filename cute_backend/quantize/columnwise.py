@@ -11,8 +11,17 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32, Int64, Uint8, Uint32
 
 from .codec import block, raw_view, to_bits
-from .config import (BLOCK_START, COL_THREADS, DATA_ALIGN, DATA_OFFSET, DATA_STRIDE, ROW_START, ROWS, SCALE_OFFSET,
-                     SCALE_STRIDE)
+from .config import (
+    BLOCK_START,
+    COL_THREADS,
+    DATA_ALIGN,
+    DATA_OFFSET,
+    DATA_STRIDE,
+    ROW_START,
+    ROWS,
+    SCALE_OFFSET,
+    SCALE_STRIDE,
+)
 from .tiles import group_of_block
 
 

@@ -14,9 +14,24 @@ import torch
 
 from ..cache import ARCH, KernelSpec, compile_kernel
 from .checks import INPUT_DTYPES
-from .config import (AMAX_COLS, AMAX_ROWS, AMAX_THREADS, COL_THREADS, COLS_PER_LANE, REGISTER_TILE_WARPS, ROW_THREADS,
-                     ROWS_PER_LANE, TABLE_COLS, TILE_COLS, TILE_ROWS, TILE_STAGES, TILE_THREADS, WARP_TILE_COLS,
-                     WARP_TILE_WARPS, FormatFacts)
+from .config import (
+    AMAX_COLS,
+    AMAX_ROWS,
+    AMAX_THREADS,
+    COL_THREADS,
+    COLS_PER_LANE,
+    REGISTER_TILE_WARPS,
+    ROW_THREADS,
+    ROWS_PER_LANE,
+    TABLE_COLS,
+    TILE_COLS,
+    TILE_ROWS,
+    TILE_STAGES,
+    TILE_THREADS,
+    WARP_TILE_COLS,
+    WARP_TILE_WARPS,
+    FormatFacts,
+)
 
 DIRECTIONS = ("rowwise", "columnwise")
 SOURCES = tuple(sorted(str(p) for p in [*Path(__file__).parent.glob("*.py"), Path(__file__).parents[1] / "ptx.py"]))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from ..facts import FormatFacts  # noqa: F401 (the facts every kernel config carries)
 
-
 # The formats the kernels are written for: name -> (block size, elements a byte).
 FORMATS = {"mxfp8": (32, 1), "nvfp4": (16, 2)}
 DATA_ALIGN = {"mxfp8": 16, "nvfp4": 8}  # bytes: where a columnwise block's data may start

@@ -24,10 +24,19 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, Int64, Uint8, Uint32
 
-from .codec import mxfp8_block, nvfp4_block, packed_amax
-from .config import (DATA_OFFSET, DATA_STRIDE, ROW_START, SCALE_OFFSET, SCALE_STRIDE, TILE_COLS, TILE_ROWS,
-                     TILE_STAGES, TILE_THREADS)
 from ..ptx import cp_async16, f32, join64, ld, sel, split64, st, u32
+from .codec import mxfp8_block, nvfp4_block, packed_amax
+from .config import (
+    DATA_OFFSET,
+    DATA_STRIDE,
+    ROW_START,
+    SCALE_OFFSET,
+    SCALE_STRIDE,
+    TILE_COLS,
+    TILE_ROWS,
+    TILE_STAGES,
+    TILE_THREADS,
+)
 from .tiles import find_block, next_unit_tile, unit_schedule
 
 # A tile's group facts live in shared memory, one INFO_BYTES record a padded block, written by

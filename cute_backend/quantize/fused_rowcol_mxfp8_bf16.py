@@ -22,10 +22,20 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Int32, Int64, Uint8, Uint32
 
-from .codec import amax_halves, hmax_tree, mxfp8_scale_bits, mxfp8_word, nan_word
-from .config import (COLS_PER_LANE, DATA_OFFSET, DATA_STRIDE, REGISTER_TILE_COLS, REGISTER_TILE_WARPS, ROW_START,
-                     ROWS_PER_LANE, SCALE_OFFSET, SCALE_STRIDE, TILE_ROWS)
 from ..ptx import hmax_abs, join64, ld, pred, prmt, sel, shfl_bfly, shfl_idx, split64, st, vote_all
+from .codec import amax_halves, hmax_tree, mxfp8_scale_bits, mxfp8_word, nan_word
+from .config import (
+    COLS_PER_LANE,
+    DATA_OFFSET,
+    DATA_STRIDE,
+    REGISTER_TILE_COLS,
+    REGISTER_TILE_WARPS,
+    ROW_START,
+    ROWS_PER_LANE,
+    SCALE_OFFSET,
+    SCALE_STRIDE,
+    TILE_ROWS,
+)
 from .tiles import banded_tile, find_block, tile_counts
 
 BLOCK = 32

@@ -22,11 +22,18 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, Int64, Uint8, Uint32
 
+from ..ptx import cp_async16, f32, hmax_abs, join64, ld, pred, prmt, sel, shfl_idx, split64, st, vote_all, vote_any
 from .codec import amax_halves, e2m1_bf16, hmax_tree, nvfp4_pair_scales
-from .config import (DATA_OFFSET, DATA_STRIDE, ROW_START, SCALE_OFFSET, SCALE_STRIDE, TILE_ROWS, WARP_TILE_COLS,
-                     WARP_TILE_WARPS)
-from ..ptx import (cp_async16, f32, hmax_abs, join64, ld, pred, prmt, sel, shfl_idx, split64, st, vote_all,
-                  vote_any)
+from .config import (
+    DATA_OFFSET,
+    DATA_STRIDE,
+    ROW_START,
+    SCALE_OFFSET,
+    SCALE_STRIDE,
+    TILE_ROWS,
+    WARP_TILE_COLS,
+    WARP_TILE_WARPS,
+)
 from .tiles import banded_tile, find_block, tile_counts
 
 BLOCK = 16

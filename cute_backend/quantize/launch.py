@@ -7,8 +7,7 @@ import torch
 from ..cache import CACHE
 from ..device import sm_count
 from . import compile as c
-from .checks import (can_implement_amax, can_implement_both, can_implement_columnwise, can_implement_rowwise,
-                     ceil_div)
+from .checks import can_implement_amax, can_implement_both, can_implement_columnwise, can_implement_rowwise, ceil_div
 from .config import AMAX_COLS, AMAX_ROWS, REGISTER_TILE_COLS, TILE_COLS, TILE_ROWS, WARP_TILE_COLS, WARP_TILE_WARPS
 
 # Launch tuning, measured on an H200 (docs/performance.md, "Quantize kernels"); run-time

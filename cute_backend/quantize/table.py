@@ -7,8 +7,17 @@ from typing import Sequence
 import torch
 
 from .checks import check_format
-from .config import (BLOCK_START, DATA_ALIGN, DATA_OFFSET, DATA_STRIDE, ROW_START, ROWS, SCALE_OFFSET, SCALE_STRIDE,
-                     TABLE_COLS)
+from .config import (
+    BLOCK_START,
+    DATA_ALIGN,
+    DATA_OFFSET,
+    DATA_STRIDE,
+    ROW_START,
+    ROWS,
+    SCALE_OFFSET,
+    SCALE_STRIDE,
+    TABLE_COLS,
+)
 
 
 def _per_group(value, n: int, device, name: str) -> torch.Tensor:

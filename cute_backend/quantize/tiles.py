@@ -10,8 +10,8 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Int32, Int64
 
-from .config import BLOCK_START, ROWS, TABLE_COLS, TILE_COLS, TILE_ROWS
 from ..ptx import sel
+from .config import BLOCK_START, ROWS, TABLE_COLS, TILE_COLS, TILE_ROWS
 
 
 @cute.jit

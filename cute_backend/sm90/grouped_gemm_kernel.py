@@ -201,7 +201,8 @@ class GroupedGemmSm90:
             # a (M, P), b (N, P): contraction-major, each group's tokens at a block-aligned offset; c (G, M, N)
             mA, mB = a, b
             g_s, m_s, n_s = c.stride
-            mC = cute.make_tensor(c.iterator, cute.make_layout((c.shape[1], c.shape[2], c.shape[0]), stride=(m_s, n_s, g_s)))
+            mC = cute.make_tensor(
+                c.iterator, cute.make_layout((c.shape[1], c.shape[2], c.shape[0]), stride=(m_s, n_s, g_s)))
             self.a_layout = self.b_layout = LayoutEnum.ROW_MAJOR
             problem_m, problem_n, problem_k = c.shape[1], c.shape[2], 0
             # scale_b (N, P/block) seen as one group's (1, N, P/block), as ragged M's (G, N, K/block)
@@ -211,7 +212,8 @@ class GroupedGemmSm90:
             # a (T, M), b (T, N) token-major; c (G, M, N)
             mA, mB = ragged_load_view(a), ragged_load_view(b)
             g_s, m_s, n_s = c.stride
-            mC = cute.make_tensor(c.iterator, cute.make_layout((c.shape[1], c.shape[2], c.shape[0]), stride=(m_s, n_s, g_s)))
+            mC = cute.make_tensor(
+                c.iterator, cute.make_layout((c.shape[1], c.shape[2], c.shape[0]), stride=(m_s, n_s, g_s)))
             self.a_layout = self.b_layout = LayoutEnum.COL_MAJOR
             problem_m, problem_n, problem_k = c.shape[1], c.shape[2], 0
         self.c_layout = LayoutEnum.ROW_MAJOR
@@ -222,7 +224,8 @@ class GroupedGemmSm90:
             load_a_layout, load_b_layout = self.raw_a_layout, self.raw_b_layout
         tma_a, tma_tensor_a = self._tma_load(mA, load_a_layout, (self.tile_shape_mnk[0], TILE_K))
         tma_b, tma_tensor_b = self._tma_load(mB, load_b_layout, (self.tile_shape_mnk[1], TILE_K), self.cluster_m)
-        store_op = cpasync.CopyReduceBulkTensorTileS2GOp() if const_expr(self.accumulate) else cpasync.CopyBulkTensorTileS2GOp()
+        store_op = (cpasync.CopyReduceBulkTensorTileS2GOp() if const_expr(self.accumulate)
+                    else cpasync.CopyBulkTensorTileS2GOp())
         tma_c, tma_tensor_c = cpasync.make_tiled_tma_atom(
             store_op, mC, cute.slice_(self.epi_smem_layout, (None, None, 0)), self.epi_tile
         )
@@ -266,15 +269,18 @@ class GroupedGemmSm90:
         if const_expr(self.block_scaled):
             self.ab_stages = MMA_STAGES
             raw_bytes = (tile_m + tile_n) * TILE_K
-            self.load_stages = min(MAX_LOAD_STAGES, (SMEM_BYTES - 3 * 1024 - epi_bytes - MMA_STAGES * ab_bytes) // raw_bytes)
+            free_bytes = SMEM_BYTES - 3 * 1024 - epi_bytes - MMA_STAGES * ab_bytes
+            self.load_stages = min(MAX_LOAD_STAGES, free_bytes // raw_bytes)
             raw_rows = (tile_m, tile_n)
         raw_k = TILE_K if const_expr(self.block_scaled) else 1
         self.raw_a_layout = cute.make_layout((raw_rows[0], raw_k, self.load_stages),
                                              stride=(raw_k, 1, raw_rows[0] * raw_k))
         self.raw_b_layout = cute.make_layout((raw_rows[1], raw_k, self.load_stages),
                                              stride=(raw_k, 1, raw_rows[1] * raw_k))
-        self.a_smem_layout = sm90_utils.make_smem_layout_a(self.a_layout, self.tile_shape_mnk, self.a_dtype, self.ab_stages)
-        self.b_smem_layout = sm90_utils.make_smem_layout_b(self.b_layout, self.tile_shape_mnk, self.b_dtype, self.ab_stages)
+        self.a_smem_layout = sm90_utils.make_smem_layout_a(
+            self.a_layout, self.tile_shape_mnk, self.a_dtype, self.ab_stages)
+        self.b_smem_layout = sm90_utils.make_smem_layout_b(
+            self.b_layout, self.tile_shape_mnk, self.b_dtype, self.ab_stages)
         self.epi_smem_layout = sm90_utils.make_smem_layout_epi(
             self.c_dtype, self.c_layout, self.epi_tile, EPI_BUFFERS * CONSUMER_WARPGROUPS
         )
@@ -289,7 +295,8 @@ class GroupedGemmSm90:
     # ------------------------------------------------------------------ work decoding
 
     @cute.jit
-    def _locate(self, work: Int32, group_base: Int32, tiles_before: Int32, ends: cute.Tensor, problem_m: Int32, tiles_n: Int32):
+    def _locate(self, work: Int32, group_base: Int32, tiles_before: Int32, ends: cute.Tensor, problem_m: Int32,
+                tiles_n: Int32):
         """Decode work item ``work`` -> (valid, group, tile_m, tile_n, start, length, group_base,
         tiles_before), tile_m the index of the item's block of cluster_m row tiles. Ragged M:
         groups have ceil(len / block) x tiles_n items; one warp scans 32 groups at a time (prefix
@@ -432,7 +439,10 @@ class GroupedGemmSm90:
 
     def _output_tile(self, mC, group, tile_m_idx, tile_n_idx, start, length):
         tile_m, tile_n, _ = self.tile_shape_mnk
-        c_group = group_rows(mC, start, length, ragged_mode=0) if const_expr(self.ragged == "m") else mC[None, None, group]
+        if const_expr(self.ragged == "m"):
+            c_group = group_rows(mC, start, length, ragged_mode=0)
+        else:
+            c_group = mC[None, None, group]
         return cute.local_tile(c_group, (tile_m, tile_n), (tile_m_idx, tile_n_idx))
 
     # ------------------------------------------------------------------ per-K-slice hooks
@@ -620,9 +630,8 @@ class GroupedGemmSm90:
                 defer_sync=True,
             )
         else:
-            stage_bytes = cute.size_in_bytes(self.a_dtype, cute.slice_(a_smem_layout, (None, None, 0))) + cute.size_in_bytes(
-                self.b_dtype, cute.slice_(b_smem_layout, (None, None, 0))
-            )
+            stage_bytes = (cute.size_in_bytes(self.a_dtype, cute.slice_(a_smem_layout, (None, None, 0)))
+                           + cute.size_in_bytes(self.b_dtype, cute.slice_(b_smem_layout, (None, None, 0))))
             ab_pipeline = pipeline.PipelineTmaAsync.create(
                 barrier_storage=storage.ab_barriers.data_ptr(),
                 num_stages=self.ab_stages,
@@ -669,7 +678,8 @@ class GroupedGemmSm90:
             item, group_base, tiles_before = Int32(0), Int32(0), Int32(0)
             work = self._producer_work(item, cluster, clusters, counter, work_pipeline, work_state, work_slots)
             work_state.advance()
-            valid, group, tm, tn, start, length, group_base, tiles_before = self._locate(work, group_base, tiles_before, ends, problem_m, tiles_n)
+            valid, group, tm, tn, start, length, group_base, tiles_before = self._locate(
+                work, group_base, tiles_before, ends, problem_m, tiles_n)
             while valid:
                 k_origin = self._k_origin(ends, group)
                 gA, gB = self._operand_tiles(mA, mB, group, tm * self.cluster_m + rank, tn, start, length, k_origin)
@@ -686,7 +696,8 @@ class GroupedGemmSm90:
                 item += 1
                 work = self._producer_work(item, cluster, clusters, counter, work_pipeline, work_state, work_slots)
                 work_state.advance()
-                valid, group, tm, tn, start, length, group_base, tiles_before = self._locate(work, group_base, tiles_before, ends, problem_m, tiles_n)
+                valid, group, tm, tn, start, length, group_base, tiles_before = self._locate(
+                    work, group_base, tiles_before, ends, problem_m, tiles_n)
             load_pipeline.producer_tail(state)
 
         if const_expr(self.block_scaled):
@@ -733,7 +744,8 @@ class GroupedGemmSm90:
             item, group_base, tiles_before = Int32(0), Int32(0), Int32(0)
             work = self._consumer_work(item, cluster, clusters, work_pipeline, work_state, work_slots)
             work_state.advance()
-            valid, group, tm, tn, start, length, group_base, tiles_before = self._locate(work, group_base, tiles_before, ends, problem_m, tiles_n)
+            valid, group, tm, tn, start, length, group_base, tiles_before = self._locate(
+                work, group_base, tiles_before, ends, problem_m, tiles_n)
             while valid:
                 k_tiles = self._k_tiles(length, problem_k)
                 if item % CONSUMER_WARPGROUPS == consumer:
@@ -763,7 +775,8 @@ class GroupedGemmSm90:
                     if store:
                         gC = self._output_tile(mC, group, tm * self.cluster_m + rank, tn, start, length)
                         gC_epi = cute.zipped_divide(gC, self.epi_tile)
-                        bSG_sC, bSG_gC = cpasync.tma_partition(tma_c, 0, cute.make_layout(1), cute.group_modes(sC, 0, 2), gC_epi)
+                        bSG_sC, bSG_gC = cpasync.tma_partition(
+                            tma_c, 0, cute.make_layout(1), cute.group_modes(sC, 0, 2), gC_epi)
                         columns_left = problem_n - tn * self.tile_shape_mnk[1]
                         for epi in cutlass.range_constexpr(cute.size(gC_epi, mode=[1])):
                             if epi * EPI_COLUMNS < columns_left:  # a subtile wholly past N stores nothing
@@ -785,6 +798,7 @@ class GroupedGemmSm90:
                 item += 1
                 work = self._consumer_work(item, cluster, clusters, work_pipeline, work_state, work_slots)
                 work_state.advance()
-                valid, group, tm, tn, start, length, group_base, tiles_before = self._locate(work, group_base, tiles_before, ends, problem_m, tiles_n)
+                valid, group, tm, tn, start, length, group_base, tiles_before = self._locate(
+                    work, group_base, tiles_before, ends, problem_m, tiles_n)
             if warp_idx == store_warp:
                 cute.arch.cp_async_bulk_wait_group(0, read=True)

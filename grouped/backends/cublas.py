@@ -38,7 +38,8 @@ class CublasBackend(Backend):
 
     def refuses(self, problem):
         if problem.capturing and problem.device_splits:
-            return "not graph-safe with split sizes on the GPU: it reads them on the host (graph capture forbids the sync)"
+            return ("not graph-safe with split sizes on the GPU: it reads them on the host "
+                    "(graph capture forbids the sync)")
         return None
 
     def note(self, problem):
