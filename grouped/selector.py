@@ -21,6 +21,7 @@ same step, so it names the backend the call would really run on.
 from __future__ import annotations
 
 import sys
+import warnings
 from dataclasses import dataclass, field
 
 from . import env
@@ -124,8 +125,17 @@ def choose(call: GemmCall, backend: str | None = None) -> Decision:
     call (or raises when that backend was forced and GROUPED_STRICT=1)."""
     decision = decide(call.problem, backend)
     reason = BACKENDS[decision.backend].accepts(call)
-    if reason is None:
-        return decision
+    if reason is not None:
+        decision = _next_accepting(call, decision, reason)
+    if decision.backend == "reference" and call.problem.device_type == "cuda" and call.problem.fmt != "bf16":
+        kernels = [f"{n}: {r}" if r else f"{n} serves it when asked for (backend={n!r})"
+                   for n, r in decision.reasons.items() if n in _KERNEL_BACKENDS]
+        _warn_once(f"grouped: {call.problem.describe()} runs on the fp64 reference backend (slow, syncs the host); "
+                   + "; ".join(kernels))
+    return decision
+
+
+def _next_accepting(call: GemmCall, decision: Decision, reason: str) -> Decision:
     if decision.forced and env.selection_settings()["strict"]:
         raise ValueError(f"backend {decision.backend!r} cannot serve this call ({call.problem.describe()}): {reason}")
     reasons = {**decision.reasons, decision.backend: f"{reason} (this call)"}
@@ -138,6 +148,16 @@ def choose(call: GemmCall, backend: str | None = None) -> Decision:
             reasons[name] = f"{other} (this call)"
     detail = "; ".join(f"{n}: {r}" for n, r in reasons.items() if r)
     raise ValueError(f"no backend can serve this call ({call.problem.describe()}): {detail}")
+
+
+_KERNEL_BACKENDS = ("cute", "cudnn")  # what serves quantized formats on a GPU
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def _decide(problem: Problem, forced: str | None, source: str, strict: bool) -> Decision:

@@ -353,12 +353,15 @@ def byte_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def check_refused(call, match, monkeypatch):
     """cudnn refuses this call in ``accepts`` (with a reason matching ``match``): the selector falls to the next
-    backend and says why, and a forced cudnn under GROUPED_STRICT=1 raises that reason before any write."""
+    backend (with a warning: the reference on a GPU is slow) and says why, and a forced cudnn under
+    GROUPED_STRICT=1 raises that reason before any write."""
     reason = BACKENDS["cudnn"].accepts(call)
     assert reason is not None and re.search(match, reason), reason
     monkeypatch.delenv("GROUPED_BACKEND", raising=False)
     monkeypatch.delenv("GROUPED_STRICT", raising=False)
-    decision = selector.choose(call)
+    selector._warned.clear()
+    with pytest.warns(RuntimeWarning, match="runs on the fp64 reference backend"):  # never silently, on a GPU
+        decision = selector.choose(call)
     assert decision.backend == "reference" and "cudnn cannot serve this call" in decision.why
     assert re.search(match, decision.reasons["cudnn"]) and "(this call)" in decision.reasons["cudnn"]
     monkeypatch.setenv("GROUPED_BACKEND", "cudnn")

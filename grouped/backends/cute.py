@@ -36,6 +36,8 @@ class CuteBackend(Backend):
         return None
 
     def refuses(self, problem):
+        if problem.capturing and not problem.device_splits:
+            return "under graph capture it needs the split sizes as a CUDA tensor (host sizes would need a copy)"
         if not problem.aligned:
             return "TMA needs 16-byte aligned rows, row strides and base addresses (N and K multiples of 8)"
         if problem.fmt != "bf16" and problem.layout == "wgrad" and problem.grouped_operands:
