@@ -8,13 +8,14 @@ __version__ = "0.1.0"
 
 from .formats import BF16, FORMATS, MXFP8, NVFP4, Format, get_format
 from .fused import explain_swiglu, gemm_swiglu
-from .gemm import explain, gemm
+from .gemm import explain, gemm, grouped_mm
 from .offsets import splits_to_offsets
 from .ops import GroupedLinear, GroupedMLP
 from .quantize import QuantizedTensor, quantize
 from .scale_layout import from_blocked, to_blocked
 from .splits import Splits
 from .tensor import GroupedTensor
+from . import custom_ops  # registers the grouped:: torch.library ops (torch.compile)
 
 __all__ = [
     "BF16",
@@ -26,6 +27,7 @@ __all__ = [
     "explain_swiglu",
     "gemm",
     "gemm_swiglu",
+    "grouped_mm",
     "GroupedLinear",
     "GroupedMLP",
     "GroupedTensor",

@@ -99,8 +99,8 @@ def _plan(call: GemmCall, probs, out_dtype, backend) -> SwigluExplanation:
     return SwigluExplanation(True, why, decision)
 
 
-def _prepare(a, b, split_sizes, probs, out) -> tuple[GemmCall, torch.dtype]:
-    call = prepare(a, b, split_sizes, offsets=None, layout="forward", out=None, accumulate=False, out_dtype=None)
+def _prepare(a, b, split_sizes, probs, out, offsets=None) -> tuple[GemmCall, torch.dtype]:
+    call = prepare(a, b, split_sizes, offsets=offsets, layout="forward", out=None, accumulate=False, out_dtype=None)
     return call, _check(call, a, b, probs, out)
 
 
@@ -144,9 +144,20 @@ def gemm_swiglu(a, b, split_sizes, probs=None, *, out=None, backend=None) -> tor
     of each expert the gate projection, the last F the up projection; split_sizes:
     rows per expert; probs: optional (M,) routing probabilities. out: optional
     (M, F) bf16/fp32 buffer. backend: force the FC1 GEMM's backend (as in
-    grouped.gemm). Returns the (M, F) activation (``out`` itself when given).
+    grouped.gemm). Returns the (M, F) activation (``out`` itself when given). Under
+    torch.compile the call is one ``grouped::gemm_swiglu`` op (grouped/custom_ops.py).
     """
-    call, out_dtype = _prepare(a, b, split_sizes, probs, out)
+    if torch.compiler.is_compiling():
+        from .custom_ops import gemm_swiglu_in_graph
+
+        return gemm_swiglu_in_graph(a, b, split_sizes, probs, out=out, backend=backend)
+    return run_gemm_swiglu(a, b, split_sizes, probs, out=out, backend=backend)
+
+
+def run_gemm_swiglu(a, b, split_sizes, probs=None, *, offsets=None, out=None, backend=None) -> torch.Tensor:
+    """gemm_swiglu() in eager mode (and inside the grouped::gemm_swiglu op, which may pass the
+    grouping as end offsets)."""
+    call, out_dtype = _prepare(a, b, split_sizes, probs, out, offsets)
     plan = _plan(call, probs, out_dtype, backend)
     m = call.m_total
     if plan.fused:

@@ -6,11 +6,14 @@ how the backend is chosen, and grouped.buffers for the caller-buffer rules.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from . import kernels, selector
 from .backends import BACKENDS
 from .problem import prepare
+from .quantize import QuantizedTensor
 
 
 def gemm(
@@ -37,9 +40,24 @@ def gemm(
     accumulate=True adds into, fp32 main_grad); written in place, rows past the
     split total untouched. out_dtype: bf16 (default) or fp32. backend: force one.
     Returns the output (``out`` itself when given). It is not differentiable: the
-    result carries no autograd history on any backend (GroupedLinear is the
-    differentiable layer).
+    result carries no autograd history on any backend (``grouped_mm`` and
+    GroupedLinear are the differentiable entries).
+
+    Under torch.compile the call is one ``grouped::gemm`` op in the graph (``gemm_out`` with
+    ``out``; grouped/custom_ops.py): the same checks, raised when the graph runs.
     """
+    if torch.compiler.is_compiling():
+        from .custom_ops import gemm_in_graph
+
+        return gemm_in_graph(a, b, split_sizes, layout=layout, out=out, accumulate=accumulate, out_dtype=out_dtype,
+                             backend=backend, offsets=offsets)
+    return run_gemm(a, b, split_sizes, layout=layout, out=out, accumulate=accumulate, out_dtype=out_dtype,
+                    backend=backend, offsets=offsets)
+
+
+def run_gemm(a, b, split_sizes=None, *, layout="forward", out=None, accumulate=False, out_dtype=None, backend=None,
+             offsets=None) -> torch.Tensor:
+    """gemm() in eager mode (and inside the grouped::gemm op)."""
     call = prepare(
         a, b, split_sizes, offsets=offsets, layout=layout, out=out, accumulate=accumulate, out_dtype=out_dtype
     )
@@ -70,3 +88,54 @@ def explain(
         a, b, split_sizes, offsets=offsets, layout=layout, out=out, accumulate=accumulate, out_dtype=out_dtype
     )
     return selector.choose(call, backend)
+
+
+def grouped_mm(mat_a, mat_b, offs=None, bias=None, out_dtype=None, *, out=None) -> torch.Tensor:
+    """A drop-in for ``torch._grouped_mm`` / ``F.grouped_mm`` in the MoE case, on the fastest backend.
+
+    mat_a: tokens (M, K), rows grouped by expert; mat_b: expert weights (G, K, N) (torch's
+    convention: the transpose of nn.Linear's (G, N, K); ``w.transpose(1, 2)`` of a contiguous
+    (G, N, K) weight and a contiguous (G, K, N) one both run without a copy); offs: the (G,) int32
+    inclusive end offsets. Returns (M, N): per expert ``mat_a[rows_g] @ mat_b[g]``, bf16 or
+    ``out_dtype`` (fp32). Rows past offs[-1] are zero with host offsets and unspecified with
+    offsets on the GPU (as torch's), and their gradient is zero.
+
+    Differentiable in mat_a and mat_b for bf16 operands (dgrad and wgrad through grouped.gemm; an
+    fp32 output's gradient is rounded to bf16 first), also under torch.compile (the
+    ``grouped::grouped_mm`` op with its autograd formula). Quantized operands, as grouped.gemm
+    takes them, compute forward only: mat_a quantized rowwise, mat_b a QuantizedTensor of shape
+    (G, K, N) quantized along K (``grouped.quantize(mat_b, fmt, axis=1)``). ``out``: a caller
+    buffer written in place (no autograd, as for torch's out= functions). bias is not supported.
+    """
+    if bias is not None:
+        raise ValueError("grouped_mm: bias is not supported (GroupedLinear(bias=True) adds one per expert)")
+    if offs is None:
+        raise ValueError("grouped_mm: offs is required: the (G,) int32 end offsets of mat_a's row groups")
+    if isinstance(mat_b, QuantizedTensor):
+        return gemm(mat_a, _as_forward_weight(mat_b), offsets=offs, out=out, out_dtype=out_dtype)
+    if not isinstance(mat_a, torch.Tensor) or not isinstance(mat_b, torch.Tensor):
+        raise ValueError(f"grouped_mm: mat_a and mat_b must both be tensors or both be quantized, got "
+                         f"{type(mat_a).__name__} and {type(mat_b).__name__}")
+    if mat_a.dim() != 2 or mat_b.dim() != 3:
+        raise ValueError(f"grouped_mm serves 2-D mat_a (tokens, K) x 3-D mat_b (G, K, N), got shapes "
+                         f"{tuple(mat_a.shape)} and {tuple(mat_b.shape)}")
+    if not isinstance(offs, torch.Tensor):
+        raise ValueError(f"grouped_mm: offs must be a tensor of end offsets, got {type(offs).__name__}")
+    if out is not None:
+        if torch.is_grad_enabled() and (mat_a.requires_grad or mat_b.requires_grad):
+            raise ValueError("grouped_mm: out= does not support automatic differentiation, but an input requires grad")
+        from .custom_ops import weight_operand
+
+        weight, layout = weight_operand(mat_b)
+        return gemm(mat_a, weight, offsets=offs, layout=layout, out=out, out_dtype=out_dtype)
+    return torch.ops.grouped.grouped_mm(mat_a, mat_b, offs, out_dtype)
+
+
+def _as_forward_weight(mat_b: QuantizedTensor) -> QuantizedTensor:
+    """A (G, K, N) weight quantized along K as the (G, N, K) rowwise operand of a forward GEMM:
+    the stored bytes are the same (blocked dim last), only the logical shape turns."""
+    g, k, n = mat_b.shape
+    if mat_b.axis != 1:
+        raise ValueError(f"grouped_mm: a quantized mat_b (G, K, N) must be quantized along K (axis=1), got axis "
+                         f"{mat_b.axis}")
+    return dataclasses.replace(mat_b, axis=-1, shape=torch.Size((g, n, k)))

@@ -21,6 +21,15 @@ checked in forward, before the first write.
 Rows past sum(split_sizes) belong to no expert: they get zeros in outputs and
 gradients the layer allocates, and are left untouched in caller buffers.
 Everything here goes through grouped.gemm, never a backend directly.
+
+torch.compile(fullgraph=True): the autograd Function traces, and its GEMMs and quantizations
+are grouped:: ops in the graph (grouped/custom_ops.py), giving what eager gives bit for bit on
+the same backend. Split sizes may be a host list (a graph constant: other values recompile) or a
+tensor: a GPU one stays on the device, and a CPU one is not read while tracing either (each GEMM
+checks it when the graph runs). Quantized recipes need host split sizes there (quantizing along
+tokens pads every expert, on the host) and quantize the weight in the graph on every forward
+instead of keeping the cache. Not in a graph: caller buffers (out, grad_input), main_grad and
+delay_wgrad (they are refused with a ValueError; call the layer eagerly for them).
 """
 
 from __future__ import annotations
@@ -31,10 +40,11 @@ import torch
 from torch import nn
 
 from .. import buffers
+from ..custom_ops import quantize_in_graph
 from ..formats import get_format
 from ..gemm import gemm
-from ..quantize import quantize
-from ..splits import Splits
+from ..quantize import QuantizedTensor, quantize
+from ..splits import OFFSET_DTYPES, Splits
 from ..tensor import GroupedTensor
 
 MAIN_GRAD_MODES = ("accumulate", "overwrite")
@@ -60,17 +70,42 @@ def layer_splits(split_sizes, x: torch.Tensor, num_experts: int) -> Splits:
     if isinstance(split_sizes, Splits):
         split_sizes.check(x.shape[0], num_experts, x.device)
         return split_sizes
+    if torch.compiler.is_compiling() and isinstance(split_sizes, torch.Tensor) and split_sizes.device.type == "cpu":
+        # A graph cannot read a tensor's values on the host: the sizes stay a tensor, held as GPU
+        # sizes are (end offsets on x's device), and every GEMM checks them when the graph runs.
+        if split_sizes.dim() != 1 or split_sizes.dtype not in OFFSET_DTYPES or split_sizes.shape[0] != num_experts:
+            raise ValueError(f"split_sizes must be a 1-D int32/int64 tensor with one entry per expert "
+                             f"({num_experts}), got {split_sizes.dtype} of shape {tuple(split_sizes.shape)}")
+        return Splits(num_experts, x.device, ends=torch.cumsum(split_sizes.to(x.device), 0, dtype=torch.int32))
     return Splits.of(split_sizes, rows=x.shape[0], num_groups=num_experts, device=x.device)
+
+
+def _quantize(x: torch.Tensor, fmt, **kwargs) -> QuantizedTensor:
+    """grouped.quantize, as the grouped::quantize op under torch.compile (grouped.quantize does not
+    dispatch there itself yet)."""
+    return (quantize_in_graph if torch.compiler.is_compiling() else quantize)(x, fmt, **kwargs)
+
+
+def _host_sizes(splits: Splits) -> tuple[int, ...]:
+    """The split sizes quantizing along tokens needs: on the host (a sync for GPU sizes, which a
+    graph cannot do)."""
+    if splits.on_device and torch.compiler.is_compiling():
+        raise ValueError("quantized recipes under torch.compile need host split sizes (a list of ints): "
+                         "quantizing along tokens pads every expert, on the host")
+    return splits.host_sizes()
 
 
 class _GroupedLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, out, x, grad_input, bias, layer, splits, weight_operand, *weights):
+    def forward(ctx, out, x, grad_input, bias, layer, splits, groups, weight_operand, *weights):
         # ``out`` comes first: when it is a view, autograd's in-place bookkeeping
-        # (CopySlices) treats input 0 as the tensor written in place.
-        groups = splits.row_groups(x.shape[0])
+        # (CopySlices) treats input 0 as the tensor written in place. groups: each row's expert,
+        # made by the caller, as are the end offsets the Splits caches for it (under torch.compile
+        # a tensor made in here cannot reach the other layer through that cache).
+        # weight_operand None: the weight itself (torch.compile refuses a tensor passed twice).
+        weight_operand = weights[0] if weight_operand is None else weight_operand
         quantized = layer.fmt.quantized
-        x_operand = quantize(x, layer.fmt, split_sizes=splits.host_sizes()) if quantized else x
+        x_operand = _quantize(x, layer.fmt, split_sizes=_host_sizes(splits)) if quantized else x
         y = gemm(x_operand, weight_operand, splits, out=out, out_dtype=x.dtype)
         if out is None:
             _zero_rows_past_total(y, splits, groups)
@@ -82,7 +117,7 @@ class _GroupedLinearFunction(torch.autograd.Function):
 
         # wgrad contracts over tokens: a quantized recipe keeps X quantized along them (columnwise,
         # per expert), its own copy; bf16 saves X itself, so autograd sees in-place changes to it.
-        ctx.x_quantized = quantize(x, layer.fmt, axis=0, split_sizes=splits.host_sizes()) if quantized else None
+        ctx.x_quantized = _quantize(x, layer.fmt, axis=0, split_sizes=_host_sizes(splits)) if quantized else None
         ctx.layer, ctx.splits, ctx.grad_input = layer, splits, grad_input
         ctx.weight_operand, ctx.groups, ctx.has_bias = weight_operand, groups, bias is not None
         ctx.save_for_backward(None if quantized else x, *weights)
@@ -95,12 +130,15 @@ class _GroupedLinearFunction(torch.autograd.Function):
         grad_y = grad_y.contiguous()
         grad_x = None
         if ctx.needs_input_grad[1]:
-            dy = quantize(grad_y, layer.fmt, split_sizes=splits.host_sizes()) if layer.fmt.quantized else grad_y
-            grad_x = gemm(dy, ctx.weight_operand, splits, layout="dgrad", out=ctx.grad_input, out_dtype=grad_y.dtype)
+            dy = _quantize(grad_y, layer.fmt, split_sizes=_host_sizes(splits)) if layer.fmt.quantized else grad_y
+            weight = ctx.weight_operand
+            if isinstance(weight, QuantizedTensor):  # quantized in a graph (rowwise): dgrad's is along N
+                weight = _quantize(layer.stacked_weight(weights), layer.fmt, axis=1)
+            grad_x = gemm(dy, weight, splits, layout="dgrad", out=ctx.grad_input, out_dtype=grad_y.dtype)
             if ctx.grad_input is None:
                 _zero_rows_past_total(grad_x, splits, ctx.groups)
 
-        no_grads = (None, grad_x, None, None, None, None, None, *[None] * len(weights))
+        no_grads = (None, grad_x, None, None, None, None, None, None, *[None] * len(weights))
         if not any(ctx.needs_input_grad[3:]):
             return no_grads
         x_for_wgrad = ctx.x_quantized if layer.fmt.quantized else x
@@ -109,7 +147,7 @@ class _GroupedLinearFunction(torch.autograd.Function):
             layer._pending_wgrad.append(wgrad)
             return no_grads
         weight_grads, bias_grad = wgrad.compute(for_autograd=True)
-        return (None, grad_x, None, bias_grad, None, None, None, *weight_grads)
+        return (None, grad_x, None, bias_grad, None, None, None, None, *weight_grads)
 
 
 class _WeightGradient:
@@ -128,7 +166,7 @@ class _WeightGradient:
         layer, splits = self.layer, self.splits
         dy = self.grad_y
         if layer.fmt.quantized:
-            dy = quantize(dy, layer.fmt, axis=0, split_sizes=splits.host_sizes())
+            dy = _quantize(dy, layer.fmt, axis=0, split_sizes=_host_sizes(splits))
         main_grads = [getattr(w, "main_grad", None) for w in self.weights]
         grads: list = [None] * len(self.weights)
         if len(self.weights) == 1 and main_grads[0] is not None:
@@ -235,14 +273,22 @@ class GroupedLinear(nn.Module):
             for w in self.weights():
                 w.uniform_(-bound, bound)
 
+    def stacked_weight(self, weights) -> torch.Tensor:
+        """The experts' weights as one (G, out, in) tensor (an operand: the grads come from the layer)."""
+        if self.single_weight:
+            return weights[0]
+        with torch.no_grad():
+            return torch.stack(weights)
+
     def _forward_weight(self, weights, *, reuse_cache: bool = False):
         """The weight operand of the GEMMs: a (G, out, in) tensor, or the cached quantized one
-        (refreshed as the class doc says)."""
+        (refreshed as the class doc says). Under torch.compile a quantized weight is quantized in
+        the graph on every forward instead (to the same bytes): the cache is state written in
+        place and checked by version counters, which a graph cannot hold."""
         if not self.fmt.quantized:
-            if self.single_weight:
-                return weights[0]
-            with torch.no_grad():  # an operand, not part of the graph: the grads come from the layer
-                return torch.stack(weights)
+            return self.stacked_weight(weights)
+        if torch.compiler.is_compiling():
+            return _quantize(self.stacked_weight(weights), self.fmt)
         experts = list(weights[0].unbind(0)) if self.single_weight else list(weights)
         if self._weight_cache is None or self._weight_cache.device != weights[0].device:
             self._weight_cache = GroupedTensor(
@@ -260,6 +306,7 @@ class GroupedLinear(nn.Module):
 
     def check_call(self, x, out, grad_input) -> None:
         """Everything forward and backward will write or read, checked before the first write."""
+        self.check_compilable(out=out, grad_input=grad_input)
         weights = self.weights()
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.in_features:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -278,6 +325,19 @@ class GroupedLinear(nn.Module):
             buffers.check_buffer(grad_input, name="grad_input", shape=tuple(x.shape), dtype=x.dtype,
                                  device=x.device, inputs=[t for t in (*inputs, out) if t is not None])
         self.check_main_grads([t for t in (*inputs, out, grad_input) if t is not None])
+
+    def check_compilable(self, **buffers_given) -> None:
+        """Under torch.compile: refuse what a graph cannot do. Caller buffers are checked through
+        their addresses, which a graph does not have, and delayed wgrad and main_grad write from
+        backward into state outside it."""
+        if not torch.compiler.is_compiling():
+            return
+        refused = [f"{name}=" for name, buf in buffers_given.items() if buf is not None]
+        refused += ["delay_wgrad=True"] if self.delay_wgrad else []
+        refused += ["main_grad"] if any(getattr(w, "main_grad", None) is not None for w in self.weights()) else []
+        if refused:
+            raise ValueError(f"GroupedLinear under torch.compile does not support {', '.join(refused)}; "
+                             "call the layer eagerly for those")
 
     def check_main_grads(self, inputs) -> None:
         """Each weight's main_grad (wgrad writes it in backward): fp32, the weight's shape, no overlap."""
@@ -299,7 +359,11 @@ class GroupedLinear(nn.Module):
         weights = self.weights()
         if weight_operand is None:
             weight_operand = self._forward_weight(weights, reuse_cache=reuse_weight_cache)
-        return _GroupedLinearFunction.apply(out, x, grad_input, self.bias, self, splits, weight_operand, *weights)
+        if weight_operand is weights[0]:
+            weight_operand = None  # the Function takes it from weights (see its forward)
+        groups = splits.row_groups(x.shape[0])
+        return _GroupedLinearFunction.apply(out, x, grad_input, self.bias, self, splits, groups, weight_operand,
+                                            *weights)
 
     def backward_dw(self) -> None:
         """Run the wgrad (and bias grad) that backward deferred (delay_wgrad=True), in order."""

@@ -21,8 +21,7 @@ from torch import nn
 
 from .. import buffers
 from ..fused import gemm_swiglu, swiglu
-from ..quantize import quantize
-from .linear import GroupedLinear, layer_splits
+from .linear import GroupedLinear, _host_sizes, _quantize, layer_splits
 
 ACTIVATIONS = ("swiglu",)
 
@@ -44,6 +43,7 @@ class GroupedMLP(nn.Module):
                 reuse_weight_cache: bool = False) -> torch.Tensor:
         """y = fc2(swiglu(fc1(x)) * probs); see GroupedLinear.forward for out, grad_input and
         reuse_weight_cache (which applies to both layers)."""
+        self.fc2.check_compilable(out=out)
         self.fc1.check_call(x, None, grad_input)
         if probs is not None:
             if not isinstance(probs, torch.Tensor) or probs.dim() != 1 or probs.shape[0] != x.shape[0]:
@@ -63,7 +63,7 @@ class GroupedMLP(nn.Module):
         if self._inference_only(x, probs, grad_input):
             # FC1 + SwiGLU + probs through the fused entry (one kernel where a backend fuses it).
             fc1 = self.fc1
-            a = x if not fc1.fmt.quantized else quantize(x, fc1.fmt, split_sizes=splits.host_sizes())
+            a = x if not fc1.fmt.quantized else _quantize(x, fc1.fmt, split_sizes=_host_sizes(splits))
             weight = fc1._forward_weight(fc1.weights(), reuse_cache=reuse_weight_cache)
             act = gemm_swiglu(a, weight, splits, probs)
             return self.fc2.run(act.to(x.dtype), splits, out=out, reuse_weight_cache=reuse_weight_cache)
