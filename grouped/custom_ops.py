@@ -37,7 +37,7 @@ from torch import Tensor
 from .formats import get_format
 from .fused import run_gemm_swiglu
 from .gemm import run_gemm
-from .offsets import _empty_outputs, splits_to_offsets
+from .offsets import splits_to_offsets
 from .quantize import QuantizedTensor, _normalize_axis, quantize
 from .splits import Splits
 from .tensor import GroupedTensor
@@ -300,19 +300,13 @@ def _(split_sizes, strides, include_leading_zero, int64):
             for zero, wide in zip(include_leading_zero, int64)]
 
 
-def splits_to_offsets_in_graph(split_sizes: Tensor, *, strides, include_leading_zero, dtypes, bulk_allocate=False):
+def splits_to_offsets_in_graph(split_sizes: Tensor, *, strides, include_leading_zero, dtypes) -> list[Tensor]:
     """grouped.splits_to_offsets under torch.compile, on arguments it has checked (split_sizes a
-    tensor): one grouped::splits_to_offsets op, which checks the values when it runs. bulk_allocate:
-    the outputs are copied into views of one allocation laid out as grouped.offsets lays it out (an
-    op's outputs may not alias each other)."""
-    outs = _splits_to_offsets_op(split_sizes, list(strides), list(include_leading_zero),
+    tensor): one grouped::splits_to_offsets op, which checks the values when it runs. There is no
+    bulk_allocate in a graph: the compiler owns its allocations, and does not keep outputs as dtype
+    views of one buffer."""
+    return _splits_to_offsets_op(split_sizes, list(strides), list(include_leading_zero),
                                  [d == torch.int64 for d in dtypes])
-    if not bulk_allocate:
-        return outs
-    views = _empty_outputs([t.shape[0] for t in outs], dtypes, split_sizes.device, True)
-    for view, t in zip(views, outs):
-        view.copy_(t)
-    return views
 
 
 # ---- grouped::grouped_mm ----------------------------------------------------------------------

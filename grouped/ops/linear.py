@@ -70,13 +70,17 @@ def layer_splits(split_sizes, x: torch.Tensor, num_experts: int) -> Splits:
     if isinstance(split_sizes, Splits):
         split_sizes.check(x.shape[0], num_experts, x.device)
         return split_sizes
-    if torch.compiler.is_compiling() and isinstance(split_sizes, torch.Tensor) and split_sizes.device.type == "cpu":
-        # A graph cannot read a tensor's values on the host: the sizes stay a tensor, held as GPU
-        # sizes are (end offsets on x's device), and every GEMM checks them when the graph runs.
-        if split_sizes.dim() != 1 or split_sizes.dtype not in OFFSET_DTYPES or split_sizes.shape[0] != num_experts:
-            raise ValueError(f"split_sizes must be a 1-D int32/int64 tensor with one entry per expert "
-                             f"({num_experts}), got {split_sizes.dtype} of shape {tuple(split_sizes.shape)}")
-        return Splits(num_experts, x.device, ends=torch.cumsum(split_sizes.to(x.device), 0, dtype=torch.int32))
+    if torch.compiler.is_compiling() and isinstance(split_sizes, torch.Tensor):
+        if split_sizes.dim() != 1 or split_sizes.dtype not in OFFSET_DTYPES:
+            raise ValueError(f"split_sizes must be a 1-D int32/int64 tensor, got {split_sizes.dtype} of shape "
+                             f"{tuple(split_sizes.shape)}")
+        # In a graph the length of a bincount is data-dependent: it is one per expert, checked when it runs.
+        torch._check(split_sizes.shape[0] == num_experts,
+                     lambda: f"split_sizes must have one entry per expert ({num_experts})")
+        if split_sizes.device.type == "cpu":
+            # A graph cannot read a tensor's values on the host: the sizes stay a tensor, held as
+            # GPU sizes are (end offsets on x's device), and every GEMM checks them when it runs.
+            return Splits(num_experts, x.device, ends=torch.cumsum(split_sizes.to(x.device), 0, dtype=torch.int32))
     return Splits.of(split_sizes, rows=x.shape[0], num_groups=num_experts, device=x.device)
 
 
