@@ -26,6 +26,7 @@ class FormatFacts:
     amax_to_s: float  # NVFP4's S = fp32(amax_to_s / amax) (448 * 6 = 2688)
     nan_scale: int  # scale byte of a block holding NaN or Inf: E8M0 0xFF (MXFP8), E4M3 0x7F (NVFP4)
     nan_element: int  # MXFP8: element byte of such a block (E4M3 NaN 0x7F); NVFP4 writes zero codes
+    e2m1_values: tuple[float, ...] = ()  # E2M1 magnitudes by code 0..7 (NVFP4; what a decode looks up)
 
     def __str__(self) -> str:  # what a compiled kernel's name shows of it
         return self.name

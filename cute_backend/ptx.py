@@ -107,8 +107,13 @@ hmax_abs = _binary_op("max.NaN.xorsign.abs.bf16x2 $0, $1, $2;", Uint32,
 
 
 @dsl_user_op
-def prmt(a, b, selector: int, *, loc=None, ip=None) -> Uint32:
-    return _binary(f"prmt.b32 $0, $1, $2, {selector};", Uint32, a, b, loc, ip)
+def prmt(a, b, selector, *, loc=None, ip=None) -> Uint32:
+    """The bytes of a (0-3) and b (4-7) picked by selector's four low nibbles (an int, or a Uint32
+    register: a table lookup)."""
+    if isinstance(selector, int):
+        return _binary(f"prmt.b32 $0, $1, $2, {selector};", Uint32, a, b, loc, ip)
+    args = [Uint32(x).ir_value(loc=loc, ip=ip) for x in (a, b, selector)]
+    return Uint32(asm(T.i32(), "prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", args, loc, ip))
 
 
 # ---- memory ------------------------------------------------------------------------------------

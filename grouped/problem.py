@@ -28,12 +28,13 @@ from typing import Any
 import torch
 
 from . import buffers
-from .formats import BF16, Format
+from .formats import BF16, NVFP4, Format
 from .quantize import QuantizedTensor
 from .splits import Splits
 from .tensor import GroupedTensor
 
 LAYOUTS = ("forward", "dgrad", "wgrad")
+WEIGHT_ONLY = (BF16, NVFP4)  # the one mixed pairing (forward): serving with 4-bit weights
 OUT_DTYPES = (torch.bfloat16, torch.float32)
 # The storage direction each operand must have, per layout: (a, b); True = columnwise.
 _COLUMNWISE = {"forward": (False, False), "dgrad": (False, True), "wgrad": (True, True)}
@@ -55,10 +56,12 @@ class Problem:
     aligned: bool  # every operand and output row 16-byte aligned, base addresses too
     grouped_operands: bool  # an operand is a GroupedTensor (per-member buffers)
     large_experts: bool = False  # host split sizes of a few large experts (selector.few_large_experts)
+    weight_only: bool = False  # a bf16 activation with a block-scaled weight (fmt is the weight's)
 
     def describe(self) -> str:
         arch = f"sm{self.capability[0]}{self.capability[1]}" if self.capability else self.device_type
-        parts = [self.fmt, self.layout, arch, f"out {str(self.out_dtype).removeprefix('torch.')}"]
+        fmt = f"bf16 x {self.fmt} weight" if self.weight_only else self.fmt
+        parts = [fmt, self.layout, arch, f"out {str(self.out_dtype).removeprefix('torch.')}"]
         if self.accumulate:
             parts.append("accumulate")
         parts.append("GPU split sizes" if self.device_splits else "host split sizes")
@@ -163,8 +166,10 @@ def prepare(a, b, split_sizes, *, offsets, layout, out, accumulate, out_dtype) -
     col_a, col_b = _COLUMNWISE[layout]
     fmt_a, shape_a, dev_a, owned_a = _operand(a, "a", col_a, layout)
     fmt_b, shape_b, dev_b, owned_b = _operand(b, "b", col_b, layout)
-    if fmt_a != fmt_b:
-        raise ValueError(f"a and b must have the same format, got {fmt_a.name} and {fmt_b.name}")
+    weight_only = (fmt_a, fmt_b) == WEIGHT_ONLY and layout == "forward"
+    if fmt_a != fmt_b and not weight_only:
+        raise ValueError(f"a and b must have the same format (or, forward, a bf16 activation with an "
+                         f"{WEIGHT_ONLY[1].name} weight), got {fmt_a.name} and {fmt_b.name}")
     if dev_a != dev_b:
         raise ValueError(f"a and b must be on the same device, got {dev_a} and {dev_b}")
     device = dev_a
@@ -211,7 +216,7 @@ def prepare(a, b, split_sizes, *, offsets, layout, out, accumulate, out_dtype) -
         owned = [t for t in (*owned_a, *owned_b) if t is not None]
         buffers.check_buffer(out, name="out", shape=out_shape, dtype=dtype, device=device, inputs=owned)
 
-    row_bytes_aligned = all(fmt_a.data_nbytes(d) % buffers.ALIGN_BYTES == 0 for d in (n, k))
+    row_bytes_aligned = all(f.data_nbytes(d) % buffers.ALIGN_BYTES == 0 for f in (fmt_a, fmt_b) for d in (n, k))
     strides_aligned = all(  # caller buffers were checked by check_buffer
         t.data_ptr() % buffers.ALIGN_BYTES == 0
         and (t.dim() != 2 or t.stride(0) * t.element_size() % buffers.ALIGN_BYTES == 0)
@@ -219,7 +224,7 @@ def prepare(a, b, split_sizes, *, offsets, layout, out, accumulate, out_dtype) -
         if isinstance(t, torch.Tensor)
     )
     problem = Problem(
-        fmt=fmt_a.name,
+        fmt=fmt_b.name,
         layout=layout,
         device_type=device.type,
         capability=_capability(device),
@@ -231,9 +236,10 @@ def prepare(a, b, split_sizes, *, offsets, layout, out, accumulate, out_dtype) -
         aligned=row_bytes_aligned and strides_aligned,
         grouped_operands=isinstance(a, GroupedTensor) or isinstance(b, GroupedTensor),
         large_experts=sizes is not None and selector.few_large_experts(sizes),
+        weight_only=weight_only,
     )
     contraction = {"forward": k, "dgrad": n, "wgrad": m_total}[layout]
-    return GemmCall(problem, fmt_a, a, b, m_total, num_groups, out_shape, contraction, device, out, splits)
+    return GemmCall(problem, fmt_b, a, b, m_total, num_groups, out_shape, contraction, device, out, splits)
 
 
 def _check_grouping(name: str, op, layout: str, sizes) -> None:

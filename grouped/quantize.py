@@ -290,6 +290,7 @@ def kernel_facts(fmt: Format):
         amax_to_s=_NVFP4_AMAX_TO_S,
         nan_scale=el.E4M3_NAN_BYTE if fmt.scale_dtype == torch.float8_e4m3fn else el.E8M0_NAN,
         nan_element=el.E4M3_NAN_BYTE if fmt.data_dtype == torch.float8_e4m3fn else 0,  # NVFP4: zero codes
+        e2m1_values=el.E2M1_VALUES if fmt.elements_per_byte == 2 else (),
     )
 
 

@@ -52,11 +52,10 @@ _PREFERENCE: dict[tuple[str, str, str], tuple[str, ...]] = {
     ("bf16", "sm100", _OTHER): ("torch", "cublas", "reference"),
     ("bf16", "cuda", _LARGE): ("cublas", "torch", "reference"),
     ("bf16", "cuda", _OTHER): ("torch", "cublas", "reference"),
-    # The sm90 MXFP8 kernel has compiled and passed its CPU checks but not yet run on a GPU: it
-    # serves when asked for (backend="cute", GROUPED_BACKEND_MXFP8=cute) and goes first once its
-    # GPU tests (tests/test_cute_mxfp8_gpu.py) pass on the lent GPU.
-    **{(f, "sm90", c): ("reference", "cute") for f in ("mxfp8",) for c in (_LARGE, _OTHER)},
-    **{(f, "sm90", c): ("cute", "reference") for f in ("nvfp4",) for c in (_LARGE, _OTHER)},
+    # The sm90 MXFP8 and NVFP4 kernels have compiled and passed their CPU checks but not yet run on
+    # a GPU: they serve when asked for (backend="cute", GROUPED_BACKEND_MXFP8=cute, ...) and go
+    # first once their GPU tests (tests/test_cute_block_scaled_gpu.py) pass on the lent GPU.
+    **{(f, "sm90", c): ("reference", "cute") for f in ("mxfp8", "nvfp4") for c in (_LARGE, _OTHER)},
     **{(f, "sm100", c): ("cudnn", "reference") for f in ("mxfp8", "nvfp4") for c in (_LARGE, _OTHER)},
 }
 

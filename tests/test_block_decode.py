@@ -1,7 +1,8 @@
-"""The MXFP8 -> bf16 decode of the sm90 kernel (cute_backend/sm90/block_decode.py), emulated bit for
-bit on the CPU: its instruction sequence (prmt with sign replication, shift, mask, bf16 multiplies
-by the factors e8m0_factors builds) against the definition, for every E4M3 byte and every E8M0
-scale. The kernel itself runs only on a GPU (tests/test_cute_mxfp8_gpu.py)."""
+"""The MXFP8 and NVFP4 -> bf16 decodes of the sm90 kernel (cute_backend/sm90/block_decode.py),
+emulated bit for bit on the CPU: their instruction sequences (prmt byte moves and table lookups,
+shifts, masks, bf16 multiplies) against the definitions, for every E4M3 byte and E8M0 scale, and
+every pair of E2M1 codes and E4M3 scale. The kernel itself runs only on a GPU
+(tests/test_cute_block_scaled_gpu.py)."""
 
 import pytest
 import torch
@@ -11,16 +12,22 @@ from grouped import elements as el
 decode = pytest.importorskip("cute_backend.sm90.block_decode", reason="nvidia-cutlass-dsl not installed")
 
 
-def prmt_sign_replicate(words: torch.Tensor, selector: int) -> torch.Tensor:
-    """PTX prmt.b32 d, a, 0, selector (default mode) on int64 words holding 32-bit values."""
-    out = torch.zeros_like(words)
+def prmt(a: torch.Tensor, b, selector) -> torch.Tensor:
+    """PTX prmt.b32 d, a, b, selector (default mode) on int64 tensors holding 32-bit values; the
+    selector an int or a tensor (one per word)."""
+    a, b, selector = torch.broadcast_tensors(*(torch.as_tensor(t, dtype=torch.int64) for t in (a, b, selector)))
+    both = a | (b << 32)
+    out = torch.zeros_like(a)
     for i in range(4):
         nibble = (selector >> (4 * i)) & 0xF
-        byte = (words >> (8 * (nibble & 7))) & 0xFF if (nibble & 7) < 4 else torch.zeros_like(words)
-        if nibble & 8:
-            byte = torch.where(byte & 0x80 != 0, 0xFF, 0)
+        byte = (both >> (8 * (nibble & 7))) & 0xFF
+        byte = torch.where(nibble & 8 != 0, torch.where(byte & 0x80 != 0, 0xFF, 0), byte)
         out |= byte << (8 * i)
     return out
+
+
+def prmt_sign_replicate(words: torch.Tensor, selector: int) -> torch.Tensor:
+    return prmt(words, 0, selector)
 
 
 def bf16_pairs(words: torch.Tensor) -> torch.Tensor:
@@ -89,3 +96,53 @@ def test_block_not_present_decodes_to_zero(all_bytes):
     bits = (prmt_sign_replicate(words, 0x9180) << 4) & 0x87F087F0
     zero = bf16_pairs(bits).to(torch.bfloat16) * torch.tensor(0.0, dtype=torch.bfloat16)
     assert (zero.float() == 0).all()
+
+
+# ---- NVFP4 -------------------------------------------------------------------------------------
+
+
+def mul_bf16x2(words: torch.Tensor, factor_words: torch.Tensor) -> torch.Tensor:
+    """mul.rn.bf16x2 on int64 words: both halves multiplied in bf16."""
+    product = bf16_pairs(words).to(torch.bfloat16) * bf16_pairs(torch.as_tensor(factor_words)).to(torch.bfloat16)
+    halves = product.view(torch.int16).to(torch.int64) & 0xFFFF
+    return halves[..., 0] | (halves[..., 1] << 16)
+
+
+def e4m3_factor(scale: torch.Tensor) -> torch.Tensor:
+    """block_decode.e4m3_factor, emulated (every block present)."""
+    bits = (prmt(scale, 0, 0x8080) << 4) & 0x87F087F0
+    factor = mul_bf16x2(bits, torch.tensor(decode.E4M3_UNBIAS))
+    return torch.where((scale & 0x7F) == el.E4M3_NAN_BYTE, decode.BF16X2_NAN, factor)
+
+
+def decode_e2m1x8(words: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """block_decode.decode_e2m1x8, emulated: (..., 8) float32."""
+    low_a, low_b, high_a, high_b = decode.e2m1_tables(el.E2M1_VALUES)
+    magnitudes = words & decode.MAGNITUDE_BITS
+    shifted = (words << 4) & 0xFFFFFFFF
+    out = []
+    for half in range(2):
+        index = magnitudes >> (16 * half)
+        low, high = prmt(low_a, low_b, index), prmt(high_a, high_b, index)
+        signs = prmt(shifted, words, 0x5140 + 0x2222 * half)
+        high = high | (signs & decode.SIGN_BITS)
+        for selector in (0x5140, 0x7362):
+            out.append(bf16_pairs(mul_bf16x2(prmt(low, high, selector), factor)))
+    return torch.cat(out, dim=-1)
+
+
+def test_every_e2m1_pair_under_every_e4m3_scale():
+    """All 2^16 pairs of code bytes (4 a word, so every code sits at every position) times all 256
+    E4M3 scale bytes: q * d exactly, NaN for the NaN scale."""
+    codes = torch.arange(256, dtype=torch.int64)
+    words = codes | (codes.roll(37) << 8) | (codes.roll(101) << 16) | (codes.roll(211) << 24)
+    nibbles = torch.stack([(words >> (4 * i)) & 0xF for i in range(8)], dim=-1)
+    q = el.e2m1_decode(nibbles.to(torch.uint8)).double()
+    for scale in range(256):
+        factor = e4m3_factor(torch.tensor(scale))
+        got = decode_e2m1x8(words, factor.expand_as(words)).double()
+        d = torch.tensor([scale], dtype=torch.uint8).view(torch.float8_e4m3fn).double()
+        if torch.isnan(d).any():
+            assert torch.isnan(got).all(), f"scale byte {scale:#x}"
+        else:
+            assert torch.equal(got, q * d), f"scale byte {scale:#x}"

@@ -1,13 +1,15 @@
-"""GPU tests for the sm90 MXFP8 grouped GEMM (the cute backend's block-scaled path).
+"""GPU tests for the sm90 block-scaled grouped GEMMs (the cute backend's MXFP8 and NVFP4 paths,
+and bf16 activations with NVFP4 weights).
 
-Against fp64 on the dequantized operands (DESIGN.md: fp32 output within 1e-4 normwise, bf16
+Against fp64 on the dequantized operands (docs/design.md: fp32 output within 1e-4 normwise, bf16
 output within 4e-3 and one bf16 ulp of its row's largest element). The operands are built to
 stress the decode: block scales that differ by up to 2^+-20 within a row, all-zero blocks,
 group sizes that are not block multiples (wgrad: blocks restart at each expert), empty experts,
-contraction lengths that end inside a 64-wide k tile, and blocks whose scale is past bf16's
-largest power of two (a second multiply) or near the bottom of its range. Outputs go into
-NaN-poisoned strided caller buffers: every element inside the split total is written, nothing
-past it changes. Every schedule runs (static with clusters of one and two CTAs, dynamic).
+contraction lengths that end inside a 64-wide k tile, MXFP8 blocks whose scale is past bf16's
+largest power of two (a second multiply) or near the bottom of its range, NVFP4's per-group and
+per-tensor scales S. Outputs go into NaN-poisoned strided caller buffers: every element inside
+the split total is written, nothing past it changes. Every schedule runs (static with clusters
+of one and two CTAs, dynamic).
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import grouped
 G, M = 9, 12000
 SIZES = [1, 0, 127, 4000, 129, 128, 0, 3500, 2000]  # sum 9885 < M; 1, 127, 129 not block multiples
 WIDTHS = [(1056, 1056), (1000, 1024)]  # (N, K): contractions ending mid k-tile, a partial last column tile
-MX_FP32_TOL, BF16_TOL = 1e-4, 4e-3
-BLOCK = 32
+MX_FP32_TOL, BF16_TOL = 1e-4, 4e-3  # docs/design.md, for MXFP8 and NVFP4
+BLOCK = 32  # the data's scale pattern (both formats' blocks divide it)
+FORMATS = ["mxfp8", "nvfp4"]
 
 
 @pytest.fixture(params=[(1, False), (2, False), (1, True)], ids=["cluster1", "cluster2", "dynamic"])
@@ -46,8 +49,9 @@ def blocky(gen, rows, cols, *, blocks_along: int, spread: int = 20, zero_blocks:
     return x * factor
 
 
-def operands(layout, n, k, gen, sizes=SIZES, **kw):
-    """Quantized (a, b) on the GPU for a layout; token rows past the split total are NaN."""
+def operands(layout, n, k, gen, sizes=SIZES, fmt="mxfp8", **kw):
+    """Quantized (a, b) on the GPU for a layout; token rows past the split total are NaN. NVFP4
+    activations get one S a group (split_sizes), weights one an expert."""
     total = sum(sizes)
 
     def tokens(cols, along):
@@ -55,15 +59,16 @@ def operands(layout, n, k, gen, sizes=SIZES, **kw):
         t[total:] = float("nan")  # never to be read
         return t.cuda()
 
+    rowwise = {"split_sizes": sizes} if fmt == "nvfp4" else {}
     if layout == "forward":
         x, w = tokens(k, 1), torch.stack([blocky(gen, n, k, blocks_along=1, **kw) for _ in range(G)]).cuda()
-        return grouped.quantize(x, "mxfp8"), grouped.quantize(w, "mxfp8")
+        return grouped.quantize(x, fmt, **rowwise), grouped.quantize(w, fmt)
     if layout == "dgrad":
         dy, w = tokens(n, 1), torch.stack([blocky(gen, n, k, blocks_along=0, **kw) for _ in range(G)]).cuda()
-        return grouped.quantize(dy, "mxfp8"), grouped.quantize(w, "mxfp8", axis=1)
+        return grouped.quantize(dy, fmt, **rowwise), grouped.quantize(w, fmt, axis=1)
     dy, x = tokens(n, 0), tokens(k, 0)
-    return (grouped.quantize(dy, "mxfp8", axis=0, split_sizes=sizes),
-            grouped.quantize(x, "mxfp8", axis=0, split_sizes=sizes))
+    return (grouped.quantize(dy, fmt, axis=0, split_sizes=sizes),
+            grouped.quantize(x, fmt, axis=0, split_sizes=sizes))
 
 
 def dequantized(layout, qa, qb):
@@ -89,15 +94,16 @@ def require_cute(qa, qb, sizes=SIZES, **kwargs):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("split_source", ["host", "cuda"])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32], ids=["bf16out", "fp32out"])
 @pytest.mark.parametrize("layout", ["forward", "dgrad", "wgrad"])
 @pytest.mark.parametrize("n, k", WIDTHS, ids=[f"N{n}K{k}" for n, k in WIDTHS])
-def test_mxfp8_into_poisoned_caller_buffer(n, k, layout, out_dtype, split_source, schedule, gen):
+def test_into_poisoned_caller_buffer(n, k, layout, out_dtype, split_source, fmt, schedule, gen):
     if layout == "dgrad" and n % BLOCK:
         pytest.skip("dgrad contracts over N: it must be a block multiple")
     total = sum(SIZES)
-    qa, qb = operands(layout, n, k, gen)
+    qa, qb = operands(layout, n, k, gen, fmt=fmt)
     shape = out_shape(layout, M, n, k, G)
     require_cute(qa, qb, layout=layout, out_dtype=out_dtype)
     splits = SIZES if split_source == "host" else torch.tensor(SIZES, dtype=torch.int32, device="cuda")
@@ -112,7 +118,7 @@ def test_mxfp8_into_poisoned_caller_buffer(n, k, layout, out_dtype, split_source
     if layout != "wgrad":
         assert torch.equal(bits(big[total:]), bits(before[total:])), "rows past the split total were written"
     ref = reference(layout, *dequantized(layout, qa, qb), SIZES, shape)
-    assert_mx_close(valid(layout, out, total), valid(layout, ref, total), out_dtype, f"mxfp8 {layout}")
+    assert_mx_close(valid(layout, out, total), valid(layout, ref, total), out_dtype, f"{fmt} {layout}")
     if layout == "wgrad":
         for g, m in enumerate(SIZES):
             if m == 0:
@@ -120,9 +126,10 @@ def test_mxfp8_into_poisoned_caller_buffer(n, k, layout, out_dtype, split_source
 
 
 @pytest.mark.gpu
-def test_mxfp8_wgrad_accumulate_leaves_empty_experts(schedule, gen):
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_wgrad_accumulate_leaves_empty_experts(fmt, schedule, gen):
     n, k = WIDTHS[0]
-    qa, qb = operands("wgrad", n, k, gen)
+    qa, qb = operands("wgrad", n, k, gen, fmt=fmt)
     require_cute(qa, qb, layout="wgrad", out_dtype=torch.float32)
     main_grad = torch.randn(G, n, k, generator=gen).cuda()
     before = main_grad.clone()
@@ -132,7 +139,7 @@ def test_mxfp8_wgrad_accumulate_leaves_empty_experts(schedule, gen):
         if m == 0:
             assert torch.equal(bits(main_grad[g]), bits(before[g])), f"accumulate changed empty expert {g}"
     expected = before.double() + reference("wgrad", *dequantized("wgrad", qa, qb), SIZES, (G, n, k))
-    assert_mx_close(valid("wgrad", main_grad, 0), valid("wgrad", expected, 0), torch.float32, "mxfp8 accumulate")
+    assert_mx_close(valid("wgrad", main_grad, 0), valid("wgrad", expected, 0), torch.float32, f"{fmt} accumulate")
 
 
 @pytest.mark.gpu
@@ -170,8 +177,9 @@ def operands_with_offsets(layout, n, k, sizes, gen, a_exp, b_exp):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("layout", ["forward", "wgrad"])
-def test_mxfp8_nan_and_inf_blocks_propagate(layout, gen):
+def test_nan_and_inf_blocks_propagate(layout, fmt, gen):
     """A block holding NaN or Inf has a NaN scale: every output it contributes to is NaN, as in the
     reference; the rest is unaffected."""
     sizes = [64, 100, 0, 92]
@@ -181,11 +189,11 @@ def test_mxfp8_nan_and_inf_blocks_propagate(layout, gen):
     x[5, 40] = float("nan")
     x[150, 7] = float("inf")
     if layout == "forward":
-        qa = grouped.quantize(x.cuda(), "mxfp8")
-        qb = grouped.quantize(torch.randn(len(sizes), n, k, generator=gen).cuda(), "mxfp8")
+        qa = grouped.quantize(x.cuda(), fmt)
+        qb = grouped.quantize(torch.randn(len(sizes), n, k, generator=gen).cuda(), fmt)
     else:
-        qa = grouped.quantize(x.cuda(), "mxfp8", axis=0, split_sizes=sizes)
-        qb = grouped.quantize(torch.randn(256, k, generator=gen).cuda(), "mxfp8", axis=0, split_sizes=sizes)
+        qa = grouped.quantize(x.cuda(), fmt, axis=0, split_sizes=sizes)
+        qb = grouped.quantize(torch.randn(256, k, generator=gen).cuda(), fmt, axis=0, split_sizes=sizes)
     require_cute(qa, qb, sizes, layout=layout, out_dtype=torch.float32)
     out = grouped.gemm(qa, qb, sizes, layout=layout, out_dtype=torch.float32, backend="cute")
     ref = reference(layout, *dequantized(layout, qa, qb), sizes, out_shape(layout, 256, n, k, len(sizes)))
@@ -198,19 +206,20 @@ def test_mxfp8_nan_and_inf_blocks_propagate(layout, gen):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("layout", ["forward", "dgrad"])
-def test_mxfp8_grouped_tensor_weight(layout, gen):
+def test_grouped_tensor_weight(layout, fmt, gen):
     """The weight as GroupedLinear caches it: a GroupedTensor with rowwise and columnwise storage."""
     n, k = 1024, 1056
     weights = [blocky(gen, n, k, blocks_along=1).cuda().to(torch.bfloat16) for _ in range(G)]
-    cache = grouped.GroupedTensor([(n, k)] * G, "mxfp8", rowwise=True, columnwise=True, device="cuda")
+    cache = grouped.GroupedTensor([(n, k)] * G, fmt, rowwise=True, columnwise=True, device="cuda")
     cache.quantize_(weights)
     cols = k if layout == "forward" else n
     tokens = blocky(gen, M, cols, blocks_along=1).cuda()
-    qa = grouped.quantize(tokens, "mxfp8")
+    qa = grouped.quantize(tokens, fmt)
     require_cute(qa, cache, layout=layout, out_dtype=torch.float32)
     out = grouped.gemm(qa, cache, SIZES, layout=layout, out_dtype=torch.float32, backend="cute")
-    quantized_w = grouped.quantize(torch.stack(weights), "mxfp8", axis=-1 if layout == "forward" else 1)
+    quantized_w = grouped.quantize(torch.stack(weights), fmt, axis=-1 if layout == "forward" else 1)
     ref = reference(layout, qa.dequantize().double(), quantized_w.dequantize().double(), SIZES,
                     out_shape(layout, M, n, k, G))
     total = sum(SIZES)
@@ -218,23 +227,24 @@ def test_mxfp8_grouped_tensor_weight(layout, gen):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("layout", ["forward", "dgrad"])
-def test_mxfp8_cuda_graph_replay_with_new_split_sizes(layout, gen):
+def test_cuda_graph_replay_with_new_split_sizes(layout, fmt, gen):
     """Captured once with GPU split sizes, replayed with others: every replay equals its reference."""
     n, k = 512, 384
     rows = 1024
     splits = [[128] * 8, [0, 300, 1, 0, 90, 77, 0, 12], [10, 20, 0, 5, 0, 0, 1, 700]]
     x = torch.randn(rows, k if layout == "forward" else n, generator=gen).cuda()
     w = torch.randn(8, n, k, generator=gen).cuda()
-    qa = grouped.quantize(x, "mxfp8")
-    qb = grouped.quantize(w, "mxfp8", axis=-1 if layout == "forward" else 1)
+    qa = grouped.quantize(x, fmt)
+    qb = grouped.quantize(w, fmt, axis=-1 if layout == "forward" else 1)
     require_cute(qa, qb, splits[0], layout=layout)
     sizes = torch.tensor(splits[0], dtype=torch.int32, device="cuda")
     out = torch.full(out_shape(layout, rows, n, k, 8), float("nan"), dtype=torch.bfloat16, device="cuda")
-    grouped.gemm(qa, qb, sizes, layout=layout, out=out)  # compile and warm outside capture
+    grouped.gemm(qa, qb, sizes, layout=layout, out=out, backend="cute")  # compile and warm outside capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        grouped.gemm(qa, qb, sizes, layout=layout, out=out)
+        grouped.gemm(qa, qb, sizes, layout=layout, out=out, backend="cute")
     a64, b64 = qa.dequantize().double(), qb.dequantize().double()
     for s in splits:
         out.fill_(float("nan"))
@@ -245,3 +255,27 @@ def test_mxfp8_cuda_graph_replay_with_new_split_sizes(layout, gen):
         assert out[total:].isnan().all(), "rows past the split total were written"
         ref = reference(layout, a64, b64, s, out.shape)
         assert_mx_close(out[:total], ref[:total], torch.bfloat16, f"replay {s}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split_source", ["host", "cuda"])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32], ids=["bf16out", "fp32out"])
+def test_weight_only_nvfp4_forward(out_dtype, split_source, schedule, gen):
+    """bf16 activations times NVFP4 weights (serving): the activation as it is, the weight decoded."""
+    n, k = WIDTHS[1]
+    total = sum(SIZES)
+    x = blocky(gen, M, k, blocks_along=1).cuda().to(torch.bfloat16)
+    x[total:] = float("nan")
+    qw = grouped.quantize(torch.stack([blocky(gen, n, k, blocks_along=1) for _ in range(G)]).cuda(), "nvfp4")
+    decision = grouped.explain(x, qw, SIZES, backend="cute", out_dtype=out_dtype)
+    assert decision.problem.weight_only
+    require_cute(x, qw, out_dtype=out_dtype)
+    splits = SIZES if split_source == "host" else torch.tensor(SIZES, dtype=torch.int32, device="cuda")
+    shape = out_shape("forward", M, n, k, G)
+    big, out = caller_buffer(shape, out_dtype)
+    before = big.clone()
+    grouped.gemm(x, qw, splits, out=out, backend="cute")
+    torch.cuda.synchronize()
+    assert torch.equal(bits(big[total:]), bits(before[total:])), "rows past the split total were written"
+    ref = reference("forward", x.double(), qw.dequantize().double(), SIZES, shape)
+    assert_mx_close(out[:total], ref[:total], out_dtype, "weight-only forward")

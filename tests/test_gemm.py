@@ -422,3 +422,22 @@ def test_grouped_tensor_forward_dgrad_into_caller_buffer(layout, fmt, gen):
     own = grouped.gemm(ga, gb, sizes, layout=layout)
     assert torch.equal(out, own)
     assert torch.equal(_bits(big)[:, shape[1] :], before[:, shape[1] :])
+
+
+@pytest.mark.parametrize("splits", [[40, 0, 20, 36], [0, 0, 0, 0]], ids=["ragged", "empty"])
+def test_weight_only_nvfp4_forward_is_bf16_times_dequantized_weight(splits, gen):
+    """A bf16 activation with an NVFP4 weight (serving): no activation quantization; the result is
+    the fp64 GEMM of the activation and the dequantized weight, per expert."""
+    x = torch.randn(100, 64, generator=gen).to(torch.bfloat16)
+    qw = grouped.quantize(torch.randn(4, 48, 64, generator=gen), "nvfp4")
+    decision = grouped.explain(x, qw, splits)
+    assert decision.problem.weight_only and decision.problem.fmt == "nvfp4"
+    out = grouped.gemm(x, qw, splits, out_dtype=torch.float32)
+    w = qw.dequantize().double()
+    start = 0
+    for g, m in enumerate(splits):
+        rows = slice(start, start + m)
+        start += m
+        expected = x[rows].double() @ w[g].T
+        assert torch.allclose(out[rows].double(), expected, rtol=1e-6, atol=1e-6)
+    assert (out[sum(splits):] == 0).all()

@@ -421,28 +421,23 @@ def test_unaligned_bf16_on_sm90_goes_to_cublas():
     assert d.backend == "cublas"
 
 
-def test_mxfp8_on_sm90_runs_cute_when_asked():
-    """Until its GPU tests have run, the sm90 MXFP8 kernel serves when forced and comes after the
-    reference in the automatic order (grouped/selector.py)."""
-    problem = _problem(fmt="mxfp8", capability=(9, 0))
+@pytest.mark.parametrize("fmt, weight_only", [("mxfp8", False), ("nvfp4", False), ("nvfp4", True)])
+def test_block_scaled_on_sm90_runs_cute_when_asked(fmt, weight_only):
+    """Until their GPU tests have run, the sm90 block-scaled kernels serve when forced and come after
+    the reference in the automatic order (grouped/selector.py)."""
+    problem = _problem(fmt=fmt, capability=(9, 0), weight_only=weight_only)
     d = selector.decide(problem)
     assert d.backend == "reference" and selector.preference(problem) == ("reference", "cute")
+    assert fmt in d.reasons["cublas"] and fmt in d.reasons["torch"]
     assert "Blackwell" in d.reasons["cudnn"]
-    assert "mxfp8" in d.reasons["cublas"] and "mxfp8" in d.reasons["torch"]
+    if weight_only:  # and on Blackwell cuDNN frontend cannot take a bf16 activation either
+        on_sm100 = selector.decide(_problem(fmt=fmt, capability=(10, 0), weight_only=True))
+        assert "bf16 activation" in on_sm100.reasons["cudnn"] or "not installed" in on_sm100.reasons["cudnn"]
     forced = selector.decide(problem, "cute")
     if d.reasons["cute"] is None:
         assert forced.backend == "cute" and forced.forced
     else:  # only without the CuTe DSL toolchain
         assert "not installed" in d.reasons["cute"]
-
-
-def test_nvfp4_on_sm90_falls_to_reference():
-    d = selector.decide(_problem(fmt="nvfp4", capability=(9, 0)))
-    assert re.search(r"not landed|not installed", d.reasons["cute"])
-    if "not installed" not in d.reasons["cute"]:
-        assert "NVFP4" in d.reasons["cute"]
-    assert d.backend == "reference"  # the only one left that serves the format
-    assert selector.preference(d.problem)[0] == "cute"
 
 
 @pytest.mark.parametrize("fmt", ["mxfp8", "nvfp4"])
@@ -455,12 +450,13 @@ def test_quantized_on_sm100(fmt):
 
 
 def test_quantized_under_capture_with_device_splits():
-    # MXFP8: the cute kernel is graph-safe. NVFP4 has no kernel on sm90 and the reference is not
-    # graph-safe: refuse, with reasons.
-    mx = selector.decide(_problem(fmt="mxfp8", capturing=True, device_splits=True))
-    assert mx.backend == "cute" or "not installed" in mx.reasons["cute"]
+    # On sm90 the cute kernels are graph-safe. Elsewhere (sm80) no kernel serves a quantized format
+    # and the reference is not graph-safe: refuse, with reasons.
+    for fmt in ("mxfp8", "nvfp4"):
+        d = selector.decide(_problem(fmt=fmt, capturing=True, device_splits=True))
+        assert d.backend == "cute" or "not installed" in d.reasons["cute"]
     with pytest.raises(ValueError, match=r"no backend can serve.*graph"):
-        selector.decide(_problem(fmt="nvfp4", capturing=True, device_splits=True))
+        selector.decide(_problem(fmt="nvfp4", capturing=True, device_splits=True, capability=(8, 0)))
 
 
 def test_sm80_bf16():
@@ -513,7 +509,7 @@ def test_availability_hopper():
     assert table["bf16"]["reference"] is None
     assert (table["bf16"]["cute"] is None) == CUTE
     assert (table["mxfp8"]["cute"] is None) == CUTE and "Blackwell" in table["mxfp8"]["cudnn"]
-    assert "NVFP4" in table["nvfp4"]["cute"] or not CUTE
+    assert (table["nvfp4"]["cute"] is None) == CUTE
 
 
 def test_availability_cuda_unknown_capability():

@@ -1,4 +1,4 @@
-"""sm90 grouped GEMM (BF16, MXFP8): configs, checks, compile entry and launch (no cutlass import).
+"""sm90 grouped GEMM (BF16, MXFP8, NVFP4): configs, checks, compile entry and launch (no cutlass import).
 
 Device code and the algorithm: grouped_gemm_kernel.py. One compile per
 ``GemmConfig`` serves every token count, split, N, K, expert count and row
@@ -15,17 +15,20 @@ b_major "k" reads W as (N_w rows, K_w contraction) (forward); "mn" as
 (K_w rows, N_w contraction) (dgrad). TMA needs every row stride and base
 16-byte aligned, unit stride along the last dim and no empty operand.
 
-Block-scaled operands (``GemmConfig.fmt`` set; MXFP8) come as their stored
-bytes, viewed as uint8, with the contraction dim last, and their compact
-block scales (one byte a block) beside them:
+Block-scaled operands (``GemmConfig.fmt`` set; MXFP8, NVFP4) come as their
+stored bytes, viewed as uint8, with the contraction dim last, and their compact
+block scales (one byte a block, E8M0 or E4M3) beside them; NVFP4 also passes
+each operand's per-tensor scales S as (G,) fp32:
 =========  ======================  ==============================  ===========
 ragged     a, scale_a              b, scale_b                      c
 =========  ======================  ==============================  ===========
-"m"        (T, K), (T, K/32)       (G, R, K), (G, R, K/32)          (T, R)
-"k"        (M, P), (M, P/32)       (N, P), (N, P/32)                (G, M, N)
+"m"        (T, Ks), (T, K/blk)     (G, R, Ks), (G, R, K/blk)        (T, R)
+"k"        (M, Ps), (M, P/blk)     (N, Ps), (N, P/blk)              (G, M, N)
 =========  ======================  ==============================  ===========
-forward: R = N (W rowwise); dgrad: R = K (W stored (G, K, N), blocks along N);
-wgrad: P = the token dim with each group zero-padded to the block.
+Ks = K stored columns (K for MXFP8, K/2 for NVFP4's packed codes); forward: R = N
+(W rowwise); dgrad: R = K (W stored (G, K, N), blocks along N); wgrad: P = the
+token dim with each group zero-padded to the block. ``weight_only``: a is a bf16
+(T, K) activation with no scales (forward, NVFP4 weights).
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ from ..device import sm_count
 from ..facts import FormatFacts
 
 OUT_DTYPES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
+LAYOUTS = ("forward", "dgrad", "wgrad")
+BLOCK_SCALED_FORMATS = ("mxfp8", "nvfp4")  # what the kernel decodes (block_decode.py)
+WEIGHT_ONLY_FORMAT = "nvfp4"  # the format a bf16 activation may meet (weight-only GEMMs)
 
 
 @dataclass(frozen=True)
@@ -53,7 +59,8 @@ class GemmConfig:
     tile_n: int = 192
     cluster_m: int = 1  # CTAs of a cluster, sharing (multicasting) the B tile (schedule_for)
     dynamic: bool = False  # work items claimed from a global counter, not a fixed walk (schedule_for)
-    fmt: FormatFacts | None = None  # block-scaled operands (MXFP8), decoded to bf16 in the kernel
+    fmt: FormatFacts | None = None  # block-scaled operands (MXFP8, NVFP4), decoded to bf16 in the kernel
+    weight_only: bool = False  # A a bf16 activation, B block-scaled (NVFP4 forward)
 
 
 # Clusters of two CTAs share (multicast) the B tile: fewer L2 -> SM bytes, but in ragged M a
@@ -83,23 +90,29 @@ def schedule_for(layout: str, tokens: int, groups: int, m: int, n: int, device: 
 
 @functools.lru_cache(maxsize=None)
 def config_for(layout: str, out_dtype: torch.dtype, accumulate: bool, cluster_m: int, dynamic: bool,
-               fmt: FormatFacts | None = None) -> GemmConfig:
+               fmt: FormatFacts | None = None, weight_only: bool = False) -> GemmConfig:
     ragged, b_major = {"forward": ("m", "k"), "dgrad": ("m", "mn"), "wgrad": ("k", "mn")}[layout]
     if fmt is not None:  # stored with the contraction dim last: every operand K-major
         b_major = "k"
     return GemmConfig(ragged, b_major, OUT_DTYPES[out_dtype], accumulate, cluster_m=cluster_m, dynamic=dynamic,
-                      fmt=fmt)
+                      fmt=fmt, weight_only=weight_only)
 
 
 def configs_for_layouts(block_scaled_formats=()) -> list[GemmConfig]:
-    """Every config the backend can pick: bf16, and each of ``block_scaled_formats`` (FormatFacts)."""
+    """Every config the backend can pick: bf16, each of ``block_scaled_formats`` (FormatFacts), and
+    NVFP4 weights with bf16 activations (forward)."""
+    kinds = [(None, False, LAYOUTS)]
+    for fmt in block_scaled_formats:
+        kinds.append((fmt, False, LAYOUTS))
+        if fmt.name == WEIGHT_ONLY_FORMAT:
+            kinds.append((fmt, True, ("forward",)))
     out = []
-    for fmt in (None, *block_scaled_formats):
-        for layout in ("forward", "dgrad", "wgrad"):
+    for fmt, weight_only, layouts in kinds:
+        for layout in layouts:
             schedules = [(2, False), (1, True)] if layout == "wgrad" else [(1, False), (2, False), (1, True)]
             for cluster_m, dynamic in schedules:
                 for dtype in OUT_DTYPES:
-                    out.append(config_for(layout, dtype, False, cluster_m, dynamic, fmt))
+                    out.append(config_for(layout, dtype, False, cluster_m, dynamic, fmt, weight_only))
                 if layout == "wgrad":
                     out.append(config_for(layout, torch.float32, True, cluster_m, dynamic, fmt))
     return list(dict.fromkeys(out))  # block-scaled forward and dgrad share their configs
@@ -134,7 +147,7 @@ def compile_config(config: GemmConfig):
     operand = cutlass.Uint8 if config.fmt is not None else bf16  # block-scaled: the stored bytes
     per_16_bytes = 16 // (operand.width // 8)
     if config.ragged == "m":
-        a = row_major(operand, tokens, cute.sym_int())
+        a = row_major(bf16 if config.weight_only else operand, tokens, cute.sym_int())
         n_w, k_w = cute.sym_int(), cute.sym_int()
         b = make_fake_tensor(operand, (groups, n_w, k_w), (cute.sym_int64(divisibility=per_16_bytes),
                              cute.sym_int64(divisibility=per_16_bytes), 1), assumed_align=16)
@@ -149,23 +162,25 @@ def compile_config(config: GemmConfig):
             (cute.sym_int64(divisibility=elements), cute.sym_int64(divisibility=elements), 1),
             assumed_align=16,
         )
-    if config.fmt is None:  # not read: any uint8 tensor
-        scale_a = scale_b = make_fake_compact_tensor(cutlass.Uint8, (cute.sym_int(),))
-    else:  # compact scales, one byte a block, blocks along the last dim
-        scale_a = make_fake_tensor(cutlass.Uint8, (cute.sym_int(), cute.sym_int()), (cute.sym_int64(), 1))
+    unused = make_fake_compact_tensor(cutlass.Uint8, (cute.sym_int(),))  # an argument the config does not read
+    scale_a = scale_b = tensor_scale_a = tensor_scale_b = unused
+    if config.fmt is not None:  # compact scales, one byte a block, blocks along the last dim
+        if not config.weight_only:
+            scale_a = make_fake_tensor(cutlass.Uint8, (cute.sym_int(), cute.sym_int()), (cute.sym_int64(), 1))
         if config.ragged == "m":
             scale_b = make_fake_tensor(cutlass.Uint8, (groups, cute.sym_int(), cute.sym_int()),
                                        (cute.sym_int64(), cute.sym_int64(), 1))
         else:
             scale_b = make_fake_tensor(cutlass.Uint8, (cute.sym_int(), cute.sym_int()), (cute.sym_int64(), 1))
+        if config.fmt.name == "nvfp4":  # per-group fp32 S (a per-tensor S comes as a stride-0 view)
+            tensor_scale_a, tensor_scale_b = (make_fake_tensor(cutlass.Float32, (groups,), (cute.sym_int64(),))
+                                              for _ in range(2))
     ends = make_fake_compact_tensor(cutlass.Int32, (groups,))
     counter = make_fake_compact_tensor(cutlass.Int32, (cute.sym_int(),))  # (1,); static configs get ends
     gemm = GroupedGemmSm90(config.ragged, config.b_major, config.accumulate, config.tile_m, config.tile_n,
-                           config.cluster_m, config.dynamic, config.fmt)
-    return compile_kernel(gemm, a, b, c, scale_a, scale_b, ends, counter, cutlass.Int32(1))
-
-
-BLOCK_SCALED_FORMATS = ("mxfp8",)  # what the kernel decodes (block_decode.py)
+                           config.cluster_m, config.dynamic, config.fmt, config.weight_only)
+    return compile_kernel(gemm, a, b, c, scale_a, scale_b, tensor_scale_a, tensor_scale_b, ends, counter,
+                          cutlass.Int32(1))
 
 
 def configs(formats=()) -> list:
@@ -198,20 +213,21 @@ def _tma_strides(t: torch.Tensor) -> torch.Tensor:
     return t.as_strided(t.shape, strides)
 
 
-def launch(config: GemmConfig, a, b, c, ends: torch.Tensor, max_work: int, scale_a=None, scale_b=None) -> None:
+def launch(config: GemmConfig, a, b, c, ends: torch.Tensor, max_work: int, scale_a=None, scale_b=None,
+           tensor_scale_a=None, tensor_scale_b=None) -> None:
     """Run one grouped GEMM on the current stream. ``ends``: (G,) int32 end offsets on the GPU;
     ``max_work``: an upper bound on the number of work items (``work_bound``; sizes the
-    persistent grid, one cluster an item at a time); block-scaled operands: a, b as uint8 and
-    their scales (see the module doc). Operands must be non-empty and aligned (the cute backend
-    checks)."""
+    persistent grid, one cluster an item at a time); block-scaled operands: a, b as uint8 (a
+    bf16 activation as it is), their block scales as uint8, NVFP4's S as (G,) fp32 (see the module
+    doc). Operands must be non-empty and aligned (the cute backend checks)."""
     ctas = config.cluster_m * max(1, min(sm_count(a.device) // config.cluster_m, max_work))
     stream = torch.cuda.current_stream(a.device).cuda_stream
     # the dynamic scheduler's claim counter: a fresh zero every call (graph-safe, and no two calls,
     # e.g. on two streams, share one); a static walk reads none, so it gets any int32 tensor
     counter = torch.zeros(1, dtype=torch.int32, device=a.device) if config.dynamic else ends
-    if scale_a is None:  # bf16: the scale arguments are not read
-        scale_a = scale_b = ends.view(torch.uint8)
-    kernel(config)(_tma_strides(a), _tma_strides(b), _tma_strides(c), scale_a, scale_b, ends, counter, ctas, stream)
+    unused = ends.view(torch.uint8)  # for the arguments this config does not read
+    scales = [unused if t is None else t for t in (scale_a, scale_b, tensor_scale_a, tensor_scale_b)]
+    kernel(config)(_tma_strides(a), _tma_strides(b), _tma_strides(c), *scales, ends, counter, ctas, stream)
 
 
 def work_bound(config: GemmConfig, tokens: int, groups: int, m: int, n: int) -> int:

@@ -56,28 +56,28 @@ columns, 3% less MMA work at N = 4096) were tried and made the long-K shapes wit
 20% slower (Mixtral 4096->28672 dgrad, H100), likely because the CTAs that get the cheap tiles
 drift out of step with the rest and the L2 reuse of the operand slices read in lockstep is lost.
 
-Block-scaled operands (MXFP8; ``fmt`` set): every operand is stored with its
-contraction dim last (grouped.quantize's storage rule), so all of them are
-K-major, and the wgrad operands are (M, P) and (N, P) with each group's
-tokens at a block-aligned (padded) offset. The load warp brings raw 8-bit
-tiles into a second ring of stages, and the producer warpgroup's other three
-warps decode them (E4M3 times its E8M0 block scale, exact in bf16: see
-block_decode.py) into the bf16 stages the consumers multiply, unchanged. A
-block past a group's end (wgrad) or past the tensor decodes to zero, so a tile
-may read the next group's bytes. Block scales come from global memory (compact
-layout, one byte a block), a stage's bytes all asked for before it is decoded.
+Block-scaled operands (MXFP8, NVFP4; ``fmt`` set): every operand is stored with
+its contraction dim last (grouped.quantize's storage rule), so all of them are
+K-major, and the wgrad operands are (M, P) and (N, P) with each group's tokens
+at a block-aligned (padded) offset. The load warp brings raw tiles into a
+second ring of stages, and the producer warpgroup's other three warps decode
+them into the bf16 stages the consumers multiply, unchanged (decode_warps.py;
+the numerics: block_decode.py). A weight-only GEMM (``weight_only``: a bf16
+activation with NVFP4 weights) copies A's raw tile and decodes B's. NVFP4's
+per-tensor scales fold into the epilogue: C = acc / (S_a S_b) for the tile's
+group (``_tensor_scale``).
 """
 
 import cutlass
 import cutlass.cute as cute
 import cutlass.pipeline as pipeline
 import cutlass.utils.hopper_helpers as sm90_utils
-from cutlass import BFloat16, Boolean, Float32, Int32, Int64, Uint8, Uint32, const_expr
+from cutlass import BFloat16, Boolean, Float32, Int32, Int64, Uint8, const_expr
 from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.tensor_utils import LayoutEnum
 
-from ..ptx import ld, mul_bf16x2, sel, st
-from .block_decode import decode_e4m3x4, e8m0_factors
+from ..ptx import div_rn, mul_rn
+from .decode_warps import DECODE_THREADS, DECODE_WARPS, Codec, DecodeWarps
 
 BIG = 2**30  # size of a ragged dim; past any real extent
 MAX = 2**31 - 1  # size of the extra dims
@@ -98,13 +98,10 @@ EPI_COLUMNS = 32  # the epilogue stores 128 x 32 subtiles
 EPI_BUFFERS = 1
 SMEM_BYTES = 227 * 1024
 WORK_SLOTS = 4  # dynamic scheduling: work items the load warp may claim ahead of the consumers
-# Block-scaled operands: warps 1-3 of the producer warpgroup decode; MMA_STAGES decoded bf16
-# stages, the rest of shared memory holds raw 8-bit stages (up to MAX_LOAD_STAGES).
-DECODE_WARPS = 3
-DECODE_THREADS = DECODE_WARPS * 32
+# Block-scaled operands: warps 1-3 of the producer warpgroup decode (decode_warps.py); MMA_STAGES
+# decoded bf16 stages, the rest of shared memory holds raw stages (up to MAX_LOAD_STAGES).
 MMA_STAGES = 3
 MAX_LOAD_STAGES = 6
-DECODE_CHUNK = 16  # bytes a vector load/store
 
 
 def ragged_store_view(t: cute.Tensor) -> cute.Tensor:
@@ -152,18 +149,26 @@ def warp_inclusive_sum(x: Int32, lane: Int32) -> Int32:
     return x
 
 
-class GroupedGemmSm90:
+class GroupedGemmSm90(DecodeWarps):
     """Persistent warp-specialized grouped GEMM; see the module doc."""
 
     def __init__(self, ragged: str, b_major: str, accumulate: bool, tile_m: int, tile_n: int, cluster_m: int,
-                 dynamic: bool = False, fmt=None):
-        """fmt: None for bf16 operands, or the FormatFacts of block-scaled ones (MXFP8)."""
+                 dynamic: bool = False, fmt=None, weight_only: bool = False):
+        """fmt: None for bf16 operands, or the FormatFacts of block-scaled ones (MXFP8, NVFP4);
+        weight_only: A is a bf16 activation, only B is block-scaled (NVFP4 forward)."""
         # a warpgroup holds a whole tile's fp32 accumulator: tile_n registers a thread
         assert ragged in ("m", "k") and b_major in ("k", "mn") and tile_m == 128 and tile_n in (128, 192)
         assert cluster_m in (1, 2) and not (dynamic and cluster_m > 1)
-        assert fmt is None or (fmt.name == "mxfp8" and b_major == "k")
+        assert fmt is None or (fmt.name in ("mxfp8", "nvfp4") and b_major == "k")
+        assert not weight_only or (fmt is not None and fmt.name == "nvfp4" and ragged == "m")
         self.fmt = fmt
         self.block_scaled = fmt is not None
+        self.weight_only = weight_only
+        # NVFP4's per-tensor scales S fold into the epilogue: C *= 1 / (S_a S_b) per group
+        self.tensor_scaled = fmt is not None and fmt.name == "nvfp4"
+        if self.block_scaled:
+            self.a_codec, self.b_codec = Codec.of(fmt, bf16=weight_only), Codec.of(fmt, bf16=False)
+        self.work_slots = WORK_SLOTS
         self.dynamic = dynamic
         self.cluster_m = cluster_m
         self.ragged = ragged
@@ -178,13 +183,17 @@ class GroupedGemmSm90:
 
     @cute.jit
     def __call__(self, a: cute.Tensor, b: cute.Tensor, c: cute.Tensor, scale_a: cute.Tensor, scale_b: cute.Tensor,
-                 ends: cute.Tensor, counter: cute.Tensor, max_ctas: Int32, stream):
+                 tensor_scale_a: cute.Tensor, tensor_scale_b: cute.Tensor, ends: cute.Tensor, counter: cute.Tensor,
+                 max_ctas: Int32, stream):
         """a, b, c as torch hands them (see grouped_gemm.py); scale_a, scale_b: block-scaled operands'
-        compact scales, one byte a block along the contraction dim (bf16: not read); ends: (G,) int32
-        group end offsets; counter: an int32 zero, the dynamic scheduler's claim counter (static: not
-        read)."""
+        compact scales, one byte a block along the contraction dim; tensor_scale_a, tensor_scale_b:
+        NVFP4's per-group fp32 scales S (G,); ends: (G,) int32 group end offsets; counter: an int32
+        zero, the dynamic scheduler's claim counter (static: not read). Arguments a call does not
+        need are not read."""
         self.a_dtype, self.b_dtype, self.c_dtype = a.element_type, b.element_type, c.element_type
+        self.raw_a_dtype, self.raw_b_dtype = Uint8, Uint8
         if const_expr(self.block_scaled):
+            self.raw_a_dtype, self.raw_b_dtype = a.element_type, b.element_type
             self.a_dtype = self.b_dtype = BFloat16  # what the MMA multiplies, once decoded
         mScaleB = scale_b
         if const_expr(self.ragged == "m"):
@@ -197,6 +206,8 @@ class GroupedGemmSm90:
             self.a_layout = LayoutEnum.ROW_MAJOR
             self.b_layout = LayoutEnum.ROW_MAJOR if self.b_major == "k" else LayoutEnum.COL_MAJOR
             problem_m, problem_n, problem_k = 0, c.shape[1], a.shape[1]
+            if const_expr(self.block_scaled):  # a's stored columns -> elements of the contraction
+                problem_k = a.shape[1] * (TILE_K // self.a_codec.raw_elements(TILE_K))
         elif const_expr(self.block_scaled):
             # a (M, P), b (N, P): contraction-major, each group's tokens at a block-aligned offset; c (G, M, N)
             mA, mB = a, b
@@ -222,8 +233,9 @@ class GroupedGemmSm90:
         load_a_layout, load_b_layout = self.a_smem_layout, self.b_smem_layout
         if const_expr(self.block_scaled):
             load_a_layout, load_b_layout = self.raw_a_layout, self.raw_b_layout
-        tma_a, tma_tensor_a = self._tma_load(mA, load_a_layout, (self.tile_shape_mnk[0], TILE_K))
-        tma_b, tma_tensor_b = self._tma_load(mB, load_b_layout, (self.tile_shape_mnk[1], TILE_K), self.cluster_m)
+        tma_a, tma_tensor_a = self._tma_load(mA, load_a_layout, (self.tile_shape_mnk[0], self._load_k("a")))
+        tma_b, tma_tensor_b = self._tma_load(mB, load_b_layout, (self.tile_shape_mnk[1], self._load_k("b")),
+                                             self.cluster_m)
         store_op = (cpasync.CopyReduceBulkTensorTileS2GOp() if const_expr(self.accumulate)
                     else cpasync.CopyBulkTensorTileS2GOp())
         tma_c, tma_tensor_c = cpasync.make_tiled_tma_atom(
@@ -239,14 +251,14 @@ class GroupedGemmSm90:
             sA: cute.struct.Align[cute.struct.MemRange[self.a_dtype, cute.cosize(self.a_smem_layout)], 1024]
             sB: cute.struct.Align[cute.struct.MemRange[self.b_dtype, cute.cosize(self.b_smem_layout)], 1024]
             sC: cute.struct.Align[cute.struct.MemRange[self.c_dtype, cute.cosize(self.epi_smem_layout)], 1024]
-            # block-scaled: raw 8-bit stages (one byte each for bf16 operands, never used)
-            sA_raw: cute.struct.Align[cute.struct.MemRange[Uint8, cute.cosize(self.raw_a_layout)], 1024]
-            sB_raw: cute.struct.Align[cute.struct.MemRange[Uint8, cute.cosize(self.raw_b_layout)], 1024]
+            # block-scaled: raw stages (one byte each for bf16 operands, never used)
+            sA_raw: cute.struct.Align[cute.struct.MemRange[self.raw_a_dtype, cute.cosize(self.raw_a_layout)], 1024]
+            sB_raw: cute.struct.Align[cute.struct.MemRange[self.raw_b_dtype, cute.cosize(self.raw_b_layout)], 1024]
 
         self.shared_storage = SharedStorage
         self.kernel(
-            tma_a, tma_tensor_a, tma_b, tma_tensor_b, tma_c, tma_tensor_c, scale_a, mScaleB, ends, counter,
-            problem_m, problem_n, problem_k,
+            tma_a, tma_tensor_a, tma_b, tma_tensor_b, tma_c, tma_tensor_c, scale_a, mScaleB, tensor_scale_a,
+            tensor_scale_b, ends, counter, problem_m, problem_n, problem_k,
             self.tiled_mma, self.a_smem_layout, self.b_smem_layout, self.epi_smem_layout, self.raw_a_layout,
             self.raw_b_layout,
         # one CTA: no cluster attribute (a launch with clusters of one measured ~20% slower, H100)
@@ -264,19 +276,17 @@ class GroupedGemmSm90:
         ab_bytes = (tile_m + tile_n) * TILE_K * self.a_dtype.width // 8
         epi_bytes = cute.size(self.epi_tile) * self.c_dtype.width // 8 * EPI_BUFFERS * CONSUMER_WARPGROUPS
         self.ab_stages = (SMEM_BYTES - 1024 - epi_bytes) // ab_bytes
-        self.load_stages = 1  # raw 8-bit stages (block-scaled operands; one unused byte otherwise)
-        raw_rows = (1, 1)
+        self.load_stages = 1  # raw stages (block-scaled operands; one unused element otherwise)
+        raw_shapes = ((1, 1), (1, 1))  # (rows, stored elements a row) of A's and B's raw tiles
         if const_expr(self.block_scaled):
             self.ab_stages = MMA_STAGES
-            raw_bytes = (tile_m + tile_n) * TILE_K
+            raw_bytes = tile_m * self.a_codec.raw_bytes(TILE_K) + tile_n * self.b_codec.raw_bytes(TILE_K)
             free_bytes = SMEM_BYTES - 3 * 1024 - epi_bytes - MMA_STAGES * ab_bytes
             self.load_stages = min(MAX_LOAD_STAGES, free_bytes // raw_bytes)
-            raw_rows = (tile_m, tile_n)
-        raw_k = TILE_K if const_expr(self.block_scaled) else 1
-        self.raw_a_layout = cute.make_layout((raw_rows[0], raw_k, self.load_stages),
-                                             stride=(raw_k, 1, raw_rows[0] * raw_k))
-        self.raw_b_layout = cute.make_layout((raw_rows[1], raw_k, self.load_stages),
-                                             stride=(raw_k, 1, raw_rows[1] * raw_k))
+            raw_shapes = ((tile_m, self._load_k("a")), (tile_n, self._load_k("b")))
+        (a_rows, a_k), (b_rows, b_k) = raw_shapes
+        self.raw_a_layout = cute.make_layout((a_rows, a_k, self.load_stages), stride=(a_k, 1, a_rows * a_k))
+        self.raw_b_layout = cute.make_layout((b_rows, b_k, self.load_stages), stride=(b_k, 1, b_rows * b_k))
         self.a_smem_layout = sm90_utils.make_smem_layout_a(
             self.a_layout, self.tile_shape_mnk, self.a_dtype, self.ab_stages)
         self.b_smem_layout = sm90_utils.make_smem_layout_b(
@@ -284,6 +294,12 @@ class GroupedGemmSm90:
         self.epi_smem_layout = sm90_utils.make_smem_layout_epi(
             self.c_dtype, self.c_layout, self.epi_tile, EPI_BUFFERS * CONSUMER_WARPGROUPS
         )
+
+    def _load_k(self, operand: str) -> int:
+        """Stored elements a k-tile of an operand spans (its raw tile's width; TILE_K for bf16)."""
+        if not self.block_scaled:
+            return TILE_K
+        return (self.a_codec if operand == "a" else self.b_codec).raw_elements(TILE_K)
 
     @staticmethod
     def _tma_load(tensor, smem_layout_staged, tile, multicast: int = 1):
@@ -427,15 +443,26 @@ class GroupedGemmSm90:
         if const_expr(self.ragged == "m"):
             a_rows = cute.domain_offset((start, 0), mA)
             b_group = mB[None, None, group]
-        elif const_expr(self.block_scaled):
-            a_rows = cute.domain_offset((0, k_origin), mA)
-            b_group = cute.domain_offset((0, k_origin), mB)
+        elif const_expr(self.block_scaled):  # the group's first stored column
+            a_rows = cute.domain_offset((0, self.a_codec.raw_elements(k_origin)), mA)
+            b_group = cute.domain_offset((0, self.b_codec.raw_elements(k_origin)), mB)
         else:
             a_rows = group_rows(mA, start, length, ragged_mode=1)
             b_group = group_rows(mB, start, length, ragged_mode=1)
-        gA = cute.local_tile(a_rows, (tile_m, TILE_K), (tile_m_idx, None))
-        gB = cute.local_tile(b_group, (tile_n, TILE_K), (tile_n_idx, None))
+        gA = cute.local_tile(a_rows, (tile_m, self._load_k("a")), (tile_m_idx, None))
+        gB = cute.local_tile(b_group, (tile_n, self._load_k("b")), (tile_n_idx, None))
         return gA, gB
+
+    def _tensor_scale(self, tensor_scale_a: cute.Tensor, tensor_scale_b: cute.Tensor, group: Int32) -> Float32:
+        """NVFP4: a group's 1 / (S_a S_b) (1 / S_b for a bf16 activation), what its dequantized
+        product is of the decoded one; 1 otherwise."""
+        alpha = Float32(1.0)
+        if const_expr(self.tensor_scaled):
+            scale = tensor_scale_b[group]
+            if const_expr(not self.weight_only):
+                scale = mul_rn(tensor_scale_a[group], scale)
+            alpha = div_rn(Float32(1.0), scale)
+        return alpha
 
     def _output_tile(self, mC, group, tile_m_idx, tile_n_idx, start, length):
         tile_m, tile_n, _ = self.tile_shape_mnk
@@ -460,134 +487,14 @@ class GroupedGemmSm90:
             coord = (None, None, k_block, stage)
             cute.gemm(tiled_mma, acc, tCrA[coord], tCrB[coord], acc)
 
-    # ------------------------------------------------------------------ block-scaled decode
-
-    @cute.jit
-    def _decode_loop(self, thread: Int32, cluster: Int32, clusters: Int32, rank: Int32, ends: cute.Tensor,
-                     counter: cute.Tensor, work_pipeline, work_slots: cute.Tensor, load_pipeline, ab_pipeline,
-                     sA_raw: cute.Tensor, sB_raw: cute.Tensor, sA: cute.Tensor, sB: cute.Tensor, mA: cute.Tensor,
-                     mB: cute.Tensor, scale_a: cute.Tensor, scale_b: cute.Tensor, problem_m: Int32,
-                     problem_n: Int32, problem_k: Int32, tiles_n: Int32):
-        """The decode warps (``thread`` 0..95): every work item's k-tiles, in the order the load warp
-        loads them and the consumers multiply them, raw stage -> bf16 stage."""
-        tile_m, tile_n, _ = self.tile_shape_mnk
-        block = self.fmt.block_size
-        load_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.load_stages)
-        mma_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.ab_stages)
-        work_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, WORK_SLOTS)
-        item, group_base, tiles_before = Int32(0), Int32(0), Int32(0)
-        work = self._consumer_work(item, cluster, clusters, work_pipeline, work_state, work_slots)
-        work_state.advance()
-        valid, group, tm, tn, start, length, group_base, tiles_before = self._locate(
-            work, group_base, tiles_before, ends, problem_m, tiles_n)
-        a_rows, b_rows = Int32(cute.size(mA, mode=[0])), Int32(cute.size(mB, mode=[0]))
-        while valid:
-            k_origin = self._k_origin(ends, group)
-            a_row0 = (tm * self.cluster_m + rank) * tile_m
-            block_end = problem_k // block  # blocks of the contraction that exist
-            if const_expr(self.ragged == "m"):
-                a_row0 = a_row0 + start
-            else:
-                block_end = (k_origin + self._padded(length)) // block
-            # one operand's view for the stage decode: (first row, rows there, scales of row 0, row stride)
-            a_side = (a_row0, a_rows, scale_a.iterator.toint() + Int64(a_row0) * Int64(scale_a.stride[0]),
-                      Int64(scale_a.stride[0]))
-            b_row0 = tn * tile_n
-            b_side = (b_row0, b_rows, scale_b.iterator.toint() + Int64(group) * Int64(scale_b.stride[0])
-                      + Int64(b_row0) * Int64(scale_b.stride[1]), Int64(scale_b.stride[1]))
-            for k_tile in cutlass.range(self._k_tiles(length, problem_k), unroll=1):
-                first_block = (k_origin + k_tile * TILE_K) // block
-                load_pipeline.consumer_wait(load_state)
-                ab_pipeline.producer_acquire(mma_state)
-                self._decode_stage(thread, sA_raw, sB_raw, sA, sB, load_state.index, mma_state.index, a_side, b_side,
-                                   first_block, block_end)
-                cute.arch.fence_proxy("async.shared", space="cta")  # the bf16 stores, seen by wgmma
-                ab_pipeline.producer_commit(mma_state)
-                cute.arch.sync_warp()  # every lane has read the raw stage before one lane frees it
-                load_pipeline.consumer_release(load_state)
-                load_state.advance()
-                mma_state.advance()
-            item += 1
-            work = self._consumer_work(item, cluster, clusters, work_pipeline, work_state, work_slots)
-            work_state.advance()
-            valid, group, tm, tn, start, length, group_base, tiles_before = self._locate(
-                work, group_base, tiles_before, ends, problem_m, tiles_n)
-
-    @cute.jit
-    def _decode_stage(self, thread: Int32, sA_raw, sB_raw, sA, sB, load_index: Int32, mma_index: Int32, a_side,
-                      b_side, first_block: Int32, block_end: Int32):
-        """Decode one stage. Work unit: one block (two 16-byte chunks) of one row of A or B; thread
-        t takes units t, t + 96, ...; A's rows come first. The next unit's scale byte is asked for
-        before this one is decoded, so the global load overlaps the decode."""
-        tile_m, tile_n, _ = self.tile_shape_mnk
-        block = self.fmt.block_size
-        raw = (sA_raw.iterator.toint() + load_index * (tile_m * TILE_K),
-               sB_raw.iterator.toint() + load_index * (tile_n * TILE_K))
-        bf16 = (sA.iterator.toint() + mma_index * (tile_m * TILE_K * 2),
-                sB.iterator.toint() + mma_index * (tile_n * TILE_K * 2))
-        units = (tile_m + tile_n) * (TILE_K // block)
-        rounds = (units + DECODE_THREADS - 1) // DECODE_THREADS
-        scale_byte = self._unit_scale(thread, a_side, b_side, first_block, block_end)
-        for i in cutlass.range_constexpr(rounds):
-            unit = thread + i * DECODE_THREADS
-            this_byte = scale_byte
-            if const_expr(i + 1 < rounds):
-                scale_byte = self._unit_scale(unit + DECODE_THREADS, a_side, b_side, first_block, block_end)
-            if unit < units:
-                in_a, row, j = self._unit(unit)
-                present = self._unit_present(unit, a_side, b_side, first_block, block_end)
-                src = sel(in_a, raw[0], raw[1], Int32) + row * TILE_K + j * block
-                dst = sel(in_a, bf16[0], bf16[1], Int32) + row * (TILE_K * 2)
-                first, second, twice = e8m0_factors(this_byte, present, self.fmt.nan_scale)
-                if twice:
-                    self._decode_unit(src, dst, row, j, first, second)
-                else:
-                    self._decode_unit(src, dst, row, j, first, None)
-
-    def _unit(self, unit: Int32):
-        """(in A, row of its tile, block of the stage) of a decode unit; A's rows first (the same for a
-        whole warp: A's unit count is a multiple of 32)."""
-        tile_m = self.tile_shape_mnk[0]
-        blocks_per_row = TILE_K // self.fmt.block_size
-        in_a = unit < tile_m * blocks_per_row
-        return in_a, unit // blocks_per_row - sel(in_a, 0, tile_m, Int32), unit % blocks_per_row
-
-    def _unit_present(self, unit, a_side, b_side, first_block, block_end):
-        """Whether a unit's block exists: its row inside the operand, its block inside the group's."""
-        in_a, row, j = self._unit(unit)
-        row0, rows = sel(in_a, a_side[0], b_side[0], Int32), sel(in_a, a_side[1], b_side[1], Int32)
-        units = (self.tile_shape_mnk[0] + self.tile_shape_mnk[1]) * (TILE_K // self.fmt.block_size)
-        return (unit < units) & (row0 + row < rows) & (first_block + j < block_end)
-
-    def _unit_scale(self, unit, a_side, b_side, first_block, block_end):
-        """A unit's scale byte (zero where the block does not exist), loaded from global memory."""
-        in_a, row, j = self._unit(unit)
-        scales, stride = sel(in_a, a_side[2], b_side[2], Int64), sel(in_a, a_side[3], b_side[3], Int64)
-        present = self._unit_present(unit, a_side, b_side, first_block, block_end)
-        return ld("global", scales + Int64(row) * stride + Int64(first_block + j), bits=8, pred=present)[0]
-
-    def _decode_unit(self, src: Int32, dst: Int32, row: Int32, j: Int32, first: Uint32, second):
-        """One block of one row: raw E4M3 bytes at src -> bf16 at row ``row`` of the 128-byte-swizzled
-        stage at dst (16-byte chunk c of a row lives at chunk c ^ (row % 8))."""
-        block = self.fmt.block_size
-        swizzle = (row % 8) * DECODE_CHUNK
-        for half in range(block // DECODE_CHUNK):  # 16 bytes in, 32 out
-            out = []
-            for w in ld("shared", src + half * DECODE_CHUNK, 4):
-                out += decode_e4m3x4(w, first)
-            if const_expr(second is not None):
-                out = [mul_bf16x2(o, second) for o in out]
-            for q in range(2):
-                chunk = j * block * 2 + (2 * half + q) * DECODE_CHUNK
-                st("shared", dst + (chunk ^ swizzle), out[4 * q: 4 * q + 4])
-
     # ------------------------------------------------------------------ device
 
     @cute.kernel
     def kernel(
         self, tma_a: cute.CopyAtom, mA: cute.Tensor, tma_b: cute.CopyAtom, mB: cute.Tensor,
-        tma_c: cute.CopyAtom, mC: cute.Tensor, scale_a: cute.Tensor, scale_b: cute.Tensor, ends: cute.Tensor,
-        counter: cute.Tensor, problem_m: Int32, problem_n: Int32, problem_k: Int32,
+        tma_c: cute.CopyAtom, mC: cute.Tensor, scale_a: cute.Tensor, scale_b: cute.Tensor, tensor_scale_a: cute.Tensor,
+        tensor_scale_b: cute.Tensor, ends: cute.Tensor, counter: cute.Tensor, problem_m: Int32, problem_n: Int32,
+        problem_k: Int32,
         tiled_mma: cute.TiledMma, a_smem_layout: cute.ComposedLayout, b_smem_layout: cute.ComposedLayout,
         epi_smem_layout: cute.ComposedLayout, raw_a_layout: cute.Layout, raw_b_layout: cute.Layout,
     ):
@@ -616,8 +523,8 @@ class GroupedGemmSm90:
                 num_stages=self.load_stages,
                 producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread),
                 consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, DECODE_WARPS * self.cluster_m),
-                tx_count=cute.cosize(cute.slice_(raw_a_layout, (None, None, 0)))
-                + cute.cosize(cute.slice_(raw_b_layout, (None, None, 0))),
+                tx_count=cute.size_in_bytes(self.raw_a_dtype, cute.slice_(raw_a_layout, (None, None, 0)))
+                + cute.size_in_bytes(self.raw_b_dtype, cute.slice_(raw_b_layout, (None, None, 0))),
                 cta_layout_vmnk=cute.make_layout((1, self.cluster_m, 1, 1)),
                 defer_sync=True,
             )
@@ -773,6 +680,7 @@ class GroupedGemmSm90:
                     if const_expr(self.accumulate):
                         store = k_tiles > 0
                     if store:
+                        alpha = self._tensor_scale(tensor_scale_a, tensor_scale_b, group)
                         gC = self._output_tile(mC, group, tm * self.cluster_m + rank, tn, start, length)
                         gC_epi = cute.zipped_divide(gC, self.epi_tile)
                         bSG_sC, bSG_gC = cpasync.tma_partition(
@@ -785,7 +693,10 @@ class GroupedGemmSm90:
                                     cute.arch.cp_async_bulk_wait_group(EPI_BUFFERS - 1, read=True)
                                 epilogue_barrier.arrive_and_wait()
                                 cute.autovec_copy(tiled_r2s.retile(acc_subtiles[None, None, (None, epi)]), tRS_f32)
-                                tRS_out.store(tRS_f32.load().to(self.c_dtype))
+                                if const_expr(self.tensor_scaled):
+                                    tRS_out.store((tRS_f32.load() * alpha).to(self.c_dtype))
+                                else:
+                                    tRS_out.store(tRS_f32.load().to(self.c_dtype))
                                 cute.copy(tiled_r2s, tRS_out, tRS_sC[(None, None, None, buffer)])
                                 cute.arch.fence_proxy("async.shared", space="cta")
                                 epilogue_barrier.arrive_and_wait()

@@ -517,6 +517,8 @@ class CudnnBackend(Backend):
         return None
 
     def refuses(self, problem: Problem) -> str | None:
+        if problem.weight_only:
+            return "cuDNN frontend's grouped GEMMs take two block-scaled operands, not a bf16 activation"
         if not problem.aligned:
             return "cuDNN frontend needs 16-byte aligned rows (N and K multiples of 32 for NVFP4, 16 for MXFP8)"
         if problem.layout in ("forward", "dgrad") and problem.fmt == "mxfp8" and problem.out_dtype == torch.float32:

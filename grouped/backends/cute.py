@@ -1,11 +1,12 @@
 """cute backend: our CuTe DSL grouped GEMM kernels for Hopper (sm_90a).
 
-BF16 and MXFP8 run ``cute_backend/sm90``: one persistent launch per call, the
-expert end offsets read on the GPU (graph-safe, no sync), the result written
-straight into the caller's buffer at its row stride, rows past the split total
-never written. MXFP8 operands are decoded to bf16 inside the kernel (exact;
-cute_backend/sm90/block_decode.py), from their stored bytes and compact E8M0
-scales. NVFP4 has not landed yet.
+BF16, MXFP8 and NVFP4 (and bf16 activations with NVFP4 weights) run
+``cute_backend/sm90``: one persistent launch per call, the expert end offsets
+read on the GPU (graph-safe, no sync), the result written straight into the
+caller's buffer at its row stride, rows past the split total never written.
+Block-scaled operands are decoded to bf16 inside the kernel (exact;
+cute_backend/sm90/block_decode.py) from their stored bytes and compact block
+scales; NVFP4's per-tensor scales fold into the epilogue.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ..tensor import GroupedTensor
 from .base import Backend
 
 MAX_TOKENS = 2**30  # the kernel's ragged TMA views address rows below 2^30 (grouped_gemm_kernel.py)
-DECODED_FORMATS = ("mxfp8",)  # block-scaled formats the sm90 kernel decodes
+DECODED_FORMATS = ("mxfp8", "nvfp4")  # block-scaled formats the sm90 kernel decodes
 
 
 class CuteBackend(Backend):
@@ -32,7 +33,7 @@ class CuteBackend(Backend):
 
     def format_unavailable(self, fmt):
         if fmt != "bf16" and fmt not in DECODED_FORMATS:
-            return f"the sm90 {fmt.upper()} grouped GEMM kernel has not landed yet (BF16 and MXFP8 have)"
+            return f"the sm90 grouped GEMM does not decode {fmt.upper()}"
         return None
 
     def refuses(self, problem):
@@ -50,6 +51,8 @@ class CuteBackend(Backend):
             return f"a has {call.m_total} rows; the sm90 kernel takes fewer than {MAX_TOKENS}"
         if call.fmt.quantized:
             for name, op in (("a", call.a), ("b", call.b)):
+                if isinstance(op, torch.Tensor):  # a bf16 activation (weight-only)
+                    continue
                 reason = _storage_refusal(op, _columnwise(call, name))
                 if reason:
                     return f"{name}: {reason}"
@@ -75,7 +78,7 @@ class CuteBackend(Backend):
             a, b, scales = call.a, call.b, ()
         else:
             (a, scale_a), (b, scale_b) = _stored(call.a, call, "a"), _stored(call.b, call, "b")
-            scales = (scale_a, scale_b)
+            scales = (scale_a, scale_b, *_tensor_scales(call))
             if layout == "wgrad" and a.shape[1] == 0:  # every expert empty: no token stored
                 return out if problem.accumulate else out.zero_()
         if layout == "wgrad":  # output rows and columns: bf16 (T, M) and (T, N); block-scaled (M, P), (N, P)
@@ -83,7 +86,7 @@ class CuteBackend(Backend):
         else:
             m, n = call.m_total, out.shape[1]
         schedule = sm90.schedule_for(layout, call.m_total, call.num_groups, m, n, call.device)
-        config = sm90.config_for(layout, problem.out_dtype, problem.accumulate, *schedule, fmt)
+        config = sm90.config_for(layout, problem.out_dtype, problem.accumulate, *schedule, fmt, problem.weight_only)
         bound = sm90.work_bound(config, call.m_total, call.num_groups, m, n)
         sm90.launch(config, a, b, out, ends, bound, *scales)
         return out
@@ -103,13 +106,26 @@ def _storage_refusal(op, columnwise: bool) -> str | None:
     return None
 
 
-def _stored(op, call: GemmCall, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _stored(op, call: GemmCall, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A block-scaled operand as the kernel reads it: its stored bytes as uint8 and its compact
-    scales, contraction dim last (see cute_backend/sm90/grouped_gemm.py)."""
+    scales, contraction dim last (see cute_backend/sm90/grouped_gemm.py); a bf16 activation
+    (weight-only) as it is, with no scales."""
     weight = name == "b" and call.layout != "wgrad"
+    if isinstance(op, torch.Tensor):
+        return op, None
     if isinstance(op, QuantizedTensor):
         return op.data.view(torch.uint8), op.scale.view(torch.uint8)
     data, scale = op.stacked(columnwise=_columnwise(call, name))
     if weight:  # one (rows, contraction) matrix an expert
         return data.view(op.num_members, -1, data.shape[1]), scale.view(op.num_members, -1, scale.shape[1])
     return data, scale
+
+
+def _tensor_scales(call: GemmCall) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """NVFP4: each operand's per-tensor scales S as (G,) fp32 (a whole-tensor S as a stride-0 view);
+    None for an operand that has none."""
+    out = []
+    for op in (call.a, call.b):
+        s = getattr(op, "global_scale", None)
+        out.append(None if s is None else s.reshape(-1).expand(call.num_groups) if s.numel() == 1 else s)
+    return out[0], out[1]
