@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .formats import get_format
 from .fused import run_gemm_swiglu
-from .gemm import run_gemm
+from .gemm import grouped_mm_weight, run_gemm
 from .offsets import splits_to_offsets
 from .quantize import QuantizedTensor, _normalize_axis, quantize
 from .splits import Splits
@@ -312,20 +312,6 @@ def splits_to_offsets_in_graph(split_sizes: Tensor, *, strides, include_leading_
 # ---- grouped::grouped_mm ----------------------------------------------------------------------
 
 
-def weight_operand(mat_b: Tensor) -> tuple[Tensor, str]:
-    """mat_b (G, K, N) as grouped.gemm's expert weight W, no copy: W = mat_b^T (G, N, K) runs as
-    forward when that is contiguous (mat_b a transposed nn.Linear weight); mat_b itself is a
-    (G, N', K') weight with N' = K, so a contiguous mat_b runs as dgrad (y = a W per expert)."""
-    if mat_b.transpose(1, 2).is_contiguous():
-        return mat_b.transpose(1, 2), "forward"
-    if mat_b.is_contiguous():
-        return mat_b, "dgrad"
-    raise ValueError(
-        "mat_b must be contiguous (G, K, N) or the transpose of a contiguous (G, N, K) weight, "
-        f"got shape {tuple(mat_b.shape)} and strides {mat_b.stride()}"
-    )
-
-
 def _bf16_gemm(a: Tensor, b: Tensor, offs: Tensor, layout: str, out_dtype=None) -> Tensor:
     """grouped::gemm on bf16 tensors (what grouped_mm's backward runs: ops only, so it traces)."""
     return _gemm_op([a], "tensor", [], [b], "tensor", [], None, offs, True, layout, False, out_dtype, None)
@@ -333,13 +319,13 @@ def _bf16_gemm(a: Tensor, b: Tensor, offs: Tensor, layout: str, out_dtype=None) 
 
 @torch.library.custom_op("grouped::grouped_mm", mutates_args=())
 def _grouped_mm_op(mat_a: Tensor, mat_b: Tensor, offs: Tensor, out_dtype: torch.dtype | None) -> Tensor:
-    weight, layout = weight_operand(mat_b)
+    weight, layout = grouped_mm_weight(mat_b)
     return run_gemm(mat_a, weight, offsets=offs, layout=layout, out_dtype=out_dtype).contiguous()
 
 
 @_grouped_mm_op.register_fake
 def _(mat_a, mat_b, offs, out_dtype):
-    weight_operand(mat_b)  # its layout check, while tracing too
+    grouped_mm_weight(mat_b)  # its layout check, while tracing too
     return mat_a.new_empty(mat_a.shape[0], mat_b.shape[2], dtype=out_dtype or torch.bfloat16)
 
 
@@ -349,17 +335,16 @@ def _grouped_mm_setup(ctx, inputs, output):
 
 
 def _grouped_mm_backward(ctx, grad):
-    """dA = dY B^T and dB = A^T dY per expert, through the two other layouts of W (weight_operand)."""
+    """dA = dY B^T and dB = A^T dY per expert, through the two other layouts of W (grouped_mm_weight)."""
     mat_a, mat_b, offs = ctx.saved_tensors
     grad = grad.to(torch.bfloat16).contiguous()  # an fp32 out_dtype's gradient: our GEMMs take bf16 operands
-    weight, layout = weight_operand(mat_b)
+    weight, layout = grouped_mm_weight(mat_b)
     grad_a = grad_b = None
     if ctx.needs_input_grad[0]:
         grad_a = _bf16_gemm(grad, weight, offs, "dgrad" if layout == "forward" else "forward")
-        # Rows past offs[-1] belong to no expert: their gradient is zero (grouped.gemm leaves them
-        # unspecified when the offsets live on the GPU).
-        past_total = torch.arange(grad_a.shape[0], device=grad_a.device) >= offs[-1]
-        grad_a = grad_a.masked_fill(past_total.unsqueeze(1), 0)
+        if offs.device.type != "cpu":  # rows past offs[-1]: zero gradient (grouped.gemm zeroes them for host offsets)
+            past_total = torch.arange(grad_a.shape[0], device=grad_a.device) >= offs[-1]
+            grad_a = grad_a.masked_fill(past_total.unsqueeze(1), 0)
     if ctx.needs_input_grad[1]:
         if layout == "forward":  # dW (G, N, K) = dY^T A, handed back as mat_b's (G, K, N) view
             grad_b = _bf16_gemm(grad, mat_a, offs, "wgrad", mat_b.dtype).transpose(1, 2)

@@ -114,8 +114,8 @@ def grouped_mm(mat_a, mat_b, offs=None, bias=None, out_dtype=None, *, out=None) 
     if isinstance(mat_b, QuantizedTensor):
         return gemm(mat_a, _as_forward_weight(mat_b), offsets=offs, out=out, out_dtype=out_dtype)
     if not isinstance(mat_a, torch.Tensor) or not isinstance(mat_b, torch.Tensor):
-        raise ValueError(f"grouped_mm: mat_a and mat_b must both be tensors or both be quantized, got "
-                         f"{type(mat_a).__name__} and {type(mat_b).__name__}")
+        raise ValueError(f"grouped_mm: mat_a and mat_b must be bf16 tensors, or mat_b a QuantizedTensor (mat_a "
+                         f"quantized or bf16), got {type(mat_a).__name__} and {type(mat_b).__name__}")
     if mat_a.dim() != 2 or mat_b.dim() != 3:
         raise ValueError(f"grouped_mm serves 2-D mat_a (tokens, K) x 3-D mat_b (G, K, N), got shapes "
                          f"{tuple(mat_a.shape)} and {tuple(mat_b.shape)}")
@@ -124,18 +124,30 @@ def grouped_mm(mat_a, mat_b, offs=None, bias=None, out_dtype=None, *, out=None) 
     if out is not None:
         if torch.is_grad_enabled() and (mat_a.requires_grad or mat_b.requires_grad):
             raise ValueError("grouped_mm: out= does not support automatic differentiation, but an input requires grad")
-        from .custom_ops import weight_operand
-
-        weight, layout = weight_operand(mat_b)
+        weight, layout = grouped_mm_weight(mat_b)
         return gemm(mat_a, weight, offsets=offs, layout=layout, out=out, out_dtype=out_dtype)
     return torch.ops.grouped.grouped_mm(mat_a, mat_b, offs, out_dtype)
+
+
+def grouped_mm_weight(mat_b: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """mat_b (G, K, N) as grouped.gemm's expert weight W and the layout that multiplies by it, no
+    copy: W = mat_b^T (G, N, K), forward, when that is contiguous (mat_b a transposed nn.Linear
+    weight); else mat_b itself, a (G, N', K') weight with N' = K, in dgrad (y = a W per expert)."""
+    if mat_b.transpose(1, 2).is_contiguous():
+        return mat_b.transpose(1, 2), "forward"
+    if mat_b.is_contiguous():
+        return mat_b, "dgrad"
+    raise ValueError(
+        "grouped_mm: mat_b must be contiguous (G, K, N) or the transpose of a contiguous (G, N, K) weight, "
+        f"got shape {tuple(mat_b.shape)} and strides {mat_b.stride()}"
+    )
 
 
 def _as_forward_weight(mat_b: QuantizedTensor) -> QuantizedTensor:
     """A (G, K, N) weight quantized along K as the (G, N, K) rowwise operand of a forward GEMM:
     the stored bytes are the same (blocked dim last), only the logical shape turns."""
+    if len(mat_b.shape) != 3 or mat_b.axis != 1:
+        raise ValueError(f"grouped_mm: a quantized mat_b must be (G, K, N) quantized along K (axis=1), got shape "
+                         f"{tuple(mat_b.shape)} and axis {mat_b.axis}")
     g, k, n = mat_b.shape
-    if mat_b.axis != 1:
-        raise ValueError(f"grouped_mm: a quantized mat_b (G, K, N) must be quantized along K (axis=1), got axis "
-                         f"{mat_b.axis}")
     return dataclasses.replace(mat_b, axis=-1, shape=torch.Size((g, n, k)))

@@ -17,8 +17,10 @@ loss curves. --experts picks the expert MLP: grouped (GroupedMLP), grouped_mm (t
 written on torch._grouped_mm's convention, calling grouped.grouped_mm) or torch
 (torch._grouped_mm itself); --bench times the training step of each (GPU).
 
-    python scripts/moe_layer.py                          # CPU, small, both runs
-    python scripts/moe_layer.py --device cuda --bench    # GPU: steps timed eager / compiled / torch
+    python scripts/moe_layer.py                                  # CPU, small, both runs
+    python scripts/moe_layer.py --backend aot_eager              # both runs bit for bit on the CPU
+    python scripts/moe_layer.py --device cuda --bench --hidden 2048 --ffn-hidden 1408 \
+        --num-experts 64 --top-k 8 --tokens 8192                 # GPU: a step timed, five ways
 """
 
 from __future__ import annotations
@@ -58,8 +60,8 @@ class TorchStyleExperts(nn.Module):
 
     def forward(self, x, counts, probs):
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
-        h = self.mm(x, self.w1.transpose(1, 2), offs=offs)
-        a = grouped.fused.swiglu(h, probs).to(x.dtype)
+        gate, up = self.mm(x, self.w1.transpose(1, 2), offs=offs).float().chunk(2, dim=-1)
+        a = (F.silu(gate) * up * probs.unsqueeze(1)).to(x.dtype)
         return self.mm(a, self.w2.transpose(1, 2), offs=offs)
 
 
@@ -174,13 +176,17 @@ def time_step(cfg: Config, experts: str, compiled: bool, device, warmup: int = 5
         loss.backward()
         opt.step()
 
+    def finish():  # wait for the GPU
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+
     for _ in range(warmup):
         step()
-    torch.cuda.synchronize(device) if torch.device(device).type == "cuda" else None
+    finish()
     start = time.perf_counter()
     for _ in range(iters):
         step()
-    torch.cuda.synchronize(device) if torch.device(device).type == "cuda" else None
+    finish()
     return (time.perf_counter() - start) / iters * 1e3
 
 

@@ -18,6 +18,7 @@ from grouped.custom_ops import quantize_in_graph, splits_to_offsets_in_graph
 
 G, M, K, N = 4, 64, 64, 32
 SIZES = [10, 0, 30, 20]  # an empty expert, and 4 rows past the total
+TOTAL = sum(SIZES)  # rows past it: unspecified in a new output when split sizes live on the GPU
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 # Compiled against eager on a GPU: normwise, by output dtype (DESIGN.md's tolerances).
 GPU_TOLERANCE = {torch.bfloat16: 4e-3, torch.float32: 1e-5}
@@ -74,7 +75,7 @@ def test_gemm_three_layouts(device, gen):
         dw = grouped.gemm(dy, x, offsets=offsets, layout="wgrad", out_dtype=torch.float32)
         grouped.gemm(x, w, SIZES, out=out)
         grouped.gemm(dy, x, SIZES, layout="wgrad", out=main_grad, accumulate=True)
-        return y, dx, dw
+        return y, dx[:TOTAL], dw
 
     eager_bufs = (torch.full((M, N), 7.0, dtype=torch.bfloat16, device=device),
                   torch.randn(G, N, K, generator=gen).to(device))
@@ -83,7 +84,7 @@ def test_gemm_three_layouts(device, gen):
     got = compiled(calls)(x, w, dy, sizes, offsets, *compiled_bufs)
     assert_close(got, eager, "gemm")
     assert_close(compiled_bufs, eager_bufs, "caller buffers")
-    assert (compiled_bufs[0][sum(SIZES):] == 7).all(), "rows past the total are untouched in out"
+    assert (compiled_bufs[0][TOTAL:] == 7).all(), "rows past the total are untouched in out"
 
 
 def test_quantized_gemm_and_quantize(gen):
@@ -140,7 +141,7 @@ def test_grouped_mm_forward_backward(device, gen):
         leaves = [t.clone().requires_grad_() for t in (a, b_kn, w_nk)]
         outs = fn(*leaves)
         torch.autograd.backward(outs, dy)
-        return [*outs, *(t.grad for t in leaves)]
+        return [*(y[:TOTAL] for y in outs), *(t.grad for t in leaves)]
 
     def step(a, b_kn, w_nk):
         return grouped.grouped_mm(a, b_kn, offs), grouped.grouped_mm(a, w_nk.transpose(1, 2), offs=offs)
@@ -186,8 +187,8 @@ def test_grouped_mlp(recipe, device, gen):
     eager = mlp_step(mlp, mlp, x, sizes, probs, dy)
     got = mlp_step(compiled(mlp), mlp, x, sizes, probs, dy)
     # probs' gradient is a row sum in fp32 (SwiGLU's backward, torch ops) that inductor adds up in
-    # another order than eager: equal up to fp32 rounding. Everything else is bit for bit.
-    assert rel_err(got.pop(2), eager.pop(2)) <= 1e-6
+    # another order than eager: equal up to fp32 rounding. Everything else is bit for bit (CPU).
+    assert rel_err(got.pop(2), eager.pop(2)) <= GPU_TOLERANCE[torch.float32]
     assert_close(got, eager, recipe)
 
 

@@ -115,7 +115,7 @@ def test_bad_input(bad, gen):
         "no offs": "offs is required",
         "3-D mat_a": "serves 2-D mat_a",
         "strided mat_b": "mat_b must be contiguous",
-        "mixed operands": "both be tensors or both be quantized",
+        "mixed operands": "must be bf16 tensors, or mat_b a QuantizedTensor",
     }[bad]
     if bad == "bias":
         kwargs["bias"] = torch.zeros(G, N, dtype=torch.bfloat16)
