@@ -103,9 +103,10 @@ def grouped_mm(mat_a, mat_b, offs=None, bias=None, out_dtype=None, *, out=None) 
     Differentiable in mat_a and mat_b for bf16 operands (dgrad and wgrad through grouped.gemm; an
     fp32 output's gradient is rounded to bf16 first), also under torch.compile (the
     ``grouped::grouped_mm`` op with its autograd formula). Quantized operands, as grouped.gemm
-    takes them, compute forward only: mat_a quantized rowwise, mat_b a QuantizedTensor of shape
-    (G, K, N) quantized along K (``grouped.quantize(mat_b, fmt, axis=1)``). ``out``: a caller
-    buffer written in place (no autograd, as for torch's out= functions). bias is not supported.
+    takes them, compute forward only: mat_b a QuantizedTensor of shape (G, K, N) quantized along K
+    (``grouped.quantize(mat_b, fmt, axis=1)``), mat_a quantized rowwise in the same format (or
+    bf16 with an NVFP4 mat_b). ``out``: a caller buffer written in place (no autograd, as for
+    torch's out= functions). bias is not supported.
     """
     if bias is not None:
         raise ValueError("grouped_mm: bias is not supported (GroupedLinear(bias=True) adds one per expert)")

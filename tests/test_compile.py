@@ -89,7 +89,8 @@ def test_gemm_three_layouts(device, gen):
 
 def test_quantized_gemm_and_quantize(gen):
     """MXFP8 forward from operands quantized in the graph, NVFP4 wgrad (blocks restarting at every
-    expert), a dgrad on a GroupedTensor weight made outside the graph; the quantized bytes too."""
+    expert), a dgrad on a GroupedTensor weight made outside the graph, a bf16 activation with an
+    NVFP4 weight; the quantized bytes too."""
     x, w, dy = bf16(gen, M, K), bf16(gen, G, N, K), bf16(gen, M, N)
     cached = grouped.GroupedTensor([(N, K)] * G, "mxfp8", rowwise=True, columnwise=True)
     cached.quantize_(list(w.unbind(0)))
@@ -100,9 +101,11 @@ def test_quantized_gemm_and_quantize(gen):
         dw = grouped.gemm(quantize_in_graph(dy, "nvfp4", axis=0, split_sizes=SIZES),
                           quantize_in_graph(x, "nvfp4", axis=0, split_sizes=SIZES), SIZES, layout="wgrad")
         dx = grouped.gemm(quantize_in_graph(dy, "mxfp8"), cached, SIZES, layout="dgrad")
-        return y, dw, dx, qx.data.view(torch.uint8), qx.scale
+        weight_only = grouped.gemm(x, quantize_in_graph(w, "nvfp4"), SIZES)
+        return y, dw, dx, weight_only, qx.data.view(torch.uint8), qx.scale
 
-    eager = (*calls(x, w, dy)[:3], *(lambda q: (q.data.view(torch.uint8), q.scale))(grouped.quantize(x, "mxfp8")))
+    q = grouped.quantize(x, "mxfp8")
+    eager = (*calls(x, w, dy)[:4], q.data.view(torch.uint8), q.scale)
     assert_close(compiled(calls)(x, w, dy), eager, "quantized")
 
 

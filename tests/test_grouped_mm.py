@@ -107,6 +107,13 @@ def test_quantized_operands(gen):
         grouped.grouped_mm(qa, grouped.quantize(b, "mxfp8"), offsets())
 
 
+def test_weight_only_nvfp4(gen):
+    """A bf16 mat_a with an NVFP4 mat_b: the GEMM with the dequantized weight."""
+    a, qb = bf16(gen, M, K), grouped.quantize(bf16(gen, G, K, N), "nvfp4", axis=1)
+    y = grouped.grouped_mm(a, qb, offsets(), out_dtype=torch.float32)
+    assert rel_err(y, reference(a, qb.dequantize())) <= 1e-4
+
+
 @pytest.mark.parametrize("bad", ["bias", "no offs", "3-D mat_a", "strided mat_b", "mixed operands"])
 def test_bad_input(bad, gen):
     a, b, offs, kwargs = bf16(gen, M, K), bf16(gen, G, K, N), offsets(), {}
