@@ -10,9 +10,11 @@ implementation gives the output's shape, strides and dtype from shapes and const
 never reads split sizes.
 
     grouped::gemm(a..., b..., splits..., layout, accumulate, out_dtype, backend) -> Tensor
-    grouped::gemm_out(..., Tensor(a!) out) -> ()                  mutates out (out=, main_grad)
+    grouped::gemm_out(..., Tensor(a!) buffer) -> ()               writes the caller's out= (or main_grad)
     grouped::gemm_swiglu(a..., b..., splits..., probs, backend) -> Tensor
-    grouped::gemm_swiglu_out(..., Tensor(a!) out) -> ()
+    grouped::gemm_swiglu_out(..., Tensor(a!) buffer) -> ()        (the argument is not named out:
+                                                                  torch.compile takes that for an out=
+                                                                  variant, which must be contiguous)
     grouped::quantize(x, fmt, axis, split_sizes) -> [data, scale(, global_scale)]
     grouped::splits_to_offsets(split_sizes, strides, include_leading_zero, int64) -> Tensor[]
     grouped::grouped_mm(mat_a, mat_b, offs, out_dtype) -> Tensor  differentiable (grouped.grouped_mm)
@@ -167,13 +169,13 @@ def _(a, a_spec, a_dims, b, b_spec, b_dims, split_sizes, split_tensor, splits_ar
     return torch.empty(shapes[layout](), dtype=dtype, device=_device(a))
 
 
-@torch.library.custom_op("grouped::gemm_out", mutates_args=("out",))
+@torch.library.custom_op("grouped::gemm_out", mutates_args=("buffer",))
 def _gemm_out_op(a: list[Tensor | None], a_spec: str, a_dims: list[int], b: list[Tensor | None], b_spec: str,
                  b_dims: list[int], split_sizes: list[int] | None, split_tensor: Tensor | None,
                  splits_are_offsets: bool, layout: str, accumulate: bool, out_dtype: torch.dtype | None,
-                 backend: str | None, out: Tensor) -> None:
+                 backend: str | None, buffer: Tensor) -> None:
     _run_gemm(a, a_spec, a_dims, b, b_spec, b_dims, split_sizes, split_tensor, splits_are_offsets, layout,
-              accumulate, out_dtype, backend, out=out)
+              accumulate, out_dtype, backend, out=buffer)
 
 
 @_gemm_out_op.register_fake
@@ -189,7 +191,7 @@ def gemm_in_graph(a, b, split_sizes=None, *, layout="forward", out=None, accumul
     with torch.no_grad():  # as in eager: the result carries no autograd history
         if out is None:
             return _gemm_op(*args)
-        _gemm_out_op(*args, out=out)
+        _gemm_out_op(*args, out)
     return out
 
 
@@ -218,12 +220,13 @@ def _(a, a_spec, a_dims, b, b_spec, b_dims, split_sizes, split_tensor, splits_ar
     return torch.empty(m, n // 2, dtype=torch.bfloat16, device=_device(a))
 
 
-@torch.library.custom_op("grouped::gemm_swiglu_out", mutates_args=("out",))
+@torch.library.custom_op("grouped::gemm_swiglu_out", mutates_args=("buffer",))
 def _gemm_swiglu_out_op(a: list[Tensor | None], a_spec: str, a_dims: list[int], b: list[Tensor | None],
                         b_spec: str, b_dims: list[int], split_sizes: list[int] | None, split_tensor: Tensor | None,
-                        splits_are_offsets: bool, probs: Tensor | None, backend: str | None, out: Tensor) -> None:
+                        splits_are_offsets: bool, probs: Tensor | None, backend: str | None,
+                        buffer: Tensor) -> None:
     _run_gemm_swiglu(a, a_spec, a_dims, b, b_spec, b_dims, split_sizes, split_tensor, splits_are_offsets, probs,
-                     backend, out=out)
+                     backend, out=buffer)
 
 
 @_gemm_swiglu_out_op.register_fake
@@ -237,7 +240,7 @@ def gemm_swiglu_in_graph(a, b, split_sizes, probs=None, *, out=None, backend=Non
     with torch.no_grad():  # forward only, as in eager
         if out is None:
             return _gemm_swiglu_op(*args)
-        _gemm_swiglu_out_op(*args, out=out)
+        _gemm_swiglu_out_op(*args, out)
     return out
 
 

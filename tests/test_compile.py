@@ -64,27 +64,29 @@ def assert_close(got, want, what):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_gemm_three_layouts(device, gen):
-    """forward (host list), dgrad (a size tensor), wgrad (offsets), out= and accumulate into
-    main_grad, in one graph."""
+    """forward (host list), dgrad (a size tensor), wgrad (offsets), out= into a strided view of a
+    larger buffer and accumulate into main_grad, in one graph."""
     x, w, dy = bf16(gen, M, K, device=device), bf16(gen, G, N, K, device=device), bf16(gen, M, N, device=device)
     sizes, offsets = torch.tensor(SIZES, device=device), torch.tensor(SIZES, device=device).cumsum(0)
 
-    def calls(x, w, dy, sizes, offsets, out, main_grad):
+    def calls(x, w, dy, sizes, offsets, buffer, main_grad):
         y = grouped.gemm(x, w, SIZES)
         dx = grouped.gemm(dy, w, sizes, layout="dgrad")
         dw = grouped.gemm(dy, x, offsets=offsets, layout="wgrad", out_dtype=torch.float32)
-        grouped.gemm(x, w, SIZES, out=out)
+        grouped.gemm(x, w, SIZES, out=buffer[4 : 4 + M, 8 : 8 + N])
         grouped.gemm(dy, x, SIZES, layout="wgrad", out=main_grad, accumulate=True)
         return y, dx[:TOTAL], dw
 
-    eager_bufs = (torch.full((M, N), 7.0, dtype=torch.bfloat16, device=device),
+    eager_bufs = (torch.full((M + 8, N + 16), 7.0, dtype=torch.bfloat16, device=device),
                   torch.randn(G, N, K, generator=gen).to(device))
     compiled_bufs = tuple(b.clone() for b in eager_bufs)
     eager = calls(x, w, dy, sizes, offsets, *eager_bufs)
     got = compiled(calls)(x, w, dy, sizes, offsets, *compiled_bufs)
     assert_close(got, eager, "gemm")
     assert_close(compiled_bufs, eager_bufs, "caller buffers")
-    assert (compiled_bufs[0][TOTAL:] == 7).all(), "rows past the total are untouched in out"
+    written = torch.zeros_like(compiled_bufs[0], dtype=torch.bool)
+    written[4 : 4 + TOTAL, 8 : 8 + N] = True
+    assert (compiled_bufs[0][~written] == 7).all(), "out: rows past the total and the rest of the buffer untouched"
 
 
 def test_quantized_gemm_and_quantize(gen):
