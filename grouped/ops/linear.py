@@ -28,9 +28,9 @@ the same backend. Split sizes may be a host list (a graph constant: other values
 tensor: a GPU one stays on the device, and a CPU one is not read while tracing either (each GEMM
 checks it when the graph runs). Quantized recipes need host split sizes there (quantizing along
 tokens pads every expert, on the host) and quantize the weight in the graph on every forward
-instead of keeping the cache (reuse_weight_cache and weight_noop_flag apply to eager calls). Not
-in a graph: caller buffers (out, grad_input), main_grad and
-delay_wgrad (they are refused with a ValueError; call the layer eagerly for them).
+instead of keeping the cache (reuse_weight_cache and weight_noop_flag apply to eager calls).
+Not in a graph: caller buffers (out, grad_input), main_grad and delay_wgrad (refused with a
+ValueError; call the layer eagerly for them).
 """
 
 from __future__ import annotations
