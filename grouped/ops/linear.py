@@ -341,8 +341,8 @@ class GroupedLinear(nn.Module):
         refused += ["delay_wgrad=True"] if self.delay_wgrad else []
         refused += ["main_grad"] if any(getattr(w, "main_grad", None) is not None for w in self.weights()) else []
         if refused:
-            raise ValueError(f"GroupedLinear under torch.compile does not support {', '.join(refused)}; "
-                             "call the layer eagerly for those")
+            raise ValueError(f"GroupedLinear under torch.compile does not support {', '.join(refused)}: caller "
+                             "buffers, main_grad and delayed wgrad work in eager calls only")
 
     def check_main_grads(self, inputs) -> None:
         """Each weight's main_grad (wgrad writes it in backward): fp32, the weight's shape, no overlap."""
