@@ -30,7 +30,7 @@ An operand crosses the op boundary as (tensors, spec, dims) (_pack, _unpack):
 Shapes and split sizes travel as ints (symbolic ones under dynamic shapes), the rest in the
 string. Split sizes cross as (split_sizes, split_tensor, splits_are_offsets): a host list or a
 tensor (CPU or GPU) of sizes or inclusive end offsets, as grouped.gemm takes them; a
-grouped.Splits passes its host sizes, or its end offsets on the device.
+grouped.Splits passes its end offsets on the device and its host sizes when it has them.
 """
 
 import torch
@@ -108,11 +108,11 @@ def _device(tensors: list[Tensor | None]) -> torch.device:
 
 def _pack_splits(split_sizes, offsets) -> tuple[list[int] | None, Tensor | None, bool]:
     """(split_sizes, split_tensor, splits_are_offsets) for an op, from grouped.gemm's arguments.
-    Nothing is read: a tensor's values are checked by the op when it runs."""
+    Nothing is read: a tensor's values are checked by the op when it runs. A Splits passes its end
+    offsets on the device, and its host sizes too when it has them (so no op copies them again)."""
     if isinstance(split_sizes, Splits) and offsets is None:
-        if split_sizes.sizes is not None:
-            return list(split_sizes.sizes), None, False
-        return None, split_sizes.end_offsets(torch.int32), True
+        sizes = None if split_sizes.sizes is None else list(split_sizes.sizes)
+        return sizes, split_sizes.end_offsets(torch.int32), True
     if (split_sizes is None) == (offsets is None):
         raise ValueError("give exactly one of split_sizes and offsets")
     given, are_offsets = (split_sizes, False) if offsets is None else (offsets, True)
@@ -123,6 +123,8 @@ def _pack_splits(split_sizes, offsets) -> tuple[list[int] | None, Tensor | None,
 
 def _unpack_splits(split_sizes, split_tensor, splits_are_offsets) -> tuple:
     """(split_sizes, offsets) arguments for grouped.gemm."""
+    if split_sizes is not None and split_tensor is not None:  # a Splits' host sizes and its end offsets
+        return Splits(len(split_sizes), split_tensor.device, sizes=tuple(split_sizes), ends=split_tensor), None
     given = split_sizes if split_tensor is None else split_tensor
     return (None, given) if splits_are_offsets else (given, None)
 
