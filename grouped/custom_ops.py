@@ -1,23 +1,26 @@
 """grouped's entries as torch.library custom ops, so torch.compile(fullgraph=True) keeps them in its graph.
 
-Eager calls never come here: grouped.gemm and the others run their own Python, as they always
-did. Under torch.compile (``torch.compiler.is_compiling()``) they call the ``*_in_graph``
-functions below, which hand the call to one op as tensors plus constants. The op's real
-implementation rebuilds the arguments and runs the same eager function, so a compiled call
-computes exactly what an eager one does, with the same checks and messages; they are raised when
-the graph runs, which is where tensor values (split sizes among them) exist. Each op's fake
-implementation gives the output's shape, strides and dtype from shapes and constants alone: it
-never reads split sizes.
+Under torch.compile (``torch.compiler.is_compiling()``) grouped.gemm and gemm_swiglu call the
+``*_in_graph`` functions below, which hand the call to one op as tensors plus constants; eager
+calls run their own Python as they always did. The op's real implementation rebuilds the
+arguments and runs that same eager function, so a compiled call computes exactly what an eager
+one does, with the same checks and messages, raised when the graph runs: that is where tensor
+values (split sizes among them) exist. Each op's fake implementation gives the output's shape,
+strides and dtype from shapes and constants alone; it never reads split sizes.
+grouped.grouped_mm calls its op in eager mode too: its autograd formula is registered there.
+grouped.quantize and splits_to_offsets do not call their ``*_in_graph`` function yet (the
+layers call quantize_in_graph themselves).
 
     grouped::gemm(a..., b..., splits..., layout, accumulate, out_dtype, backend) -> Tensor
-    grouped::gemm_out(..., Tensor(a!) buffer) -> ()               writes the caller's out= (or main_grad)
+    grouped::gemm_out(..., Tensor(a!) buffer) -> ()           into out= (or main_grad)
     grouped::gemm_swiglu(a..., b..., splits..., probs, backend) -> Tensor
-    grouped::gemm_swiglu_out(..., Tensor(a!) buffer) -> ()        (the argument is not named out:
-                                                                  torch.compile takes that for an out=
-                                                                  variant, which must be contiguous)
+    grouped::gemm_swiglu_out(..., Tensor(a!) buffer) -> ()
     grouped::quantize(x, fmt, axis, split_sizes) -> [data, scale(, global_scale)]
     grouped::splits_to_offsets(split_sizes, strides, include_leading_zero, int64) -> Tensor[]
-    grouped::grouped_mm(mat_a, mat_b, offs, out_dtype) -> Tensor  differentiable (grouped.grouped_mm)
+    grouped::grouped_mm(mat_a, mat_b, offs, out_dtype) -> Tensor    differentiable
+
+The buffer an _out op writes is not called ``out``: torch.compile takes an argument of that name
+for an out= variant, and refuses a strided one.
 
 An operand crosses the op boundary as (tensors, spec, dims) (_pack, _unpack):
 
@@ -83,7 +86,7 @@ def _unpack(tensors: list[Tensor | None], spec: str, dims: list[int]):
     operand = GroupedTensor(shapes, fmt, rowwise=rowwise == "1", columnwise=columnwise == "1", device="meta")
     (operand.data, operand.scale, operand.columnwise_data, operand.columnwise_scale,
      operand.global_scale) = tensors
-    operand.device = next(t for t in tensors if t is not None).device
+    operand.device = _device(tensors)
     return operand
 
 
@@ -107,9 +110,10 @@ def _device(tensors: list[Tensor | None]) -> torch.device:
 
 
 def _pack_splits(split_sizes, offsets) -> tuple[list[int] | None, Tensor | None, bool]:
-    """(split_sizes, split_tensor, splits_are_offsets) for an op, from grouped.gemm's arguments.
-    Nothing is read: a tensor's values are checked by the op when it runs. A Splits passes its end
-    offsets on the device, and its host sizes too when it has them (so no op copies them again)."""
+    """(split_sizes, split_tensor, splits_are_offsets) for an op, from grouped.gemm's arguments:
+    the list or the tensor given, splits_are_offsets saying which it holds. Nothing is read: a
+    tensor's values are checked by the op when it runs. A Splits passes its end offsets on the
+    device, with its host sizes in split_sizes when it has them (so no op copies them again)."""
     if isinstance(split_sizes, Splits) and offsets is None:
         sizes = None if split_sizes.sizes is None else list(split_sizes.sizes)
         return sizes, split_sizes.end_offsets(torch.int32), True
