@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import kernels_unavailable
-from test_gemm_gpu import bits, caller_buffer, out_shape, reference, valid
+from test_gemm_gpu import gemm_into_poisoned_buffer, out_shape, reference, valid, wgrad_accumulate
 
 import grouped
 
@@ -107,16 +107,7 @@ def test_into_poisoned_caller_buffer(n, k, layout, out_dtype, split_source, fmt,
     shape = out_shape(layout, M, n, k, G)
     require_cute(qa, qb, layout=layout, out_dtype=out_dtype)
     splits = SIZES if split_source == "host" else torch.tensor(SIZES, dtype=torch.int32, device="cuda")
-    big, out = caller_buffer(shape, out_dtype)
-    before = big.clone()
-
-    grouped.gemm(qa, qb, splits, layout=layout, out=out, backend="cute")
-    torch.cuda.synchronize()
-
-    width = shape[-1]
-    assert torch.equal(bits(big[..., width:]), bits(before[..., width:])), "columns past the row length were written"
-    if layout != "wgrad":
-        assert torch.equal(bits(big[total:]), bits(before[total:])), "rows past the split total were written"
+    out = gemm_into_poisoned_buffer(qa, qb, splits, layout, shape, out_dtype, total, backend="cute")
     ref = reference(layout, *dequantized(layout, qa, qb), SIZES, shape)
     assert_mx_close(valid(layout, out, total), valid(layout, ref, total), out_dtype, f"{fmt} {layout}")
     if layout == "wgrad":
@@ -131,13 +122,7 @@ def test_wgrad_accumulate_leaves_empty_experts(fmt, schedule, gen):
     n, k = WIDTHS[0]
     qa, qb = operands("wgrad", n, k, gen, fmt=fmt)
     require_cute(qa, qb, layout="wgrad", out_dtype=torch.float32)
-    main_grad = torch.randn(G, n, k, generator=gen).cuda()
-    before = main_grad.clone()
-    grouped.gemm(qa, qb, SIZES, layout="wgrad", out=main_grad, accumulate=True, backend="cute")
-    torch.cuda.synchronize()
-    for g, m in enumerate(SIZES):
-        if m == 0:
-            assert torch.equal(bits(main_grad[g]), bits(before[g])), f"accumulate changed empty expert {g}"
+    main_grad, before = wgrad_accumulate(qa, qb, SIZES, (G, n, k), gen, backend="cute")
     expected = before.double() + reference("wgrad", *dequantized("wgrad", qa, qb), SIZES, (G, n, k))
     assert_mx_close(valid("wgrad", main_grad, 0), valid("wgrad", expected, 0), torch.float32, f"{fmt} accumulate")
 
@@ -272,10 +257,6 @@ def test_weight_only_nvfp4_forward(out_dtype, split_source, schedule, gen):
     require_cute(x, qw, out_dtype=out_dtype)
     splits = SIZES if split_source == "host" else torch.tensor(SIZES, dtype=torch.int32, device="cuda")
     shape = out_shape("forward", M, n, k, G)
-    big, out = caller_buffer(shape, out_dtype)
-    before = big.clone()
-    grouped.gemm(x, qw, splits, out=out, backend="cute")
-    torch.cuda.synchronize()
-    assert torch.equal(bits(big[total:]), bits(before[total:])), "rows past the split total were written"
+    out = gemm_into_poisoned_buffer(x, qw, splits, "forward", shape, out_dtype, total, backend="cute")
     ref = reference("forward", x.double(), qw.dequantize().double(), SIZES, shape)
     assert_mx_close(out[:total], ref[:total], out_dtype, "weight-only forward")

@@ -21,7 +21,15 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import kernels_unavailable
-from test_gemm_gpu import assert_close, bits, caller_buffer, make_operands, out_shape, reference, valid
+from test_gemm_gpu import (
+    assert_close,
+    gemm_into_poisoned_buffer,
+    make_operands,
+    out_shape,
+    reference,
+    valid,
+    wgrad_accumulate,
+)
 
 import grouped
 
@@ -61,16 +69,7 @@ def test_many_tiles_per_cta_into_caller_buffer(n, k, layout, out_dtype, split_so
     shape = out_shape(layout, M, n, k, G)
     _require_cute(a, b, layout=layout, out_dtype=out_dtype)
     splits = SIZES if split_source == "host" else torch.tensor(SIZES, dtype=torch.int32, device="cuda")
-    big, out = caller_buffer(shape, out_dtype)
-    before = big.clone()
-
-    grouped.gemm(a, b, splits, layout=layout, out=out, backend="cute")
-    torch.cuda.synchronize()
-
-    width = shape[-1]
-    assert torch.equal(bits(big[..., width:]), bits(before[..., width:])), "columns past the row length were written"
-    if layout != "wgrad":
-        assert torch.equal(bits(big[total:]), bits(before[total:])), "rows past the split total were written"
+    out = gemm_into_poisoned_buffer(a, b, splits, layout, shape, out_dtype, total, backend="cute")
     ref = reference(layout, a, b, SIZES, shape)
     assert_close(valid(layout, out, total), valid(layout, ref, total), out_dtype, f"cute {layout}")
 
@@ -80,14 +79,6 @@ def test_wgrad_accumulate_many_tiles(schedule, gen):
     total = sum(SIZES)
     dy, x = make_operands("wgrad", M, N, K, G, total, gen)
     _require_cute(dy, x, layout="wgrad", out_dtype=torch.float32)
-    main_grad = torch.randn(G, N, K, generator=gen).cuda()
-    before = main_grad.clone()
-
-    grouped.gemm(dy, x, SIZES, layout="wgrad", out=main_grad, accumulate=True, backend="cute")
-    torch.cuda.synchronize()
-
-    for g, m in enumerate(SIZES):
-        if m == 0:
-            assert torch.equal(bits(main_grad[g]), bits(before[g])), f"accumulate changed empty expert {g}"
+    main_grad, before = wgrad_accumulate(dy, x, SIZES, (G, N, K), gen, backend="cute")
     expected = before.double() + reference("wgrad", dy, x, SIZES, (G, N, K))
     assert_close(main_grad.reshape(-1, K), expected.reshape(-1, K), torch.float32, "cute wgrad accumulate")

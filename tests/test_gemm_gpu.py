@@ -213,6 +213,33 @@ def caller_buffer(shape, dtype):
     return big, big[..., : shape[-1]]
 
 
+def gemm_into_poisoned_buffer(a, b, splits, layout: str, shape, out_dtype, total: int, **kwargs) -> torch.Tensor:
+    """grouped.gemm into a NaN-poisoned strided caller buffer; checks that nothing past the row
+    length or (forward, dgrad) the split total changed, and returns the output view."""
+    big, out = caller_buffer(shape, out_dtype)
+    before = big.clone()
+    grouped.gemm(a, b, splits, layout=layout, out=out, **kwargs)
+    torch.cuda.synchronize()
+    width = shape[-1]
+    assert torch.equal(bits(big[..., width:]), bits(before[..., width:])), "columns past the row length were written"
+    if layout != "wgrad":
+        assert torch.equal(bits(big[total:]), bits(before[total:])), "rows past the split total were written"
+    return out
+
+
+def wgrad_accumulate(a, b, sizes, shape, gen, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(main_grad after, before) of a wgrad that adds into a random fp32 main_grad; checks that
+    experts with no tokens were left as they were."""
+    main_grad = torch.randn(*shape, generator=gen).cuda()
+    before = main_grad.clone()
+    grouped.gemm(a, b, sizes, layout="wgrad", out=main_grad, accumulate=True, **kwargs)
+    torch.cuda.synchronize()
+    for g, m in enumerate(sizes):
+        if m == 0:
+            assert torch.equal(bits(main_grad[g]), bits(before[g])), f"accumulate changed empty expert {g}"
+    return main_grad, before
+
+
 def to_cuda_splits(sizes, dtype=torch.int32):
     return torch.tensor(sizes, dtype=dtype).cuda()
 

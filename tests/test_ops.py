@@ -299,37 +299,22 @@ def test_linear_out_buffer_forward(recipe, bias, gen):
     assert torch.equal(big[outside], before[outside]), "nothing outside the written rows may change"
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
-def test_linear_out_buffer_backward_standalone(recipe, gen):
-    """A caller `out` that is its own tensor (not a view): gradients are those of the self-allocated run."""
-    sizes = SPLITS["empty"]
+@pytest.mark.parametrize("recipe, buffer", [(r, "standalone") for r in RECIPES] + [("bf16", "view")])
+def test_linear_out_buffer_backward(recipe, buffer, gen):
+    """A caller `out`, its own tensor or a strided view of a bigger one: gradients are those of the
+    self-allocated run, x's included (autograd treats `out` as written in place)."""
+    sizes = SPLITS["empty" if buffer == "standalone" else "uniform"]
     layer = make_linear(gen, recipe, bias=True)
     x, dy = batch(gen, layer)
     y1, x1 = run_linear(layer, x, sizes, dy)
     g1 = (layer.weight.grad.clone(), layer.bias.grad.clone())
     layer.zero_grad()
-    buf = torch.full((M, N), 5.0, dtype=torch.bfloat16)
+    buf = torch.full((M, N), 5.0, dtype=torch.bfloat16) if buffer == "standalone" else _canvas(M, N)[1]
     y2, x2 = run_linear(layer, x, sizes, dy, out=buf)
     assert y2.data_ptr() == buf.data_ptr() and torch.equal(y1, y2)
-    assert x2.grad is not None and torch.equal(x1.grad, x2.grad)
-    assert torch.equal(g1[0], layer.weight.grad) and torch.equal(g1[1], layer.bias.grad)
-
-
-
-@pytest.mark.parametrize("recipe", ["bf16"])
-def test_linear_out_buffer_view_backward(recipe, gen):
-    sizes = SPLITS["uniform"]
-    layer = make_linear(gen, recipe, bias=True)
-    x, dy = batch(gen, layer)
-    y1, x1 = run_linear(layer, x, sizes, dy)
-    g1 = (layer.weight.grad.clone(), layer.bias.grad.clone())
-    layer.zero_grad()
-    _, buf, _ = _canvas(M, N)
-    y2, x2 = run_linear(layer, x, sizes, dy, out=buf)
-    assert torch.equal(y1, y2)
-    assert torch.equal(g1[0], layer.weight.grad) and torch.equal(g1[1], layer.bias.grad)
-    assert x2.grad is not None, "x got no gradient through a view `out` buffer"
+    assert x2.grad is not None, f"x got no gradient through a {buffer} `out` buffer"
     assert torch.equal(x1.grad, x2.grad)
+    assert torch.equal(g1[0], layer.weight.grad) and torch.equal(g1[1], layer.bias.grad)
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
