@@ -6,6 +6,7 @@ compile anything or initialise CUDA. Backends load their kernels on first use.
 
 __version__ = "0.1.0"
 
+from . import custom_ops  # noqa: F401  (registers the grouped:: torch.library ops for torch.compile)
 from .formats import BF16, FORMATS, MXFP8, NVFP4, Format, get_format
 from .fused import explain_swiglu, gemm_swiglu
 from .gemm import explain, gemm, grouped_mm
@@ -15,7 +16,6 @@ from .quantize import QuantizedTensor, quantize
 from .scale_layout import from_blocked, to_blocked
 from .splits import Splits
 from .tensor import GroupedTensor
-from . import custom_ops  # registers the grouped:: torch.library ops (torch.compile)
 
 __all__ = [
     "BF16",
