@@ -239,7 +239,7 @@ def test_op_registrations(gen):
     x, w, dy = bf16(gen, M, K), bf16(gen, G, N, K), bf16(gen, M, N)
     q = grouped.quantize(x, "nvfp4", axis=0, split_sizes=SIZES)
     parts = lambda t: ([t], "tensor", [])  # noqa: E731
-    quantized = ([q.data, q.scale, q.global_scale], f"quantized nvfp4 0 compact splits", [M, K, *SIZES])
+    quantized = ([q.data, q.scale, q.global_scale], "quantized nvfp4 0 compact splits", [M, K, *SIZES])
     ops = torch.ops.grouped
     cases = [
         (ops.gemm, (*parts(x), *parts(w), SIZES, None, False, "forward", False, None, None)),
