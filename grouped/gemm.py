@@ -62,13 +62,19 @@ def run_gemm(a, b, split_sizes=None, *, layout="forward", out=None, accumulate=F
         a, b, split_sizes, offsets=offsets, layout=layout, out=out, accumulate=accumulate, out_dtype=out_dtype
     )
     decision = selector.choose(call, backend)
-    with torch.no_grad():
-        try:
-            return BACKENDS[decision.backend].run(call)
-        except Exception as e:  # our kernels cannot be built here: the next backend, with a warning
-            if not kernels.fall_back(e):
-                raise
-        return BACKENDS[selector.choose(call, backend).backend].run(call)
+    if torch.is_grad_enabled():  # no autograd history on any backend (inside the layers it is off already)
+        with torch.no_grad():
+            return _run(call, decision, backend)
+    return _run(call, decision, backend)
+
+
+def _run(call, decision: selector.Decision, backend: str | None) -> torch.Tensor:
+    try:
+        return BACKENDS[decision.backend].run(call)
+    except Exception as e:  # our kernels cannot be built here: the next backend, with a warning
+        if not kernels.fall_back(e):
+            raise
+    return BACKENDS[selector.choose(call, backend).backend].run(call)
 
 
 def explain(
