@@ -8,7 +8,7 @@
   around ours (router softmax, RMSNorm, ...) rounds differently in the last bits.
 """
 
-import importlib.util
+import importlib
 import os
 import subprocess
 import sys
@@ -21,14 +21,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO_ROOT, "scripts", "moe_layer.py")
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("moe_layer", SCRIPT)
-    module = sys.modules["moe_layer"] = importlib.util.module_from_spec(spec)  # dataclasses look it up
-    spec.loader.exec_module(module)
-    return module
-
-
-moe_layer = _load_script()
+sys.path.insert(0, os.path.dirname(SCRIPT))  # imported by name, so every test shares one module (pickling)
+moe_layer = importlib.import_module("moe_layer")
 SMALL = moe_layer.Config(hidden=32, ffn_hidden=32, num_experts=4, top_k=2, tokens=32, steps=30)
 
 
