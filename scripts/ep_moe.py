@@ -467,7 +467,7 @@ def device_copies(trace_path: str, range_names=PROFILED_RANGES) -> list[str]:
     return found
 
 
-def _worker(rank: int, world_size: int, backend: str, rendezvous_file: str, cases: list[Case],
+def _worker(rank: int, world_size: int, backend: str, rendezvous_file: str, case_fields: list[dict],
             profile_dir: str | None, report_dir: str) -> None:
     # NVLink multicast stays off (issue #25): symmetric memory and NCCL's NVLS both use it otherwise.
     os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
@@ -483,7 +483,8 @@ def _worker(rank: int, world_size: int, backend: str, rendezvous_file: str, case
                             timeout=COLLECTIVE_TIMEOUT, **options)
     try:
         reports = []
-        for i, case in enumerate(cases):
+        for i, fields in enumerate(case_fields):
+            case = Case(moe_layer.Config(**fields.pop("cfg")), **fields)
             trace = os.path.join(profile_dir, f"ep_moe_case{i}_rank{rank}.json") if profile_dir else None
             report = check_against_reference(case, dist.group.WORLD, device, trace)
             report["comparisons"] = {name: dataclasses.asdict(c) for name, c in report["comparisons"].items()}
@@ -503,9 +504,12 @@ def launch(cases: list[Case], *, backend: str = "gloo", nprocs: int = 2, profile
         raise ValueError(f"--backend nccl runs one process a GPU: {nprocs} processes, {torch.cuda.device_count()} GPUs")
     if profile_dir is not None:
         os.makedirs(profile_dir, exist_ok=True)
+    # The cases travel as plain fields: pickling a Config needs the very class sys.modules["moe_layer"]
+    # holds, which a caller that loads moe_layer.py by its path may have replaced.
+    case_fields = [dataclasses.asdict(case) for case in cases]
     with tempfile.TemporaryDirectory() as scratch:
-        mp.spawn(_worker, args=(nprocs, backend, os.path.join(scratch, "rendezvous"), cases, profile_dir, scratch),
-                 nprocs=nprocs)
+        mp.spawn(_worker, args=(nprocs, backend, os.path.join(scratch, "rendezvous"), case_fields, profile_dir,
+                                scratch), nprocs=nprocs)
         by_rank = []
         for rank in range(nprocs):
             with open(os.path.join(scratch, f"rank{rank}.json")) as f:
