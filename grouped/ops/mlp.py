@@ -11,7 +11,9 @@ reads). Autograd covers the activation and the probabilities' gradient. When no
 gradient is needed (inference, torch.no_grad), FC1 + SwiGLU + probs go through
 ``grouped.gemm_swiglu``, which fuses them where a backend can and otherwise
 computes exactly what the training path does. The split sizes are fixed once
-per step (``grouped.Splits``) and shared by both layers.
+per step (``grouped.Splits``) and shared by both layers. Under torch.compile it
+compiles as GroupedLinear does (see grouped/ops/linear.py), split sizes from a
+bincount included.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch import nn
 
 from .. import buffers
 from ..fused import gemm_swiglu, swiglu
-from .linear import GroupedLinear, _host_sizes, _quantize, layer_splits
+from .linear import GroupedLinear, host_split_sizes, layer_splits, quantize_operand
 
 ACTIVATIONS = ("swiglu",)
 
@@ -63,7 +65,7 @@ class GroupedMLP(nn.Module):
         if self._inference_only(x, probs, grad_input):
             # FC1 + SwiGLU + probs through the fused entry (one kernel where a backend fuses it).
             fc1 = self.fc1
-            a = x if not fc1.fmt.quantized else _quantize(x, fc1.fmt, split_sizes=_host_sizes(splits))
+            a = x if not fc1.fmt.quantized else quantize_operand(x, fc1.fmt, split_sizes=host_split_sizes(splits))
             weight = fc1._forward_weight(fc1.weights(), reuse_cache=reuse_weight_cache)
             act = gemm_swiglu(a, weight, splits, probs)
             return self.fc2.run(act.to(x.dtype), splits, out=out, reuse_weight_cache=reuse_weight_cache)
