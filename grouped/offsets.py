@@ -148,6 +148,11 @@ def splits_to_offsets(
     where they have the sizes.
     """
     split_sizes = _check_args(split_sizes, strides, include_leading_zero, dtypes)
+    if torch.compiler.is_compiling():  # one grouped::splits_to_offsets op, values checked when it runs
+        from .custom_ops import splits_to_offsets_in_graph
+
+        return splits_to_offsets_in_graph(split_sizes, strides=strides, include_leading_zero=include_leading_zero,
+                                          dtypes=dtypes)
     if split_sizes.device.type == "cpu":
         _check_values(split_sizes, strides, dtypes)
 

@@ -262,6 +262,10 @@ def quantize(
             f"quantize: the blocked dim (axis {axis}) of x has {x.shape[axis]} elements, "
             f"not a multiple of the {fmt.name} block size {fmt.block_size}{hint}"
         )
+    if torch.compiler.is_compiling():  # one grouped::quantize op in the graph (grouped/custom_ops.py)
+        from .custom_ops import quantize_in_graph
+
+        return quantize_in_graph(x, fmt, axis=axis, split_sizes=sizes)
     on_gpu = kernels.usable(x)
     if on_gpu:
         try:

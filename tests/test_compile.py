@@ -118,8 +118,6 @@ def test_splits_to_offsets_in_graph():
     assert_close(got, grouped.splits_to_offsets(sizes, **kwargs), "offsets")
 
 
-@pytest.mark.xfail(strict=True, reason="grouped.quantize / splits_to_offsets do not call their *_in_graph "
-                                       "function under torch.compile yet (grouped/quantize.py, grouped/offsets.py)")
 @pytest.mark.parametrize("entry", ["quantize", "splits_to_offsets"])
 def test_public_quantize_and_offsets(entry, gen):
     if entry == "quantize":

@@ -41,7 +41,6 @@ import torch
 from torch import nn
 
 from .. import buffers
-from ..custom_ops import quantize_in_graph
 from ..formats import get_format
 from ..gemm import gemm
 from ..quantize import QuantizedTensor, quantize
@@ -85,12 +84,6 @@ def layer_splits(split_sizes, x: torch.Tensor, num_experts: int) -> Splits:
     return Splits.of(split_sizes, rows=x.shape[0], num_groups=num_experts, device=x.device)
 
 
-def quantize_operand(x: torch.Tensor, fmt, **kwargs) -> QuantizedTensor:
-    """grouped.quantize, as the grouped::quantize op under torch.compile (grouped.quantize does not
-    dispatch there itself yet)."""
-    return (quantize_in_graph if torch.compiler.is_compiling() else quantize)(x, fmt, **kwargs)
-
-
 def host_split_sizes(splits: Splits) -> tuple[int, ...]:
     """The split sizes quantizing along tokens needs: on the host (a sync for GPU sizes, which a
     graph cannot do)."""
@@ -110,7 +103,7 @@ class _GroupedLinearFunction(torch.autograd.Function):
         # weight_operand None: the weight itself (torch.compile refuses a tensor passed twice).
         weight_operand = weights[0] if weight_operand is None else weight_operand
         quantized = layer.fmt.quantized
-        x_operand = quantize_operand(x, layer.fmt, split_sizes=host_split_sizes(splits)) if quantized else x
+        x_operand = quantize(x, layer.fmt, split_sizes=host_split_sizes(splits)) if quantized else x
         y = gemm(x_operand, weight_operand, splits, out=out, out_dtype=x.dtype)
         if out is None:
             _zero_rows_past_total(y, splits, groups)
@@ -124,7 +117,7 @@ class _GroupedLinearFunction(torch.autograd.Function):
         # per expert), its own copy; bf16 saves X itself, so autograd sees in-place changes to it.
         ctx.x_quantized = None
         if quantized:
-            ctx.x_quantized = quantize_operand(x, layer.fmt, axis=0, split_sizes=host_split_sizes(splits))
+            ctx.x_quantized = quantize(x, layer.fmt, axis=0, split_sizes=host_split_sizes(splits))
         ctx.layer, ctx.splits, ctx.grad_input = layer, splits, grad_input
         ctx.weight_operand, ctx.groups, ctx.has_bias = weight_operand, groups, bias is not None
         ctx.save_for_backward(None if quantized else x, *weights)
@@ -139,10 +132,10 @@ class _GroupedLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             dy = grad_y
             if layer.fmt.quantized:
-                dy = quantize_operand(grad_y, layer.fmt, split_sizes=host_split_sizes(splits))
+                dy = quantize(grad_y, layer.fmt, split_sizes=host_split_sizes(splits))
             weight = ctx.weight_operand
             if isinstance(weight, QuantizedTensor):  # quantized in a graph (rowwise): dgrad's is along N
-                weight = quantize_operand(layer.stacked_weight(weights), layer.fmt, axis=1)
+                weight = quantize(layer.stacked_weight(weights), layer.fmt, axis=1)
             grad_x = gemm(dy, weight, splits, layout="dgrad", out=ctx.grad_input, out_dtype=grad_y.dtype)
             if ctx.grad_input is None:
                 _zero_rows_past_total(grad_x, splits, ctx.groups)
@@ -175,7 +168,7 @@ class _WeightGradient:
         layer, splits = self.layer, self.splits
         dy = self.grad_y
         if layer.fmt.quantized:
-            dy = quantize_operand(dy, layer.fmt, axis=0, split_sizes=host_split_sizes(splits))
+            dy = quantize(dy, layer.fmt, axis=0, split_sizes=host_split_sizes(splits))
         main_grads = [getattr(w, "main_grad", None) for w in self.weights]
         grads: list = [None] * len(self.weights)
         if len(self.weights) == 1 and main_grads[0] is not None:
@@ -297,7 +290,7 @@ class GroupedLinear(nn.Module):
         if not self.fmt.quantized:
             return self.stacked_weight(weights)
         if torch.compiler.is_compiling():
-            return quantize_operand(self.stacked_weight(weights), self.fmt)
+            return quantize(self.stacked_weight(weights), self.fmt)
         experts = list(weights[0].unbind(0)) if self.single_weight else list(weights)
         if self._weight_cache is None or self._weight_cache.device != weights[0].device:
             self._weight_cache = GroupedTensor(

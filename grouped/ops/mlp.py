@@ -23,7 +23,8 @@ from torch import nn
 
 from .. import buffers
 from ..fused import gemm_swiglu, swiglu
-from .linear import GroupedLinear, host_split_sizes, layer_splits, quantize_operand
+from ..quantize import quantize
+from .linear import GroupedLinear, host_split_sizes, layer_splits
 
 ACTIVATIONS = ("swiglu",)
 
@@ -65,7 +66,7 @@ class GroupedMLP(nn.Module):
         if self._inference_only(x, probs, grad_input):
             # FC1 + SwiGLU + probs through the fused entry (one kernel where a backend fuses it).
             fc1 = self.fc1
-            a = x if not fc1.fmt.quantized else quantize_operand(x, fc1.fmt, split_sizes=host_split_sizes(splits))
+            a = x if not fc1.fmt.quantized else quantize(x, fc1.fmt, split_sizes=host_split_sizes(splits))
             weight = fc1._forward_weight(fc1.weights(), reuse_cache=reuse_weight_cache)
             act = gemm_swiglu(a, weight, splits, probs)
             return self.fc2.run(act.to(x.dtype), splits, out=out, reuse_weight_cache=reuse_weight_cache)
