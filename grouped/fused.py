@@ -57,6 +57,19 @@ def _tensors_of(op) -> list[torch.Tensor]:
     return [t for t in (getattr(op, n, None) for n in names) if isinstance(t, torch.Tensor)]
 
 
+def check_probs(probs, *, rows: int, device: torch.device, operand: str) -> None:
+    """probs (None, or one float per row of ``operand``, on its device)."""
+    if probs is None:
+        return
+    if not isinstance(probs, torch.Tensor) or probs.dim() != 1 or probs.shape[0] != rows:
+        got = tuple(probs.shape) if isinstance(probs, torch.Tensor) else type(probs).__name__
+        raise ValueError(f"probs must be a 1-D tensor with one entry per row of {operand} ({rows}), got {got}")
+    if not probs.is_floating_point():
+        raise ValueError(f"probs must be a floating-point tensor, got {probs.dtype}")
+    if probs.device != device:
+        raise ValueError(f"probs is on {probs.device}, {operand} on {device}")
+
+
 def _check(call: GemmCall, a, b, probs, out) -> torch.dtype:
     """Check what gemm_swiglu adds to grouped.gemm's checks; return the result dtype."""
     if call.layout != "forward":  # prepare was asked for forward; kept as a guard
@@ -64,14 +77,7 @@ def _check(call: GemmCall, a, b, probs, out) -> torch.dtype:
     m, n = call.out_shape
     if n % 2:
         raise ValueError(f"gemm_swiglu: b's N ({n}) must be even: first half gate, second half up")
-    if probs is not None:
-        if not isinstance(probs, torch.Tensor) or probs.dim() != 1 or probs.shape[0] != m:
-            got = tuple(probs.shape) if isinstance(probs, torch.Tensor) else type(probs).__name__
-            raise ValueError(f"probs must be a 1-D tensor with one entry per row of a ({m}), got {got}")
-        if not probs.is_floating_point():
-            raise ValueError(f"probs must be a floating-point tensor, got {probs.dtype}")
-        if probs.device != call.device:
-            raise ValueError(f"probs is on {probs.device}, the operands on {call.device}")
+    check_probs(probs, rows=m, device=call.device, operand="a")
     if out is None:
         return torch.bfloat16
     dtype = getattr(out, "dtype", None)

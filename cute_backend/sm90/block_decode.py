@@ -34,7 +34,8 @@ per-32 scales on both operands, promoting each k32 fp8 wgmma's result costs
 two fp32 instructions per accumulator element (about 96 a thread for a 64 x 192
 warpgroup tile against 96 clocks of MMA), which caps it below the bf16 rate,
 while decoding costs about two instructions per operand element, which a
-few warps hide behind the bf16 MMA. See docs/performance.md for measurements.
+few warps hide behind the bf16 MMA. docs/performance.md has the estimate;
+it has not yet been measured on a GPU.
 """
 
 import struct

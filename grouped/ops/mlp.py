@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .. import buffers
-from ..fused import gemm_swiglu, swiglu
+from ..fused import check_probs, gemm_swiglu, swiglu
 from ..quantize import quantize
 from .linear import GroupedLinear, host_split_sizes, layer_splits
 
@@ -48,14 +48,7 @@ class GroupedMLP(nn.Module):
         reuse_weight_cache (which applies to both layers)."""
         self.fc2.check_compilable(out=out)
         self.fc1.check_call(x, None, grad_input)
-        if probs is not None:
-            if not isinstance(probs, torch.Tensor) or probs.dim() != 1 or probs.shape[0] != x.shape[0]:
-                got = tuple(probs.shape) if isinstance(probs, torch.Tensor) else type(probs).__name__
-                raise ValueError(f"probs must be 1-D with one entry per row of x ({x.shape[0]}), got {got}")
-            if not probs.is_floating_point():
-                raise ValueError(f"probs must be a floating-point tensor, got {probs.dtype}")
-            if probs.device != x.device:
-                raise ValueError(f"probs is on {probs.device}, x on {x.device}")
+        check_probs(probs, rows=x.shape[0], device=x.device, operand="x")
         if out is not None:  # FC2's checks run after FC1 wrote: check its buffer now
             buffers.check_buffer(out, name="out", shape=(x.shape[0], self.fc2.out_features), dtype=x.dtype,
                                  device=x.device, inputs=[x, *self.fc1.weights(), *self.fc2.weights()]
