@@ -1,15 +1,14 @@
 """grouped's entries as torch.library custom ops, so torch.compile(fullgraph=True) keeps them in its graph.
 
-Under torch.compile (``torch.compiler.is_compiling()``) grouped.gemm and gemm_swiglu call the
-``*_in_graph`` functions below, which hand the call to one op as tensors plus constants; eager
+Under torch.compile (``torch.compiler.is_compiling()``) grouped.gemm, gemm_swiglu, quantize and
+splits_to_offsets call the ``*_in_graph`` functions below, which hand the call to one op as
+tensors plus constants; eager
 calls run their own Python as they always did. The op's real implementation rebuilds the
 arguments and runs that same eager function, so a compiled call computes exactly what an eager
 one does, with the same checks and messages, raised when the graph runs: that is where tensor
 values (split sizes among them) exist. Each op's fake implementation gives the output's shape,
 strides and dtype from shapes and constants alone; it never reads split sizes.
 grouped.grouped_mm calls its op in eager mode too: its autograd formula is registered there.
-grouped.quantize and splits_to_offsets do not call their ``*_in_graph`` function yet (the
-layers call quantize_in_graph themselves).
 
     grouped::gemm(a..., b..., splits..., layout, accumulate, out_dtype, backend) -> Tensor
     grouped::gemm_out(..., Tensor(a!) buffer) -> ()           into out= (or main_grad)
@@ -43,7 +42,7 @@ from .formats import get_format
 from .fused import run_gemm_swiglu
 from .gemm import grouped_mm_weight, run_gemm
 from .offsets import splits_to_offsets
-from .quantize import QuantizedTensor, _normalize_axis, quantize
+from .quantize import QuantizedTensor, _normalize_axis, quantize, split_sizes_to_list
 from .splits import Splits
 from .tensor import GroupedTensor
 
@@ -122,7 +121,9 @@ def _pack_splits(split_sizes, offsets) -> tuple[list[int] | None, Tensor | None,
     given, are_offsets = (split_sizes, False) if offsets is None else (offsets, True)
     if isinstance(given, Tensor):
         return None, given, are_offsets
-    return list(given), None, are_offsets
+    # an op's int[] argument: the element types are checked here, as eager checks them (values when it runs)
+    return list(split_sizes_to_list(given, rows=2**62, argument="offsets" if are_offsets else "split_sizes")), None, \
+        are_offsets
 
 
 def _unpack_splits(split_sizes, split_tensor, splits_are_offsets) -> tuple:

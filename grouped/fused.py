@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from . import buffers, selector
 from .backends import BACKENDS
 from .gemm import gemm
-from .problem import OUT_DTYPES, GemmCall, prepare
+from .problem import OUT_DTYPES, GemmCall, operand_tensors, prepare
 
 
 @dataclass
@@ -48,13 +48,6 @@ class SwigluExplanation:
     def __str__(self) -> str:
         path = "fused (one GEMM + SwiGLU kernel)" if self.fused else "unfused (grouped.gemm + torch SwiGLU)"
         return f"gemm_swiglu -> {path}: {self.why}\n{self.gemm}"
-
-
-def _tensors_of(op) -> list[torch.Tensor]:
-    if isinstance(op, torch.Tensor):
-        return [op]
-    names = ("data", "scale", "global_scale", "columnwise_data", "columnwise_scale")
-    return [t for t in (getattr(op, n, None) for n in names) if isinstance(t, torch.Tensor)]
 
 
 def check_probs(probs, *, rows: int, device: torch.device, operand: str) -> None:
@@ -71,9 +64,7 @@ def check_probs(probs, *, rows: int, device: torch.device, operand: str) -> None
 
 
 def _check(call: GemmCall, a, b, probs, out) -> torch.dtype:
-    """Check what gemm_swiglu adds to grouped.gemm's checks; return the result dtype."""
-    if call.layout != "forward":  # prepare was asked for forward; kept as a guard
-        raise ValueError("gemm_swiglu computes FC1 (forward)")
+    """Check what gemm_swiglu adds to grouped.gemm's checks (a forward call); return the result dtype."""
     m, n = call.out_shape
     if n % 2:
         raise ValueError(f"gemm_swiglu: b's N ({n}) must be even: first half gate, second half up")
@@ -83,7 +74,7 @@ def _check(call: GemmCall, a, b, probs, out) -> torch.dtype:
     dtype = getattr(out, "dtype", None)
     if dtype not in OUT_DTYPES:
         raise ValueError(f"out must be a bf16 or fp32 tensor, got {dtype if dtype is not None else type(out).__name__}")
-    inputs = [*_tensors_of(a), *_tensors_of(b), *([probs] if probs is not None else [])]
+    inputs = [*operand_tensors(a), *operand_tensors(b), *([probs] if probs is not None else [])]
     buffers.check_buffer(out, name="out", shape=(m, n // 2), dtype=dtype, device=call.device, inputs=inputs)
     return dtype
 
@@ -163,6 +154,9 @@ def gemm_swiglu(a, b, split_sizes, probs=None, *, out=None, backend=None) -> tor
 def run_gemm_swiglu(a, b, split_sizes, probs=None, *, offsets=None, out=None, backend=None) -> torch.Tensor:
     """gemm_swiglu() in eager mode (and inside the grouped::gemm_swiglu op, which may pass the
     grouping as end offsets)."""
+    if torch.is_grad_enabled():  # forward only, whichever path runs: no autograd history (as grouped.gemm)
+        with torch.no_grad():
+            return run_gemm_swiglu(a, b, split_sizes, probs, offsets=offsets, out=out, backend=backend)
     call, out_dtype = _prepare(a, b, split_sizes, probs, out, offsets)
     plan = _plan(call, probs, out_dtype, backend)
     m = call.m_total

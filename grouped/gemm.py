@@ -119,6 +119,9 @@ def grouped_mm(mat_a, mat_b, offs=None, bias=None, out_dtype=None, *, out=None) 
     if offs is None:
         raise ValueError("grouped_mm: offs is required: the (G,) int32 end offsets of mat_a's row groups")
     if isinstance(mat_b, QuantizedTensor):
+        if torch.is_grad_enabled() and getattr(mat_a, "requires_grad", False):
+            raise ValueError("grouped_mm: quantized operands compute forward only, but mat_a requires grad "
+                             "(GroupedLinear with a quantized recipe is the differentiable entry)")
         return gemm(mat_a, _as_forward_weight(mat_b), offsets=offs, out=out, out_dtype=out_dtype)
     if not isinstance(mat_a, torch.Tensor) or not isinstance(mat_b, torch.Tensor):
         raise ValueError(f"grouped_mm: mat_a and mat_b must be bf16 tensors, or mat_b a QuantizedTensor (mat_a "

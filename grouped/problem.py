@@ -109,15 +109,23 @@ class GemmCall:
         return t
 
 
+def operand_tensors(op) -> list[torch.Tensor]:
+    """Every tensor an operand owns (a bf16 tensor; a quantized operand's storage)."""
+    if isinstance(op, torch.Tensor):
+        return [op]
+    names = ("data", "scale", "global_scale", "columnwise_data", "columnwise_scale")
+    return [t for t in (getattr(op, n, None) for n in names) if isinstance(t, torch.Tensor)]
+
+
 def _operand(op, name: str, role_columnwise: bool, layout: str):
-    """(format, logical shape, device, tensors it owns) of an operand, checked for its role."""
+    """(format, logical shape, device) of an operand, checked for its role."""
     if isinstance(op, torch.Tensor):
         if op.dtype != torch.bfloat16:
             raise ValueError(
                 f"{name} must be a bf16 tensor or a quantized operand (grouped.quantize / GroupedTensor), "
                 f"got a {op.dtype} tensor"
             )
-        return BF16, tuple(op.shape), op.device, [op]
+        return BF16, tuple(op.shape), op.device
     if isinstance(op, QuantizedTensor):
         want = "axis 0 (columnwise) with split_sizes" if role_columnwise else "rowwise (axis -1)"
         if name == "b" and layout == "dgrad":
@@ -126,7 +134,7 @@ def _operand(op, name: str, role_columnwise: bool, layout: str):
             raise ValueError(
                 f"{name} must be quantized along the {layout} contraction dim: {want}; got axis {op.axis}"
             )
-        return op.fmt, tuple(op.shape), op.device, [op.data, op.scale, op.global_scale]
+        return op.fmt, tuple(op.shape), op.device
     if isinstance(op, GroupedTensor):
         if not op.fmt.quantized:
             raise ValueError(f"{name}: a bf16 operand must be a plain tensor, not a GroupedTensor")
@@ -141,8 +149,7 @@ def _operand(op, name: str, role_columnwise: bool, layout: str):
             shape = (op.num_members, rows.pop(), k)
         else:
             shape = (sum(s[0] for s in op.shapes), k)
-        bufs = [op.data, op.scale, op.columnwise_data, op.columnwise_scale, op.global_scale]
-        return op.fmt, shape, op.device, bufs
+        return op.fmt, shape, op.device
     raise ValueError(
         f"{name} must be a bf16 torch.Tensor, a QuantizedTensor or a GroupedTensor, got {type(op).__name__}"
     )
@@ -164,8 +171,8 @@ def prepare(a, b, split_sizes, *, offsets, layout, out, accumulate, out_dtype) -
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     col_a, col_b = _COLUMNWISE[layout]
-    fmt_a, shape_a, dev_a, owned_a = _operand(a, "a", col_a, layout)
-    fmt_b, shape_b, dev_b, owned_b = _operand(b, "b", col_b, layout)
+    fmt_a, shape_a, dev_a = _operand(a, "a", col_a, layout)
+    fmt_b, shape_b, dev_b = _operand(b, "b", col_b, layout)
     weight_only = (fmt_a, fmt_b) == WEIGHT_ONLY and layout == "forward"
     if fmt_a != fmt_b and not weight_only:
         raise ValueError(f"a and b must have the same format (or, forward, a bf16 activation with an "
@@ -195,7 +202,10 @@ def prepare(a, b, split_sizes, *, offsets, layout, out, accumulate, out_dtype) -
     if num_groups == 0:
         raise ValueError("there must be at least one expert (got zero groups)")
     for name, op in (("a", a), ("b", b)):
-        _check_grouping(name, op, layout, sizes)
+        _check_grouping(name, op, layout, splits)
+    if layout == "wgrad" and _token_groups(a) != _token_groups(b):
+        raise ValueError(f"wgrad: a and b must be grouped alike, got {list(_token_groups(a))} and "
+                         f"{list(_token_groups(b))}")
 
     out_shape = {"forward": (m_total, n), "dgrad": (m_total, k), "wgrad": (num_groups, n, k)}[layout]
     if accumulate and layout != "wgrad":
@@ -213,8 +223,8 @@ def prepare(a, b, split_sizes, *, offsets, layout, out, accumulate, out_dtype) -
     else:
         dtype = out.dtype if getattr(out, "dtype", None) in OUT_DTYPES else torch.bfloat16
     if out is not None:
-        owned = [t for t in (*owned_a, *owned_b) if t is not None]
-        buffers.check_buffer(out, name="out", shape=out_shape, dtype=dtype, device=device, inputs=owned)
+        buffers.check_buffer(out, name="out", shape=out_shape, dtype=dtype, device=device,
+                             inputs=[*operand_tensors(a), *operand_tensors(b)])
 
     row_bytes_aligned = all(f.data_nbytes(d) % buffers.ALIGN_BYTES == 0 for f in (fmt_a, fmt_b) for d in (n, k))
     strides_aligned = all(  # caller buffers were checked by check_buffer
@@ -242,26 +252,38 @@ def prepare(a, b, split_sizes, *, offsets, layout, out, accumulate, out_dtype) -
     return GemmCall(problem, fmt_b, a, b, m_total, num_groups, out_shape, contraction, device, out, splits)
 
 
-def _check_grouping(name: str, op, layout: str, sizes) -> None:
-    """Token-major quantized operands must be grouped like the call's split sizes."""
+def _token_groups(op) -> tuple[int, ...] | None:
+    """The grouping a token-major operand was quantized with (None: none, or a bf16 tensor)."""
+    if isinstance(op, GroupedTensor):
+        return tuple(s[0] for s in op.shapes)
+    return getattr(op, "split_sizes", None)
+
+
+def _check_grouping(name: str, op, layout: str, splits: Splits) -> None:
+    """Token-major quantized operands must be grouped like the call: blocks that restart at expert
+    boundaries and NVFP4's per-group S are read by the call's experts. Checked on the host without
+    a sync: the group count always, the sizes themselves when the call's are on the host."""
     token_major = name == "a" or layout == "wgrad"
     if not token_major:
         if isinstance(op, torch.Tensor) and not op.is_contiguous():
             raise ValueError(f"{name}: the expert weight must be contiguous, got strides {op.stride()}")
         return
-    if isinstance(op, GroupedTensor):
-        members = tuple(s[0] for s in op.shapes)
-        if sizes is not None and members != sizes:
-            raise ValueError(
-                f"{name}: the GroupedTensor's member sizes {list(members)} differ from split_sizes {list(sizes)}")
-    elif isinstance(op, QuantizedTensor) and op.columnwise:
-        if op.split_sizes is None:
-            raise ValueError(
-                f"{name}: wgrad needs blocks that restart at every expert boundary: quantize it with "
-                "axis=0 and split_sizes"
-            )
-        if sizes is not None and op.split_sizes != sizes:
-            raise ValueError(
-                f"{name} was quantized with split_sizes {list(op.split_sizes)}, the call has {list(sizes)}")
-    elif isinstance(op, torch.Tensor) and op.dim() == 2 and op.stride(-1) != 1:
-        raise ValueError(f"{name} must have unit stride along its last dim, got strides {op.stride()}")
+    if isinstance(op, torch.Tensor):
+        if op.dim() == 2 and op.stride(-1) != 1:
+            raise ValueError(f"{name} must have unit stride along its last dim, got strides {op.stride()}")
+        return
+    groups = _token_groups(op)
+    what = f"{name}: the GroupedTensor's member sizes" if isinstance(op, GroupedTensor) else \
+        f"{name} was quantized with split_sizes"
+    if not isinstance(op, GroupedTensor):
+        if groups is None:
+            if op.columnwise:
+                raise ValueError(
+                    f"{name}: wgrad needs blocks that restart at every expert boundary: quantize it with "
+                    "axis=0 and split_sizes"
+                )
+            return
+    if len(groups) != splits.num_groups:
+        raise ValueError(f"{what} {list(groups)}: {len(groups)} groups, the call has {splits.num_groups} experts")
+    if splits.sizes is not None and groups != splits.sizes:
+        raise ValueError(f"{what} {list(groups)}, the call has {list(splits.sizes)}")

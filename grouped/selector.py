@@ -1,8 +1,8 @@
 """Backend choice: the preference table, forced backends, explanations, the decision log.
 
 Automatic choice walks ``preference(problem)`` and takes the first backend whose
-``supports(problem)`` is None. The table is the one place the order lives; it
-is filled from scripts/bench.py results (see the README's benchmark section).
+``supports(problem)`` is None. The table is the one place the order lives; where it
+was measured, by scripts/bench.py (README's performance section, docs/performance.md).
 
 A backend can be forced with ``backend=`` or the environment (grouped.env):
 when it cannot serve, the call falls back to the automatic choice and
@@ -29,22 +29,24 @@ from .backends import BACKENDS, Backend
 from .formats import FORMATS
 from .problem import GemmCall, Problem
 
-# Order of preference per (format, arch, problem class); "sm90" = Hopper,
-# "sm100" = Blackwell, "cuda" = any other GPU, "cpu". The BF16 order comes from
-# scripts/bench.py on an H200 (README, "Benchmark"): on Hopper our cute kernel is
-# one graph-safe launch that writes in place, within a few percent of the faster of
-# torch._grouped_mm and quack or ahead (geomean 1.02x over 42 cases) and ahead of
-# the per-expert cuBLAS loop even for a few large experts (0.98x-1.13x its speed),
-# so it goes first; the cuBLAS loop stays next for a few large experts with host
-# split sizes (the classes still split elsewhere, where there is no cute kernel).
-_LARGE, _OTHER = "a few large experts, host split sizes", "many or small experts, or GPU split sizes"
-# Per-expert cuBLAS GEMMs pay off only for a few large experts (scripts/bench.py, H200).
+# Per-expert cuBLAS GEMMs pay off only for a few large experts: a split taken from an H200 run of
+# scripts/bench.py whose numbers were not kept; on Hopper it only orders the fallbacks behind cute.
 LARGE_EXPERTS_MAX_GROUPS, LARGE_EXPERTS_MIN_ROWS = 16, 2048
 
 
 def few_large_experts(sizes: tuple[int, ...]) -> bool:
     """Host split sizes of at most LARGE_EXPERTS_MAX_GROUPS experts averaging LARGE_EXPERTS_MIN_ROWS rows."""
     return len(sizes) <= LARGE_EXPERTS_MAX_GROUPS and sum(sizes) >= LARGE_EXPERTS_MIN_ROWS * len(sizes)
+
+
+# Order of preference per (format, arch, problem class); "sm90" = Hopper,
+# "sm100" = Blackwell, "cuda" = any other GPU, "cpu". On Hopper our cute kernel is
+# one graph-safe launch that writes in place, within a few percent of the faster of
+# torch._grouped_mm and quack or ahead (geomean 1.02x over 42 cases, H100, README's
+# table) and at 0.99x-1.13x the per-expert cuBLAS loop even for a few large experts
+# (docs/performance.md), so it goes first. The sm100 and other-GPU BF16 rows were
+# not measured: torch._grouped_mm where it exists, the cuBLAS loop for a few large experts.
+_LARGE, _OTHER = "a few large experts, host split sizes", "many or small experts, or GPU split sizes"
 _PREFERENCE: dict[tuple[str, str, str], tuple[str, ...]] = {
     ("bf16", "sm90", _LARGE): ("cute", "cublas", "torch", "reference"),
     ("bf16", "sm90", _OTHER): ("cute", "torch", "cublas", "reference"),
@@ -195,6 +197,6 @@ def availability(device_type: str, capability: tuple[int, int] | None) -> dict[s
             if fmt not in b.formats:
                 row[name] = f"does not serve {fmt}"
             else:
-                row[name] = b.format_unavailable(fmt) or b.unavailable(device_type, capability)
+                row[name] = b.unavailable(device_type, capability)
         table[fmt] = row
     return table

@@ -7,7 +7,7 @@ everything that needs the grouping asks it:
 
 - ``sizes``: the host sizes, or None when they live on the GPU;
 - ``end_offsets(dtype)``: inclusive ends on the operands' device, made once and kept;
-- ``host_sizes()``: the sizes on the host (one sync when they live on the GPU);
+- ``host_sizes(rows)``: the sizes on the host (one sync when they live on the GPU);
 - ``counts()``: the sizes on the device;
 - ``row_groups(rows)``: each row's expert (``num_groups`` past the split total), no sync.
 
@@ -102,13 +102,16 @@ class Splits:
         ends = self.end_offsets(torch.int64)
         return torch.diff(ends, prepend=ends.new_zeros(1))
 
-    def host_sizes(self) -> tuple[int, ...]:
-        """The sizes on the host; one sync, once, when they live on the GPU."""
+    def host_sizes(self, rows: int) -> tuple[int, ...]:
+        """The sizes on the host, checked to fit a tensor of ``rows`` rows; one sync, once, when they
+        live on the GPU (whose values nothing checked before)."""
         if self.sizes is not None:
             return self.sizes
         if self._synced is None:
             ends = [0, *self.end_offsets(torch.int64).tolist()]
             self._synced = split_sizes_to_list([e - s for s, e in zip(ends, ends[1:])], rows=2**62)
+        if sum(self._synced) > rows:
+            raise ValueError(f"split_sizes (on the GPU) sum to {sum(self._synced)}, past the {rows} rows of the tensor")
         return self._synced
 
     def total(self):

@@ -50,8 +50,6 @@ def _member_shapes(shapes) -> list[tuple[int, ...]]:
     return members
 
 
-
-
 @dataclass(frozen=True)
 class _Region:
     """A member's slice of a flat byte buffer: offset, view shape and dtype."""

@@ -9,6 +9,8 @@ the autograd formulas all go through what users run. A compile costs seconds: si
 and each test compiles once, covering several calls.
 """
 
+import re
+
 import pytest
 import torch
 from ops_reference import rel_err
@@ -211,6 +213,16 @@ def test_checks_that_need_values_run_with_the_graph(gen):
     f(x, w, torch.tensor(SIZES))
     with pytest.raises(ValueError, match="split_sizes sum to 100, past the 64 rows"):
         f(x, w, torch.tensor([10, 20, 30, 40]))
+
+
+def test_bad_host_split_sizes_raise_eagers_error_while_tracing(gen):
+    """A host list is checked while tracing, with eager's message (fullgraph wraps the ValueError)."""
+    x, w = bf16(gen, M, K), bf16(gen, G, N, K)
+    bad = [float(s) for s in SIZES]
+    with pytest.raises(ValueError) as eager:
+        grouped.gemm(x, w, bad)
+    with pytest.raises(Exception, match=re.escape(str(eager.value))):
+        compiled(lambda x, w: grouped.gemm(x, w, bad))(x, w)
 
 
 @pytest.mark.parametrize("refused", ["out", "main_grad", "quantized with a size tensor"])

@@ -137,7 +137,8 @@ def forward_call(gen, fmt, layout, case):
     out = torch.zeros(m, out_width, dtype=out_dtype)
     call = simulate(prepare(a, b, sizes, offsets=None, layout=layout, out=out, accumulate=False, out_dtype=None))
     if case == "gpu_sizes":
-        call = dataclasses.replace(call, split_sizes=None, device_counts=torch.tensor(sizes))
+        ends = torch.tensor(sizes).cumsum(0).to(torch.int32)
+        call = dataclasses.replace(call, splits=grouped.Splits(call.num_groups, call.device, ends=ends))
     return call
 
 

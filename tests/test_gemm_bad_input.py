@@ -232,6 +232,39 @@ def test_wgrad_columnwise_with_other_split_sizes(gen, fmt):
              a, b, other, layout="wgrad", out=_poisoned((G, N, K), torch.float32))
 
 
+def test_rowwise_nvfp4_grouped_otherwise(gen):
+    """NVFP4's per-group S is read by the call's experts: the token operand's grouping must match."""
+    x = _rand(gen, M, K, dtype=torch.float32)
+    _, w = _q_operands(gen, "forward", "nvfp4")
+    a = grouped.quantize(x, "nvfp4", split_sizes=SIZES)
+    _refuses(r"a was quantized with split_sizes \[10, 0, 25, 13\], the call has \[11, 0, 24, 13\]",
+             a, w, [11, 0, 24, 13], out=_poisoned((M, N)))
+    a3 = grouped.quantize(x, "nvfp4", split_sizes=[10, 25, 13])
+    _refuses(r"a was quantized with split_sizes \[10, 25, 13\]: 3 groups, the call has 4 experts",
+             a3, w, out=_poisoned((M, N)))
+
+
+@pytest.mark.parametrize("fmt", ["mxfp8", "nvfp4"])
+def test_wgrad_operands_grouped_otherwise_with_gpu_like_splits(gen, fmt):
+    """Split sizes that live on the device are not read on the host; the operands' own groupings
+    still must agree with each other and with the expert count."""
+    a, _ = _q_operands(gen, "wgrad", fmt, sizes=SIZES)
+    _, b = _q_operands(gen, "wgrad", fmt, sizes=[11, 0, 24, 13])
+    ends = grouped.Splits(G, torch.device("cpu"), ends=torch.tensor(SIZES).cumsum(0).to(torch.int32))
+    _refuses(r"wgrad: a and b must be grouped alike", a, b, ends, layout="wgrad",
+             out=_poisoned((G, N, K), torch.float32))
+    three = grouped.Splits(3, torch.device("cpu"), ends=torch.tensor([10, 35, 48], dtype=torch.int32))
+    _refuses(r"a was quantized with split_sizes \[10, 0, 25, 13\]: 4 groups, the call has 3 experts",
+             a, a, three, layout="wgrad", out=_poisoned((3, N, N), torch.float32))
+
+
+def test_device_split_sizes_past_the_rows_raise_when_read(gen):
+    x, w = _bf16_operands(gen, "forward")
+    past = grouped.Splits(G, torch.device("cpu"), ends=torch.tensor([10, 10, 35, M + 1], dtype=torch.int32))
+    with pytest.raises(ValueError, match=rf"split_sizes \(on the GPU\) sum to {M + 1}, past the {M} rows"):
+        grouped.gemm(x, w, past, backend="reference")
+
+
 def test_grouped_tensor_without_the_needed_storage(gen):
     fmt = "mxfp8"
     dy, x = _rand(gen, M, N), _rand(gen, M, K)
@@ -249,7 +282,7 @@ def test_grouped_tensor_members_disagree_with_split_sizes(gen):
     x = _rand(gen, M, K)
     ga = GroupedTensor.from_tensor(x, SIZES, "nvfp4")
     _, w = _q_operands(gen, "forward", "nvfp4")
-    _refuses(r"a: the GroupedTensor's member sizes \[10, 0, 25, 13\] differ from split_sizes \[12, 0, 23, 13\]",
+    _refuses(r"a: the GroupedTensor's member sizes \[10, 0, 25, 13\], the call has \[12, 0, 23, 13\]",
              ga, w, [12, 0, 23, 13])
 
 

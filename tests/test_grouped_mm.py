@@ -112,6 +112,10 @@ def test_weight_only_nvfp4(gen):
     a, qb = bf16(gen, M, K), grouped.quantize(bf16(gen, G, K, N), "nvfp4", axis=1)
     y = grouped.grouped_mm(a, qb, offsets(), out_dtype=torch.float32)
     assert rel_err(y, reference(a, qb.dequantize())) <= 1e-4
+    with pytest.raises(ValueError, match="quantized operands compute forward only, but mat_a requires grad"):
+        grouped.grouped_mm(a.requires_grad_(), qb, offsets())
+    with torch.no_grad():
+        assert torch.equal(grouped.grouped_mm(a, qb, offsets(), out_dtype=torch.float32), y)
 
 
 @pytest.mark.parametrize("bad", ["bias", "no offs", "3-D mat_a", "strided mat_b", "mixed operands"])

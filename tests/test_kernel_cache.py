@@ -292,7 +292,6 @@ def test_gemm_falls_to_the_next_backend(kernels_broken, monkeypatch, gen):
 
     cute = BACKENDS["cute"]
     monkeypatch.setattr(cute, "unavailable", lambda device_type, capability: kernels._failure)
-    monkeypatch.setattr(cute, "format_unavailable", lambda fmt: None)
     monkeypatch.setattr(cute, "run", kernels_broken)
     a = torch.randn(32, 64, generator=gen).to(torch.bfloat16)
     b = torch.randn(2, 16, 64, generator=gen).to(torch.bfloat16)

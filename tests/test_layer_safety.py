@@ -159,6 +159,33 @@ def test_grouped_tensor_refuses_integer_bf16_storage():
         GroupedTensor([(4, 8)], "bf16", dtype=torch.int32)
 
 
+@pytest.mark.parametrize("alias", ["fc1 bias", "fc2 bias", "fc1 main_grad", "fc2 main_grad vs fc1's"])
+def test_mlp_buffers_aliasing_anything_either_layer_touches_refused(alias, gen):
+    """GroupedMLP checks FC2's buffers before FC1 writes: against everything of both layers."""
+    mlp = GroupedMLP(G, K, N, bias=True).to(torch.bfloat16)
+    x = _x(gen).requires_grad_()
+    out = torch.full((M, K), float("nan"), dtype=torch.bfloat16)
+    storage = torch.zeros(2 * G * 2 * N * K + M * K)  # fp32, room for any of the tensors below
+    if alias == "fc1 bias":
+        mlp.fc1.bias.data = out.view(-1)[: mlp.fc1.bias.numel()].view_as(mlp.fc1.bias)
+        match = "out overlaps"
+    elif alias == "fc2 bias":
+        mlp.fc2.bias.data = out.view(-1)[: mlp.fc2.bias.numel()].view_as(mlp.fc2.bias)
+        match = "out overlaps"
+    elif alias == "fc1 main_grad":
+        out = storage[: M * K].view(torch.bfloat16)[: M * K].view(M, K).fill_(float("nan"))
+        mlp.fc1.weight.main_grad = storage[: G * 2 * N * K].view(G, 2 * N, K)
+        match = "out overlaps|main_grad overlaps"
+    else:
+        mlp.fc1.weight.main_grad = storage[: G * 2 * N * K].view(G, 2 * N, K)
+        mlp.fc2.weight.main_grad = storage[G * N * K: G * N * K + G * K * N].view(G, K, N)
+        match = "main_grad overlaps"
+    before = out.clone()
+    with pytest.raises(ValueError, match=match):
+        mlp(x, SIZES, out=out)
+    assert torch.equal(out.view(torch.int16), before.view(torch.int16)), "out was written before the error"
+
+
 @pytest.mark.parametrize("grad", [True, False], ids=["training", "no_grad"])
 def test_mlp_integer_probs_refused_in_both_modes(grad, gen):
     mlp = GroupedMLP(G, K, N)

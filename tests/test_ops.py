@@ -392,14 +392,19 @@ def test_linear_main_grad(recipe, single_weight, mode, gen):
 # ----------------------------------------------------------------------------- delayed wgrad
 
 def _check_delay_wgrad(recipe, single_weight, main_grad, gen):
+    """main_grad: False, True (every weight has one) or "some" (per-expert weights, even experts)."""
     sizes = SPLITS["skewed"]
     now = make_linear(gen, recipe, bias=True, single_weight=single_weight)
     later = GroupedLinear(G, K, N, bias=True, recipe=recipe, single_weight=single_weight, delay_wgrad=True)
     later.load_state_dict(now.state_dict())
     initial = torch.randn(G, N, K, generator=gen)
-    if main_grad:
-        for layer in (now, later):
-            for g, p in enumerate(layer.weights()):
+
+    def has_main_grad(g):
+        return main_grad is True or (main_grad == "some" and g % 2 == 0)
+
+    for layer in (now, later):
+        for g, p in enumerate(layer.weights()):
+            if has_main_grad(g):
                 p.main_grad = (initial if single_weight else initial[g]).clone()
     for _ in range(2):  # two micro-batches: the deferred wgrads accumulate like immediate ones
         x, dy = batch(gen, now)
@@ -407,14 +412,14 @@ def _check_delay_wgrad(recipe, single_weight, main_grad, gen):
         _, x_later = run_linear(later, x, sizes, dy)
         assert x_later.grad is not None and torch.equal(x_later.grad, x_now.grad)
     assert all(p.grad is None for p in later.weights()) and later.bias.grad is None
-    if main_grad:
-        for g, p in enumerate(later.weights()):
+    for g, p in enumerate(later.weights()):
+        if has_main_grad(g):
             assert torch.equal(p.main_grad, initial if single_weight else initial[g]), "wgrad ran early"
     later.backward_dw()  # with autograd enabled, as a training loop calls it
     assert later._pending_wgrad == []
     assert torch.equal(later.bias.grad, now.bias.grad)
-    for p_now, p_later in zip(now.weights(), later.weights()):
-        if main_grad:
+    for g, (p_now, p_later) in enumerate(zip(now.weights(), later.weights())):
+        if has_main_grad(g):
             assert p_later.grad is None and p_now.grad is None
             assert torch.equal(p_later.main_grad, p_now.main_grad)
             assert not p_later.main_grad.requires_grad, "main_grad got autograd history"
@@ -434,7 +439,8 @@ def test_linear_delay_wgrad(recipe, main_grad, gen):
     _check_delay_wgrad(recipe, True, main_grad, gen)
 
 
-@pytest.mark.parametrize("recipe,main_grad", [("bf16", True), ("bf16", False), ("mxfp8", True), ("nvfp4", False)])
+@pytest.mark.parametrize("recipe,main_grad", [("bf16", True), ("bf16", False), ("mxfp8", True), ("nvfp4", False),
+                                              ("bf16", "some"), ("mxfp8", "some")])
 def test_linear_delay_wgrad_per_expert(recipe, main_grad, gen):
     _check_delay_wgrad(recipe, False, main_grad, gen)
 
@@ -604,6 +610,20 @@ def test_mlp_quantized_is_fc1_swiglu_fc2(recipe, gen):
                            ("fc2", grads[1], dw2_ref), ("probs", pg.grad, dp_ref)):
         err = rel_err(got, ref)
         assert err <= tol, f"{recipe} {what}: normwise relative error {err:.3g} vs the unquantized reference"
+
+
+@pytest.mark.parametrize("recipe, x_dtype", [*((r, torch.bfloat16) for r in RECIPES),
+                                             ("mxfp8", torch.float32), ("nvfp4", torch.float32)])
+def test_mlp_inference_equals_training_forward(recipe, x_dtype, gen):
+    """torch.no_grad takes the gemm_swiglu entry for bf16 x and the training path otherwise (an fp32
+    x, which quantized recipes take); either way the output is the training forward's, bit for bit."""
+    sizes = SPLITS["empty"]
+    mlp = make_mlp(gen, recipe)
+    x, probs = bf16(gen, (M, H)).to(x_dtype), torch.rand(M, generator=gen)
+    with torch.no_grad():
+        y_infer = mlp(x, sizes, probs)
+    y_train = mlp(x.clone().requires_grad_(), sizes, probs.clone().requires_grad_())
+    assert torch.equal(y_infer, y_train.detach())
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

@@ -440,6 +440,25 @@ def test_block_scaled_on_sm90_runs_cute_when_asked(fmt, weight_only):
         assert "not installed" in d.reasons["cute"]
 
 
+@pytest.mark.parametrize("fmt, sizes, refused", [
+    ("nvfp4", [3, 17], True),    # 16 + 32 tokens padded: rows of 24 bytes
+    ("nvfp4", [16, 16], False),  # 32 tokens: rows of 16 bytes
+    ("mxfp8", [3, 17], False),   # 32 + 32 tokens: rows of 64 bytes
+])
+def test_cute_refuses_stored_rows_tma_cannot_map(gen, fmt, sizes, refused):
+    """wgrad's columnwise operands store the padded token count per row: NVFP4 with an odd number of
+    16-token blocks gives rows TMA cannot step by; the cute backend says so instead of launching."""
+    from grouped.backends import BACKENDS
+    from grouped.problem import prepare
+
+    m = sum(sizes)
+    dy = grouped.quantize(torch.randn(m, 32, generator=gen), fmt, axis=0, split_sizes=sizes)
+    x = grouped.quantize(torch.randn(m, 64, generator=gen), fmt, axis=0, split_sizes=sizes)
+    call = prepare(dy, x, sizes, offsets=None, layout="wgrad", out=None, accumulate=False, out_dtype=None)
+    reason = BACKENDS["cute"].accepts(call)
+    assert (reason is not None and "TMA needs 16-byte aligned stored rows" in reason) == refused, reason
+
+
 @pytest.mark.parametrize("fmt", ["mxfp8", "nvfp4"])
 def test_quantized_on_sm100(fmt):
     d = selector.decide(_problem(fmt=fmt, capability=(10, 0)))

@@ -119,7 +119,7 @@ def configs_for_layouts(block_scaled_formats=()) -> list[GemmConfig]:
 
 
 _SOURCES = (*(str(Path(__file__).with_name(name)) for name in ("grouped_gemm.py", "grouped_gemm_kernel.py",
-                                                                 "block_decode.py")),
+                                                                 "decode_warps.py", "block_decode.py")),
             str(Path(__file__).parents[1] / "ptx.py"))
 
 
@@ -173,8 +173,9 @@ def compile_config(config: GemmConfig):
         else:
             scale_b = make_fake_tensor(cutlass.Uint8, (cute.sym_int(), cute.sym_int()), (cute.sym_int64(), 1))
         if config.fmt.name == "nvfp4":  # per-group fp32 S (a per-tensor S comes as a stride-0 view)
-            tensor_scale_a, tensor_scale_b = (make_fake_tensor(cutlass.Float32, (groups,), (cute.sym_int64(),))
-                                              for _ in range(2))
+            tensor_scale_b = make_fake_tensor(cutlass.Float32, (groups,), (cute.sym_int64(),))
+            if not config.weight_only:  # a bf16 activation has no S
+                tensor_scale_a = make_fake_tensor(cutlass.Float32, (groups,), (cute.sym_int64(),))
     ends = make_fake_compact_tensor(cutlass.Int32, (groups,))
     counter = make_fake_compact_tensor(cutlass.Int32, (cute.sym_int(),))  # (1,); static configs get ends
     gemm = GroupedGemmSm90(config.ragged, config.b_major, config.accumulate, config.tile_m, config.tile_n,

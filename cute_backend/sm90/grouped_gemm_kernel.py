@@ -76,7 +76,7 @@ from cutlass import BFloat16, Boolean, Float32, Int32, Int64, Uint8, const_expr
 from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.tensor_utils import LayoutEnum
 
-from ..ptx import div_rn, mul_rn
+from ..ptx import div_rn
 from .decode_warps import DECODE_THREADS, DECODE_WARPS, Codec, DecodeWarps
 
 BIG = 2**30  # size of a ragged dim; past any real extent
@@ -455,13 +455,13 @@ class GroupedGemmSm90(DecodeWarps):
 
     def _tensor_scale(self, tensor_scale_a: cute.Tensor, tensor_scale_b: cute.Tensor, group: Int32) -> Float32:
         """NVFP4: a group's 1 / (S_a S_b) (1 / S_b for a bf16 activation), what its dequantized
-        product is of the decoded one; 1 otherwise."""
+        product is of the decoded one; 1 otherwise. Two divisions: S_a S_b overflows fp32 for
+        operands whose amaxes multiply to under ~2e-32, where the quotient is still a number."""
         alpha = Float32(1.0)
         if const_expr(self.tensor_scaled):
-            scale = tensor_scale_b[group]
+            alpha = div_rn(alpha, tensor_scale_b[group])
             if const_expr(not self.weight_only):
-                scale = mul_rn(tensor_scale_a[group], scale)
-            alpha = div_rn(Float32(1.0), scale)
+                alpha = div_rn(alpha, tensor_scale_a[group])
         return alpha
 
     def _output_tile(self, mC, group, tile_m_idx, tile_n_idx, start, length):

@@ -22,10 +22,6 @@ class Backend:
         """Why this backend cannot run on such a device at all (None: it can)."""
         return None
 
-    def format_unavailable(self, fmt: str) -> str | None:
-        """Why a format this backend is registered for cannot run yet (None: it can)."""
-        return None
-
     def refuses(self, problem: Problem) -> str | None:
         """Why this backend cannot serve this problem on an available device (None: it can)."""
         return None
@@ -33,11 +29,7 @@ class Backend:
     def supports(self, problem: Problem) -> str | None:
         if problem.fmt not in self.formats:
             return f"serves {', '.join(self.formats)}, not {problem.fmt}"
-        return (
-            self.format_unavailable(problem.fmt)
-            or self.unavailable(problem.device_type, problem.capability)
-            or self.refuses(problem)
-        )
+        return self.unavailable(problem.device_type, problem.capability) or self.refuses(problem)
 
     def accepts(self, call: GemmCall) -> str | None:
         """Why this backend cannot serve this particular call (None: it can). Asked on every

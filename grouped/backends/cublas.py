@@ -48,7 +48,7 @@ class CublasBackend(Backend):
         return None
 
     def run(self, call: GemmCall) -> torch.Tensor:
-        sizes = call.splits.host_sizes()
+        sizes = call.splits.host_sizes(call.m_total)
         out = call.output()
         a, b, product = call.a, call.b, _product(call.problem)
         start = 0

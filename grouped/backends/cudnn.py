@@ -213,12 +213,12 @@ def _alpha(fmt_name: str, s_a, s_b, groups: int, device) -> torch.Tensor:
     return torch.reciprocal(sa * sb).float().contiguous()
 
 
-def padded_offsets(call: GemmCall, counts: torch.Tensor | None = None) -> torch.Tensor:
-    """int32 inclusive end offsets (G,) from splits_to_offsets, one 16-byte aligned allocation.
+def padded_offsets(counts: torch.Tensor) -> torch.Tensor:
+    """int32 inclusive end offsets (G,) of the device counts, one 16-byte aligned allocation (an
+    ``offsets=`` the caller gave may be a view at any address).
 
     The token rule is refused, not padded, so these are the plain end offsets.
     """
-    counts = call.splits.counts() if counts is None else counts
     (offsets,) = splits_to_offsets(
         counts, strides=[1], include_leading_zero=[False], dtypes=[torch.int32], bulk_allocate=True
     )
@@ -260,18 +260,6 @@ def _data_refusal(call: GemmCall) -> str | None:
         return (
             f"with split sizes on the GPU the whole token tensor goes to cuDNN frontend, whose row count must be "
             f"a multiple of {FORWARD_TOKEN_MULTIPLE}; got {call.m_total} rows"
-        )
-    a = call.a
-    if (
-        call.fmt.name == "nvfp4"
-        and isinstance(a, QuantizedTensor)
-        and a.split_sizes is not None
-        and call.splits.sizes is not None
-        and tuple(a.split_sizes) != tuple(call.splits.sizes)
-    ):
-        return (
-            f"a was quantized with split_sizes {list(a.split_sizes)} (one NVFP4 tensor scale per group) but the call "
-            f"has {list(call.splits.sizes)}; alpha is per expert, so they must match"
         )
     out = call.out
     if out is not None and _valid_rows(call) > 0:
@@ -356,7 +344,7 @@ def _blockscaled_operands(call: GemmCall, rows: int, *, columnwise: bool, interl
     return {
         "a_tensor": _data_view(a_data, fmt),
         "sfa_tensor": _scale_bytes_view(sfa, fmt),
-        "padded_offsets": padded_offsets(call, counts),
+        "padded_offsets": padded_offsets(counts),
         "alpha_tensor": _alpha(fmt, s_a, s_b, call.num_groups, call.device),
         "b_tensor": _data_view(b_data, fmt),
         "sfb_tensor": _scale_bytes_view(sfb, fmt),
@@ -392,7 +380,7 @@ def wgrad_arguments(call: GemmCall, out: torch.Tensor | None = None) -> dict | N
     counts = call.splits.counts()
     if call.splits.sizes is None:
         _check_counts_on_device(counts, WGRAD_TOKEN_MULTIPLE)
-    sizes = dy.split_sizes  # host sizes of the quantized operands (equal to the call's; checked by prepare)
+    sizes = dy.split_sizes  # the operands' host grouping: the call's (prepare checks it, and x's, on the host)
     block = call.fmt.block_size
     sfa = per_expert_blocked(dy.compact_scale(), sizes, block)
     sfb = per_expert_blocked(x.compact_scale(), sizes, block)
@@ -405,7 +393,7 @@ def wgrad_arguments(call: GemmCall, out: torch.Tensor | None = None) -> dict | N
         "b_tensor": _data_view(x.data, fmt).t(),
         "sfa_tensor": _scale_bytes_view(sfa, fmt),
         "sfb_tensor": _scale_bytes_view(sfb, fmt),
-        "offsets_tensor": padded_offsets(call, counts),
+        "offsets_tensor": padded_offsets(counts),
         "output_mode": "dense",
         "wgrad_tensor": out,
         "global_scale_a": gs_a,

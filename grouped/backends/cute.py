@@ -20,7 +20,6 @@ from ..tensor import GroupedTensor
 from .base import Backend
 
 MAX_TOKENS = 2**30  # the kernel's ragged TMA views address rows below 2^30 (grouped_gemm_kernel.py)
-DECODED_FORMATS = ("mxfp8", "nvfp4")  # block-scaled formats the sm90 kernel decodes
 
 
 class CuteBackend(Backend):
@@ -30,11 +29,6 @@ class CuteBackend(Backend):
 
     def unavailable(self, device_type, capability):
         return kernels.unavailable(device_type, capability)
-
-    def format_unavailable(self, fmt):
-        if fmt != "bf16" and fmt not in DECODED_FORMATS:
-            return f"the sm90 grouped GEMM does not decode {fmt.upper()}"
-        return None
 
     def refuses(self, problem):
         if problem.capturing and not problem.device_splits:
@@ -53,7 +47,7 @@ class CuteBackend(Backend):
             for name, op in (("a", call.a), ("b", call.b)):
                 if isinstance(op, torch.Tensor):  # a bf16 activation (weight-only)
                     continue
-                reason = _storage_refusal(op, _columnwise(call, name))
+                reason = _storage_refusal(op, _columnwise(call, name)) or _tma_refusal(_stored(op, call, name)[0])
                 if reason:
                     return f"{name}: {reason}"
         return None
@@ -103,6 +97,16 @@ def _storage_refusal(op, columnwise: bool) -> str | None:
         return "the kernel reads compact scales; pass q.with_layout('compact')"
     if isinstance(op, GroupedTensor) and op.stacked(columnwise=columnwise) is None:
         return "its members' buffers are not one array (an alignment gap between members)"
+    return None
+
+
+def _tma_refusal(data: torch.Tensor) -> str | None:
+    """TMA needs 16-byte aligned base and strides; NVFP4 columnwise storage of an odd number of
+    16-token blocks has rows 8 bytes past a multiple of 16."""
+    strides = [st for size, st in zip(data.shape[:-1], data.stride()[:-1]) if size > 1]
+    if data.data_ptr() % 16 or any(st % 16 for st in strides):
+        return (f"TMA needs 16-byte aligned stored rows; its bytes start at {data.data_ptr() % 16} past a multiple of "
+                f"16 with row strides {strides} bytes")
     return None
 
 

@@ -35,7 +35,7 @@ class ReferenceBackend(Backend):
         return None
 
     def run(self, call: GemmCall) -> torch.Tensor:
-        sizes = call.splits.host_sizes()
+        sizes = call.splits.host_sizes(call.m_total)
         layout = call.layout
         a = _dense(call.a, columnwise=layout == "wgrad", stacked=False)
         b = _dense(call.b, columnwise=layout != "forward", stacked=layout != "wgrad")

@@ -84,13 +84,13 @@ def layer_splits(split_sizes, x: torch.Tensor, num_experts: int) -> Splits:
     return Splits.of(split_sizes, rows=x.shape[0], num_groups=num_experts, device=x.device)
 
 
-def host_split_sizes(splits: Splits) -> tuple[int, ...]:
+def host_split_sizes(splits: Splits, rows: int) -> tuple[int, ...]:
     """The split sizes quantizing along tokens needs: on the host (a sync for GPU sizes, which a
     graph cannot do)."""
     if splits.on_device and torch.compiler.is_compiling():
         raise ValueError("quantized recipes under torch.compile need host split sizes (a list of ints): "
                          "quantizing along tokens pads every expert, on the host")
-    return splits.host_sizes()
+    return splits.host_sizes(rows)
 
 
 class _GroupedLinearFunction(torch.autograd.Function):
@@ -103,7 +103,7 @@ class _GroupedLinearFunction(torch.autograd.Function):
         # weight_operand None: the weight itself (torch.compile refuses a tensor passed twice).
         weight_operand = weights[0] if weight_operand is None else weight_operand
         quantized = layer.fmt.quantized
-        x_operand = quantize(x, layer.fmt, split_sizes=host_split_sizes(splits)) if quantized else x
+        x_operand = quantize(x, layer.fmt, split_sizes=host_split_sizes(splits, x.shape[0])) if quantized else x
         y = gemm(x_operand, weight_operand, splits, out=out, out_dtype=x.dtype)
         if out is None:
             _zero_rows_past_total(y, splits, groups)
@@ -117,7 +117,7 @@ class _GroupedLinearFunction(torch.autograd.Function):
         # per expert), its own copy; bf16 saves X itself, so autograd sees in-place changes to it.
         ctx.x_quantized = None
         if quantized:
-            ctx.x_quantized = quantize(x, layer.fmt, axis=0, split_sizes=host_split_sizes(splits))
+            ctx.x_quantized = quantize(x, layer.fmt, axis=0, split_sizes=host_split_sizes(splits, x.shape[0]))
         ctx.layer, ctx.splits, ctx.grad_input = layer, splits, grad_input
         ctx.weight_operand, ctx.groups, ctx.has_bias = weight_operand, groups, bias is not None
         ctx.save_for_backward(None if quantized else x, *weights)
@@ -132,7 +132,7 @@ class _GroupedLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             dy = grad_y
             if layer.fmt.quantized:
-                dy = quantize(grad_y, layer.fmt, split_sizes=host_split_sizes(splits))
+                dy = quantize(grad_y, layer.fmt, split_sizes=host_split_sizes(splits, grad_y.shape[0]))
             weight = ctx.weight_operand
             if isinstance(weight, QuantizedTensor):  # quantized in a graph (rowwise): dgrad's is along N
                 weight = quantize(layer.stacked_weight(weights), layer.fmt, axis=1)
@@ -168,7 +168,7 @@ class _WeightGradient:
         layer, splits = self.layer, self.splits
         dy = self.grad_y
         if layer.fmt.quantized:
-            dy = quantize(dy, layer.fmt, axis=0, split_sizes=host_split_sizes(splits))
+            dy = quantize(dy, layer.fmt, axis=0, split_sizes=host_split_sizes(splits, dy.shape[0]))
         main_grads = [getattr(w, "main_grad", None) for w in self.weights]
         grads: list = [None] * len(self.weights)
         if len(self.weights) == 1 and main_grads[0] is not None:
@@ -179,8 +179,8 @@ class _WeightGradient:
             dw = gemm(dy, self.x, splits, layout="wgrad", out_dtype=dtype)
             parts = [dw] if len(self.weights) == 1 else list(dw.unbind(0))
             for i, (part, main_grad) in enumerate(zip(parts, main_grads)):
-                if main_grad is None:
-                    grads[i] = part
+                if main_grad is None:  # fp32 when a sibling has a main_grad: .grad takes the weight's dtype
+                    grads[i] = part.to(self.weights[i].dtype)
                 elif layer.main_grad_mode == "accumulate":
                     main_grad.add_(part)
                 else:
@@ -355,12 +355,11 @@ class GroupedLinear(nn.Module):
         splits = layer_splits(split_sizes, x, self.num_experts)
         return self.run(x, splits, out=out, grad_input=grad_input, reuse_weight_cache=reuse_weight_cache)
 
-    def run(self, x, splits: Splits, *, out=None, grad_input=None, reuse_weight_cache=False, weight_operand=None):
+    def run(self, x, splits: Splits, *, out=None, grad_input=None, reuse_weight_cache=False):
         """forward on checked arguments and this step's splits (GroupedMLP shares one Splits
         between its two layers)."""
         weights = self.weights()
-        if weight_operand is None:
-            weight_operand = self._forward_weight(weights, reuse_cache=reuse_weight_cache)
+        weight_operand = self._forward_weight(weights, reuse_cache=reuse_weight_cache)
         if weight_operand is weights[0]:
             weight_operand = None  # the Function takes it from weights (see its forward)
         groups = splits.row_groups(x.shape[0])

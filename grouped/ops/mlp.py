@@ -10,7 +10,8 @@
 reads). Autograd covers the activation and the probabilities' gradient. When no
 gradient is needed (inference, torch.no_grad), FC1 + SwiGLU + probs go through
 ``grouped.gemm_swiglu``, which fuses them where a backend can and otherwise
-computes exactly what the training path does. The split sizes are fixed once
+computes exactly what the training path does (bf16 x; an fp32 x, which
+quantized recipes take, keeps the training path). The split sizes are fixed once
 per step (``grouped.Splits``) and shared by both layers. Under torch.compile it
 compiles as GroupedLinear does (see grouped/ops/linear.py), split sizes from a
 bincount included.
@@ -49,17 +50,21 @@ class GroupedMLP(nn.Module):
         self.fc2.check_compilable(out=out)
         self.fc1.check_call(x, None, grad_input)
         check_probs(probs, rows=x.shape[0], device=x.device, operand="x")
-        if out is not None:  # FC2's checks run after FC1 wrote: check its buffer now
+        # FC2's checks would run after FC1 wrote: check everything both layers touch now
+        given = [t for t in (x, probs, grad_input, *self.parameters()) if t is not None]
+        fc1_main_grads, fc2_main_grads = ([w.main_grad for w in layer.weights() if getattr(w, "main_grad", None)
+                                           is not None] for layer in (self.fc1, self.fc2))
+        if out is not None:
             buffers.check_buffer(out, name="out", shape=(x.shape[0], self.fc2.out_features), dtype=x.dtype,
-                                 device=x.device, inputs=[x, *self.fc1.weights(), *self.fc2.weights()]
-                                 + ([grad_input] if grad_input is not None else []))
-        self.fc2.check_main_grads([x, *self.fc1.weights(), *self.fc2.weights()]
-                                  + [t for t in (out, grad_input) if t is not None])
+                                 device=x.device, inputs=given + fc1_main_grads + fc2_main_grads)
+            given.append(out)
+        self.fc1.check_main_grads(given + fc2_main_grads)
+        self.fc2.check_main_grads(given + fc1_main_grads)
         splits = layer_splits(split_sizes, x, self.fc1.num_experts)
         if self._inference_only(x, probs, grad_input):
             # FC1 + SwiGLU + probs through the fused entry (one kernel where a backend fuses it).
             fc1 = self.fc1
-            a = x if not fc1.fmt.quantized else quantize(x, fc1.fmt, split_sizes=host_split_sizes(splits))
+            a = x if not fc1.fmt.quantized else quantize(x, fc1.fmt, split_sizes=host_split_sizes(splits, x.shape[0]))
             weight = fc1._forward_weight(fc1.weights(), reuse_cache=reuse_weight_cache)
             act = gemm_swiglu(a, weight, splits, probs)
             return self.fc2.run(act.to(x.dtype), splits, out=out, reuse_weight_cache=reuse_weight_cache)
@@ -68,8 +73,9 @@ class GroupedMLP(nn.Module):
         return self.fc2.run(a.to(x.dtype), splits, out=out, reuse_weight_cache=reuse_weight_cache)
 
     def _inference_only(self, x, probs, grad_input) -> bool:
-        """No gradient will be asked for: the fused FC1 entry (forward only) may serve."""
-        if grad_input is not None or self.fc1.bias is not None:
+        """No gradient will be asked for: the fused FC1 entry (forward only) may serve. Only for bf16
+        x: gemm_swiglu's h is bf16, while the training path keeps an fp32 x's h in fp32."""
+        if grad_input is not None or self.fc1.bias is not None or x.dtype != torch.bfloat16:
             return False
         if not torch.is_grad_enabled():
             return True
