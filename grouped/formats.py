@@ -6,7 +6,7 @@ reference quantize / dequantize of one run of blocks. Everything else
 (``grouped.quantize``, GroupedTensor, the GEMM backends) asks the descriptor
 instead of branching on the format's name.
 
-Numerics (../shared/DESIGN.md, "Numerics"), for blocks that run along the last
+Numerics (docs/design.md, "Numerics"), for blocks that run along the last
 dim of an fp32 tensor:
 
 MXFP8 (OCP MX v1.0, E4M3 elements, block 32, E8M0 scales)

@@ -41,8 +41,8 @@ def few_large_experts(sizes: tuple[int, ...]) -> bool:
 
 # Order of preference per (format, arch, problem class); "sm90" = Hopper,
 # "sm100" = Blackwell, "cuda" = any other GPU, "cpu". On Hopper our cute kernel is
-# one graph-safe launch that writes in place, within a few percent of the faster of
-# torch._grouped_mm and quack or ahead (geomean 1.02x over 42 cases, H100, README's
+# one graph-safe launch that writes in place, within a few percent of the fastest of
+# torch._grouped_mm, quack and the cuBLAS loop or ahead (geomean 1.02x over 42 cases, H100, README's
 # table) and at 0.99x-1.13x the per-expert cuBLAS loop even for a few large experts
 # (docs/performance.md), so it goes first. The sm100 and other-GPU BF16 rows were
 # not measured: torch._grouped_mm where it exists, the cuBLAS loop for a few large experts.

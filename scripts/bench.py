@@ -4,6 +4,7 @@
     python scripts/bench.py --quick          # one shape, uniform splits, forward only
     python scripts/bench.py --dry-run        # CPU, tiny shapes: checks the script's logic
     python scripts/bench.py --out DIR        # where results.json / table.txt / bench.png go
+    python scripts/bench.py --mxfp8          # also our sm90 MXFP8 kernel, against our BF16 one
 
 What it does, in order:
 1. prints the GPU and torch version, then measures two ceilings in this run: the
@@ -24,14 +25,15 @@ What it does, in order:
    and the peers ``torch._grouped_mm``,
    a per-expert torch.mm loop and quack's varlen GEMM; fp8 rowwise
    ``torch._scaled_grouped_mm`` is a speed reference row (forward only), not a peer;
-   ``ours:cute mxfp8`` runs the same case on MXFP8 operands quantized beforehand (as
-   GroupedLinear hands them over) and is reported against our BF16 kernel (xbf16);
+   with --mxfp8, ``ours:cute mxfp8`` runs the same case on MXFP8 operands quantized beforehand
+   (as GroupedLinear hands them over), checked against the per-expert loop on their dequantized
+   values, and is reported against our BF16 kernel (xbf16);
 4. metrics: TFLOP/s (2 * M_total * N * K), the floor time
    max(FLOPs / matmul rate, bytes / copy bandwidth) and the % of it achieved,
    and for our backends the speedup over the best peer (best peer ms / our ms,
    > 1 means ours is faster); then our host-side overhead per call;
-5. writes results.json, table.txt and (if matplotlib imports) bench.png to --out,
-   and ends with a compact summary.
+5. writes results.json (after every case, then once more with the host overhead), table.txt
+   and (if matplotlib imports) bench.png to --out, and ends with a compact summary.
 
 Split sizes: the per-expert loop and our non-graph-safe backends (cublas,
 reference) get host lists; torch._grouped_mm, quack and our graph-safe backends
@@ -69,7 +71,8 @@ L2_FLUSH_BYTES = 256 << 20
 # GPU cycles spun after the flush (~200 us at H100/H200 clocks): more than any contender's host
 # time to its launch, which a call right after a synchronize pays with cold CPU caches
 LAUNCH_COVER_CYCLES = 400_000
-ERR_LIMIT = {"bf16": 1e-2, "fp8": 0.1, "mxfp8": 0.1}  # normwise relative error vs the per-expert loop
+# normwise relative error vs the per-expert loop (MXFP8: the loop on its dequantized operands, exact in bf16)
+ERR_LIMIT = {"bf16": 1e-2, "fp8": 0.1, "mxfp8": 1e-2}
 OPERAND_BYTES = {"bf16": 2.0, "fp8": 1.0, "mxfp8": 1.0 + 1.0 / 32}  # a stored element, with its block scale
 FP8_API_USED = [None]  # which fp8 grouped GEMM API worked, for the report
 
@@ -393,7 +396,14 @@ def build_ours_mxfp8(case: Case):
     if decision.backend != "cute":
         raise Skip(f"cute cannot serve MXFP8 here: {decision.reasons['cute']}")
     offs, layout = case.offs, case.layout
-    return lambda: grouped.gemm(qa, qb, layout=layout, offsets=offs, backend="cute")
+
+    def run():
+        return grouped.gemm(qa, qb, layout=layout, offsets=offs, backend="cute")
+
+    # checked against the loop on the dequantized operands (bf16 holds them exactly), not on bf16's
+    run.expected = per_expert_loop(qa.dequantize().to(torch.bfloat16), qb.dequantize().to(torch.bfloat16), sizes,
+                                   layout)
+    return run
 
 
 def build_dense_mm(case: Case):
@@ -511,8 +521,10 @@ def build_quack(api: QuackAPI | None, reason: str):
     return build
 
 
-def build_contenders(case: Case, include_reference: bool, quack: tuple) -> tuple[list[Contender], list[str]]:
-    """Our available backends (by explain()), cublas with 4 side streams, the peers, fp8 reference."""
+def build_contenders(case: Case, include_reference: bool, quack: tuple, mxfp8: bool) -> tuple[list[Contender],
+                                                                                              list[str]]:
+    """Our available backends (by explain()), the peers, the speed references, and (``mxfp8``) our
+    MXFP8 kernel."""
     skipped = []
     reasons = grouped.explain(case.a, case.b, list(case.sizes), layout=case.layout).reasons
     ours = []
@@ -529,7 +541,8 @@ def build_contenders(case: Case, include_reference: bool, quack: tuple) -> tuple
         Contender("quack varlen", "peer", build_quack(*quack)),
     ]
     peers.append(Contender("dense mm, same FLOPs", "reference", build_dense_mm, grouped_result=False))
-    peers.append(Contender("ours:cute mxfp8", "ours-mxfp8", build_ours_mxfp8, precision="mxfp8"))
+    if mxfp8:
+        peers.append(Contender("ours:cute mxfp8", "ours-mxfp8", build_ours_mxfp8, precision="mxfp8"))
     if case.layout == "forward":
         peers.append(Contender("fp8 rowwise scaled_gmm", "reference", build_fp8_scaled, precision="fp8"))
     return ours + peers, skipped
@@ -573,15 +586,15 @@ def relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
     return diff / max(expected.float().norm().item(), 1e-30)
 
 
-def check_output(out, case: Case, limit: float) -> tuple[float, str | None]:
-    """(normwise relative error vs the per-expert loop, a note when something is off)."""
-    if tuple(out.shape) != tuple(case.expected.shape):
-        return float("nan"), f"WRONG: shape {tuple(out.shape)}, expected {tuple(case.expected.shape)}"
-    err = relative_error(out, case.expected)
+def check_output(out, expected, case: Case, limit: float) -> tuple[float, str | None]:
+    """(normwise relative error vs the per-expert loop's ``expected``, a note when something is off)."""
+    if tuple(out.shape) != tuple(expected.shape):
+        return float("nan"), f"WRONG: shape {tuple(out.shape)}, expected {tuple(expected.shape)}"
+    err = relative_error(out, expected)
     ok = math.isfinite(err) and err <= limit
     if not ok and case.layout == "wgrad" and 0 in case.sizes:
         used = [g for g, m in enumerate(case.sizes) if m]
-        err_used = relative_error(out[used], case.expected[used])
+        err_used = relative_error(out[used], expected[used])
         if math.isfinite(err_used) and err_used <= limit:
             return err_used, "dW of empty experts not zeroed (err over the others)"
     return err, None if ok else f"WRONG: rel err {err:.2e}"
@@ -606,11 +619,13 @@ def prepare_contender(case: Case, c: Contender, ceilings: dict, device) -> tuple
         if row.first_call_s > 1.0:
             row.notes.append(f"first call {row.first_call_s:.1f} s")
         if c.grouped_result:
-            err, note = check_output(out, case, ERR_LIMIT[c.precision])
+            err, note = check_output(out, getattr(fn, "expected", case.expected), case, ERR_LIMIT[c.precision])
             row.rel_err = err if math.isfinite(err) else None
             if note:
                 row.notes.append(note)
         del out
+        if hasattr(fn, "expected"):
+            del fn.expected
         return row, fn
     except Skip as e:
         row.status = f"skipped: {e}"
@@ -657,7 +672,9 @@ def fill_peer_ratios(rows: list[Row]) -> None:
             r.notes.append(f"xbf16 {r.vs_bf16:.2f}")
 
 
-def run_all(plan, ceilings, device, flush, include_reference, quack, max_reps, table, only=()) -> list[Row]:
+def run_all(plan, ceilings, device, flush, include_reference, quack, max_reps, table, only=(), mxfp8=False,
+            checkpoint=lambda rows: None) -> list[Row]:
+    """Every case of the plan; ``checkpoint(rows)`` after each (results survive a later crash)."""
     rows: list[Row] = []
     reported: set[str] = set()
     for shape, splits, layouts in plan:
@@ -670,7 +687,7 @@ def run_all(plan, ceilings, device, flush, include_reference, quack, max_reps, t
             for layout in layouts:
                 case = make_case(shape, split, layout, sizes, ops, offs)
                 case.expected = per_expert_loop(case.a, case.b, sizes, layout)
-                contenders, skipped = build_contenders(case, include_reference, quack)
+                contenders, skipped = build_contenders(case, include_reference, quack, mxfp8)
                 if only:
                     contenders = [c for c in contenders if c.name.startswith(only)]
                 case_rows = run_case(case, contenders, ceilings, device, flush, max_reps)
@@ -682,6 +699,7 @@ def run_all(plan, ceilings, device, flush, include_reference, quack, max_reps, t
                     table.note(f"   not run (said once): {'; '.join(new)}")
                     reported.update(new)
                 rows.extend(case_rows)
+                checkpoint(rows)
                 case.expected = None
                 del case
                 free_memory(device)
@@ -930,6 +948,9 @@ def parse_args(argv=None):
     p.add_argument("--max-reps", type=int, default=MAX_REPS, help="timed repetitions per contender (max)")
     p.add_argument("--contenders", default="", help="comma-separated name prefixes to run (default: all)")
     p.add_argument("--shapes", default="", help="comma-separated shape names to run (default: all)")
+    p.add_argument("--mxfp8", action="store_true",
+                   help="also time our sm90 MXFP8 kernel (ours:cute mxfp8); run its GPU tests first "
+                        "(tests/test_cute_block_scaled_gpu.py): a hang or fault there would cost the whole run")
     return p.parse_args(argv)
 
 
@@ -956,14 +977,19 @@ def main(argv=None) -> None:
     table = Table()
     table.start()
     only = tuple(name for name in args.contenders.split(",") if name)
-    rows = run_all(plan, ceilings, device, flush, args.quick or args.dry_run, quack, max_reps, table, only)
+    os.makedirs(args.out, exist_ok=True)
+    json_path = os.path.join(args.out, "results.json")
+
+    def checkpoint(rows):
+        write_json(json_path, info, ceilings, rows, None, quack_log, plan, time.perf_counter() - t_start)
+
+    rows = run_all(plan, ceilings, device, flush, args.quick or args.dry_run, quack, max_reps, table, only,
+                   args.mxfp8, checkpoint)
 
     print("\nhost overhead (tiny forward: 8 experts, 64 tokens, 128x128):")
     overhead = measure_host_overhead(device, calls=100 if args.dry_run else 1000)
 
-    os.makedirs(args.out, exist_ok=True)
     elapsed = time.perf_counter() - t_start
-    json_path = os.path.join(args.out, "results.json")
     write_json(json_path, info, ceilings, rows, overhead, quack_log, plan, elapsed)
     with open(os.path.join(args.out, "table.txt"), "w") as f:
         f.write("\n".join(table.lines) + "\n")

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -168,24 +169,31 @@ def bench_first_call() -> list[str]:
     lines = []
     for name in FIRST_CALLS:
         args = [sys.executable, "-c", _FIRST_CALL, name]
-        subprocess.run(args, env=env, check=True, capture_output=True)  # warm the cache
-        ms, cutlass, tvm_ffi = subprocess.run(args, env=env, check=True, capture_output=True, text=True).stdout.split()
+        try:
+            subprocess.run(args, env=env, check=True, capture_output=True)  # warm the cache
+            done = subprocess.run(args, env=env, check=True, capture_output=True, text=True)
+        except subprocess.CalledProcessError as e:
+            stderr = (e.stderr if isinstance(e.stderr, str) else e.stderr.decode(errors="replace")).strip()
+            lines.append(f"first call, fresh process: {name} FAILED (exit {e.returncode}): {stderr[-400:]}")
+            continue
+        ms, cutlass, tvm_ffi = done.stdout.split()
         lines.append(f"first call, fresh process, warm disk cache: {name} {ms} ms (imported: cutlass {cutlass}, "
                      f"tvm_ffi {tvm_ffi})")
     return lines
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("no CUDA device: this benchmark times our Hopper kernels")
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__}")
     reason = kernels.unavailable("cuda", torch.cuda.get_device_capability())
     if reason:
         sys.exit(f"kernels unavailable: {reason}")
     copy = copy_gbps()
-    lines = [f"copy bandwidth: {copy:.0f} GB/s (bytes read + written)"]
-    lines += bench_quantize(copy)
-    lines += bench_offsets()
-    lines += bench_first_call()
-    print("\n".join(lines))
+    print(f"copy bandwidth: {copy:.0f} GB/s (bytes read + written)", flush=True)
+    for part in (lambda: bench_quantize(copy), bench_offsets, bench_first_call):
+        print("\n".join(part()), flush=True)  # each part as it ends: a later failure keeps what was measured
 
 
 if __name__ == "__main__":

@@ -163,10 +163,11 @@ def reference_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def time_step(cfg: Config, experts: str, compiled: bool, device, warmup: int = 5, iters: int = 20) -> float:
+def time_step(cfg: Config, experts: str, compiled: bool, device, backend: str = "inductor", warmup: int = 5,
+              iters: int = 20) -> float:
     """Milliseconds per training step (forward, backward, AdamW), after warm-up (and compile)."""
     model = build(cfg, experts, device)
-    forward = torch.compile(model, fullgraph=True) if compiled else model
+    forward = torch.compile(model, fullgraph=True, backend=backend) if compiled else model
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     x, target = next(batches(cfg, device))
 
@@ -200,7 +201,8 @@ def main() -> None:
     parser.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager: no code generated)")
     for name in ("hidden", "ffn_hidden", "num_experts", "top_k", "tokens"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(Config, name))
-    parser.add_argument("--bench", action="store_true", help="time the training step instead of training")
+    parser.add_argument("--bench", action="store_true",
+                        help="time the training step of every --experts variant, eager and compiled (not training)")
     args = parser.parse_args()
     cfg = Config(args.hidden, args.ffn_hidden, args.num_experts, args.top_k, args.tokens, args.steps)
 
@@ -209,7 +211,7 @@ def main() -> None:
               f"{cfg.num_experts} experts, top-{cfg.top_k}, on {args.device}:")
         for experts, compiled in (("grouped", False), ("grouped", True), ("grouped_mm", True), ("torch", False),
                                   ("torch", True)):
-            ms = time_step(cfg, experts, compiled, args.device)
+            ms = time_step(cfg, experts, compiled, args.device, args.backend)
             print(f"  {experts:<10} {'compiled' if compiled else 'eager':<8} {ms:8.3f} ms")
         return
 
@@ -219,7 +221,7 @@ def main() -> None:
               for c in runs}
     print(f"loss ({args.experts} experts, {args.device}):")
     print("  step " + "".join(f"{name:>14}" for name in curves))
-    for step in sorted({0, *range(cfg.steps // 10 - 1, cfg.steps, max(1, cfg.steps // 10))}):
+    for step in sorted({0, *range(max(0, cfg.steps // 10 - 1), cfg.steps, max(1, cfg.steps // 10))}):
         print(f"  {step + 1:4d} " + "".join(f"{c[step]:14.6f}" for c in curves.values()))
     if len(curves) == 2:
         eager, compiled = curves.values()

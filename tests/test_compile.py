@@ -1,7 +1,7 @@
 """torch.compile(fullgraph=True) of grouped's entries and layers (issue #26).
 
 On the CPU (reference backend) a compiled call equals the eager one bit for bit, forward and
-backward; on a GPU (its backends, split sizes on the GPU) within DESIGN.md's tolerances, and
+backward; on a GPU (its backends, split sizes on the GPU) within docs/design.md's tolerances, and
 CUDA graphs through mode="reduce-overhead" too (tests marked ``gpu``). The compiles use torch's
 default backend, inductor (it builds C++ for the torch ops around ours with the machine's
 compiler), so the custom ops, their fake implementations, the functionalization of ``out=`` and
@@ -22,7 +22,7 @@ G, M, K, N = 4, 64, 64, 32
 SIZES = [10, 0, 30, 20]  # an empty expert, and 4 rows past the total
 TOTAL = sum(SIZES)  # rows past it: unspecified in a new output when split sizes live on the GPU
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-# Compiled against eager on a GPU: normwise, by output dtype (DESIGN.md's tolerances).
+# Compiled against eager on a GPU: normwise, by output dtype (docs/design.md's tolerances).
 GPU_TOLERANCE = {torch.bfloat16: 4e-3, torch.float32: 1e-5}
 
 
@@ -279,7 +279,7 @@ def test_op_registrations(gen):
 def test_grouped_mlp_cuda_graphs(gen):
     """mode="reduce-overhead": a GroupedMLP training step with split sizes on the GPU (bincount, no
     sync) runs as CUDA graphs, replayed with new split sizes and inputs; every replay matches eager
-    within DESIGN.md's tolerances."""
+    within docs/design.md's tolerances."""
     device, experts, tokens, hidden = "cuda", 8, 1024, 256
     mlp = grouped.GroupedMLP(experts, hidden, 128, device=device)
     step = compiled(mlp, mode="reduce-overhead")

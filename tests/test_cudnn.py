@@ -8,7 +8,7 @@ check them against the contract read from nvidia-cudnn-frontend 1.32.0's sources
 wgrad descriptor workspace), and emulate the computation on the CPU by reading
 the scales back with from_blocked as cuDNN documents them. Results are compared
 with the reference backend, and the exact tensors with references built from
-DESIGN.md's rules (grouped.to_blocked per matrix / per group, splits_to_offsets,
+docs/design.md's rules (grouped.to_blocked per matrix / per group, splits_to_offsets,
 1/(S_a S_b)). Selection, per-call refusals and graph-capture warm-up run on
 simulated sm100 calls. The real frontend's own argument checks run in
 tests/test_cudnn_frontend.py.
@@ -328,7 +328,7 @@ def sizes_of(gen, groups, multiple, *, max_blocks=2):
 
 
 def check_bf16_close(out, ref):
-    """DESIGN.md's bf16 tolerance: normwise <= 4e-3, and no element past one bf16 ulp of its row's max."""
+    """docs/design.md's bf16 tolerance: normwise <= 4e-3, and no element past one bf16 ulp of its row's max."""
     out, ref = out.double(), ref.double()
     assert torch.isfinite(out).all()
     assert (out - ref).norm() <= 4e-3 * ref.norm()

@@ -36,7 +36,7 @@ import grouped
 G, M, N, K = 9, 12000, 1000, 1000  # N, K not multiples of the 128 x 192 x 64 tile
 # sum 9885 < M: a tail of rows in no group. Groups stay <= 4000 tokens: wgmma's fp32
 # accumulation error grows like sqrt(tokens) in wgrad (1.35e-5 normwise at 12000 tokens
-# in one expert, over DESIGN.md's 1e-5; cuBLAS 6.6e-6 there, H200), see the README.
+# in one expert, over docs/design.md's 1e-5; cuBLAS 6.6e-6 there, H200), see the README.
 SIZES = [1, 0, 127, 4000, 129, 128, 0, 3500, 2000]
 # (N, K): output widths (forward N, dgrad K, wgrad K) whose last 192-column tile has 40, 104, 128,
 # 136 or 64 columns, so 2, 4, 4, 5 or 2 of its six 32-column subtiles are stored (some partly)

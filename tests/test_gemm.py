@@ -2,10 +2,10 @@
 independent fp64 reference, ragged splits, caller buffers, wgrad accumulation,
 the forms split sizes can take, and GroupedTensor operands.
 
-The reference here is written from DESIGN.md ("The three GEMMs", "Numerics"):
+The reference here is written from docs/design.md ("The three GEMMs", "Numerics"):
 a per-expert loop of fp64 matmuls on the operands' dequantized values
 (``QuantizedTensor.dequantize`` is tested bit-exactly elsewhere; BF16 operands
-are taken as they are). Tolerances are DESIGN.md's "Tolerances in tests".
+are taken as they are). Tolerances are docs/design.md's "Tolerances in tests" (under "Numerics").
 """
 
 import pytest
@@ -82,7 +82,7 @@ def _valid(layout, t, sizes):
 
 
 def assert_matches(out: torch.Tensor, ref: torch.Tensor, fmt: str):
-    """DESIGN.md tolerances: normwise for fp32; normwise + per-row ulp bound for bf16."""
+    """docs/design.md tolerances: normwise for fp32; normwise + per-row ulp bound for bf16."""
     assert out.shape == ref.shape
     got = out.double()
     assert torch.isfinite(got).all(), "non-finite values in the output"

@@ -3,7 +3,7 @@
 Every test is marked ``gpu`` and skips cleanly without CUDA (tests/conftest.py).
 Data is drawn on the CPU with the per-test ``gen`` generator, then moved to the GPU.
 
-What is checked (DESIGN.md, "Numerics", "Backends", "Caller-provided buffers"):
+What is checked (docs/design.md, "Numerics", "Backends", "Caller buffers"):
 
 1. forward / dgrad / wgrad x out dtype x split shapes x G, on the cute, cublas
    and torch backends and the automatic choice, against a per-expert fp64 reference
@@ -171,7 +171,7 @@ def bf16_ulp(v: torch.Tensor) -> torch.Tensor:
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor, out_dtype: torch.dtype, what: str = "") -> None:
-    """DESIGN.md tolerances for bf16 inputs: out (rows, cols) in out_dtype vs the fp64 ref."""
+    """docs/design.md tolerances for bf16 inputs: out (rows, cols) in out_dtype vs the fp64 ref."""
     assert out.dtype == out_dtype, f"{what}: dtype {out.dtype}, expected {out_dtype}"
     assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} vs {tuple(ref.shape)}"
     assert torch.isfinite(out).all(), f"{what}: {int((~torch.isfinite(out)).sum())} non-finite elements"
@@ -623,7 +623,7 @@ def test_mxfp8_on_cuda_matches_cpu(layout, gen):
     rel = float((got.double() - want.double()).norm() / want.double().norm())
     assert rel <= 1e-4, f"MXFP8 {layout} on CUDA differs from the CPU result by {rel:.3e} (normwise)"
 
-    # And against fp64 on the dequantized operands (DESIGN.md: <= 1e-4 for MXFP8).
+    # And against fp64 on the dequantized operands (docs/design.md: <= 1e-4 for MXFP8).
     a64, b64 = qa_cuda.dequantize().double(), qb_cuda.dequantize().double()
     ref = valid(layout, reference(layout, a64, b64, sizes, shape), total)
     rel = float((got.double() - ref).norm() / ref.norm())

@@ -1,7 +1,7 @@
 """grouped.grouped_mm: torch._grouped_mm's MoE case (2-D tokens x 3-D (G, K, N) weights, int32
 end offsets), differentiable, on the CPU reference backend.
 
-Checked against a per-expert fp64 reference within DESIGN.md's tolerances, and against
+Checked against a per-expert fp64 reference within docs/design.md's tolerances, and against
 torch._grouped_mm itself, which runs on this CPU build (its rows past offs[-1] are left
 uninitialised, so only the grouped rows are compared). Compiled runs: tests/test_compile.py.
 """
@@ -15,7 +15,7 @@ import grouped
 G, M, K, N = 4, 64, 64, 32
 SIZES = [12, 0, 28, 20]  # an empty expert, and 4 rows past the total
 TOTAL = sum(SIZES)
-TOLERANCE = {torch.bfloat16: 4e-3, torch.float32: 1e-5}  # DESIGN.md, normwise against fp64
+TOLERANCE = {torch.bfloat16: 4e-3, torch.float32: 1e-5}  # docs/design.md, normwise against fp64
 
 
 def offsets(sizes=SIZES) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Bit-exact, hand-derived test vectors for grouped.quantize (MXFP8 and NVFP4).
 
-Every expected byte below is worked out by hand from DESIGN.md "Numerics" (and the
+Every expected byte below is worked out by hand from docs/design.md "Numerics" (and the
 NaN/Inf policy decided for the quantizers); the derivation sits next to each value.
 Nothing here re-implements the quantizer.
 

@@ -1,7 +1,7 @@
 """Tests for grouped.scale_layout: compact <-> blocked 128x4 scale layouts (CPU).
 
 The reference below is written independently of the library, with explicit
-Python loops, straight from the rule in DESIGN.md ("Scale layouts"): pad the
+Python loops, straight from the rule in docs/design.md ("Numerics", "Storage"): pad the
 (rows, cols) scale matrix to multiples of (128, 4), cut it into 128x4 tiles laid
 out tile-row-major, and inside a tile put the byte for (r, c) at offset
 (r % 32) * 16 + (r // 32) * 4 + c.
