@@ -38,6 +38,7 @@ grouped.Splits passes its end offsets on the device and its host sizes when it h
 import torch
 from torch import Tensor
 
+from .buffers import ceil_to
 from .formats import get_format
 from .fused import run_gemm_swiglu
 from .gemm import grouped_mm_weight, run_gemm
@@ -269,7 +270,7 @@ def _(x, fmt, axis, split_sizes):
     elif x.dim() == 3:
         stored = [x.shape[0], x.shape[2], x.shape[1]]
     else:
-        rows = x.shape[0] if split_sizes is None else sum(-(-m // block) * block for m in split_sizes)
+        rows = x.shape[0] if split_sizes is None else sum(ceil_to(m, block) for m in split_sizes)
         stored = [x.shape[1], rows]
     *lead, blocked = stored
     parts = [x.new_empty(*lead, fmt.packed_len(blocked), dtype=fmt.data_dtype),
